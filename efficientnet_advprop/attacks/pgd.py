@@ -1,0 +1,172 @@
+"""L-inf gradient attacks used to make adversarial examples during training.
+
+Pixel convention: images are float RGB in [0, 255]; `epsilon` and `step_size` are in
+the same units (epsilon 4 means 4/255 of the range), as the AdvProp paper writes them.
+Every attack clips to [0, 255] after each step.
+
+The family (AdvProp §5.1 studies all of them):
+
+  pgd     random start uniform in the eps-ball, signed steps, projection onto the ball
+  ifgsm   pgd without the random start
+  gd      pgd without the projection onto the ball (only clipped to the pixel range)
+  fgsm    one signed step of size epsilon from the clean image
+
+Targeted attacks draw a random target uniformly among the classes other than the true
+one (an offset in 1..num_classes-1 added modulo num_classes, so it is never the label)
+and descend the target's cross-entropy instead of ascending the true label's.
+
+Randomness is stateless: the same seed gives the same perturbation on every run and
+device. Perturbations, losses and gradients are computed in float32.
+"""
+
+import dataclasses
+
+import tensorflow as tf
+
+ATTACKERS = ("pgd", "ifgsm", "gd", "fgsm")
+PIXEL_MIN = 0.0
+PIXEL_MAX = 255.0
+
+
+def advprop_num_iter(epsilon):
+    """AdvProp's iteration count for PGD with step 1: n = eps + 1, except eps = 1 -> 1."""
+    eps = float(epsilon)
+    if eps <= 1.0:
+        return 1
+    return int(round(eps)) + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+    """How a training attack is run.
+
+    Attributes:
+      attacker: one of ATTACKERS.
+      epsilon: L-inf radius in 0..255 pixel units.
+      step_size: step in 0..255 pixel units (AdvProp: 1).
+      num_iter: iterations; None gives AdvProp's n = eps + 1 (1 for eps = 1). fgsm
+        always takes one step of size epsilon.
+      targeted: attack towards a random class other than the true one.
+      bn_mode: "inference" runs the model with training=False (moving statistics, as
+        the AdvProp reference code); "batch" runs it with training=True and batch
+        statistics, with moving statistics frozen (SplitBatchNorm models only).
+    """
+
+    attacker: str = "pgd"
+    epsilon: float = 4.0
+    step_size: float = 1.0
+    num_iter: int = None
+    targeted: bool = False
+    bn_mode: str = "inference"
+
+    def __post_init__(self):
+        if self.attacker not in ATTACKERS:
+            raise ValueError(f"unknown attacker {self.attacker!r}; choose from "
+                             f"{', '.join(ATTACKERS)}")
+        if not self.epsilon > 0:
+            raise ValueError(f"attack epsilon must be > 0 (0..255 units), got {self.epsilon}")
+        if not self.step_size > 0:
+            raise ValueError(f"attack step size must be > 0, got {self.step_size}")
+        if self.num_iter is not None and self.num_iter < 1:
+            raise ValueError(f"attack iterations must be >= 1, got {self.num_iter}")
+        if self.bn_mode not in ("inference", "batch"):
+            raise ValueError(f"attack bn_mode must be 'inference' or 'batch', "
+                             f"got {self.bn_mode!r}")
+
+    @property
+    def iterations(self):
+        if self.attacker == "fgsm":
+            return 1
+        return self.num_iter if self.num_iter is not None else advprop_num_iter(self.epsilon)
+
+    @property
+    def cost(self):
+        """Forward-backward passes per image spent on the attack."""
+        return self.iterations
+
+
+def random_targets(labels, num_classes, seed):
+    """Uniform random classes, never equal to `labels`."""
+    labels = tf.cast(labels, tf.int32)
+    offsets = tf.random.stateless_uniform(tf.shape(labels), seed=seed, minval=1,
+                                          maxval=num_classes, dtype=tf.int32)
+    return (labels + offsets) % num_classes
+
+
+def _loss_gradient(logits_fn, x, labels):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        logits = tf.cast(logits_fn(x), tf.float32)
+        loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=labels, logits=logits))
+    return tape.gradient(loss, x)
+
+
+def linf_attack(logits_fn, images, labels, *, epsilon, step_size, num_iter,
+                random_start=True, project=True, targets=None, seed=None):
+    """Iterated signed-gradient attack under an L-inf budget.
+
+    Args:
+      logits_fn: x -> logits; the caller decides BN routing and training mode.
+      images: float [B, H, W, C] in [0, 255].
+      labels: int [B] true labels.
+      epsilon, step_size: in pixel units (0..255).
+      num_iter: number of steps (a Python int).
+      random_start: start uniformly inside the eps-ball (needs `seed`).
+      project: project onto the eps-ball after each step (False = GD variant).
+      targets: int [B] target classes for a targeted attack, or None (untargeted).
+      seed: int32/int64 tensor of shape [2] for the random start.
+
+    Returns:
+      float32 adversarial images with no gradient attached.
+    """
+    x0 = tf.stop_gradient(tf.cast(images, tf.float32))
+    labels = tf.cast(labels, tf.int32)
+    eps = tf.constant(float(epsilon), tf.float32)
+    step = tf.constant(float(step_size), tf.float32)
+    if targets is not None:
+        objective_labels, direction = tf.cast(targets, tf.int32), -1.0
+    else:
+        objective_labels, direction = labels, 1.0
+    if random_start:
+        if seed is None:
+            raise ValueError("a random start needs a seed")
+        noise = tf.random.stateless_uniform(tf.shape(x0), seed=seed, minval=-eps,
+                                            maxval=eps, dtype=tf.float32)
+        x = tf.clip_by_value(x0 + noise, PIXEL_MIN, PIXEL_MAX)
+    else:
+        x = x0
+    for _ in range(int(num_iter)):
+        grad = _loss_gradient(logits_fn, x, objective_labels)
+        x = x + direction * step * tf.sign(grad)
+        if project:
+            x = tf.clip_by_value(x, x0 - eps, x0 + eps)
+        x = tf.stop_gradient(tf.clip_by_value(x, PIXEL_MIN, PIXEL_MAX))
+    return x
+
+
+def attack(logits_fn, images, labels, config, *, num_classes=None, seed=None):
+    """Runs the attack an `AttackConfig` describes; see `linf_attack`.
+
+    `seed` is a shape-[2] integer tensor; the random start and the random target use
+    independent streams folded from it.
+    """
+    if seed is not None:
+        seed = tf.cast(seed, tf.int64)
+        start_seed = tf.random.experimental.stateless_fold_in(seed, 0)
+        target_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+    else:
+        start_seed = target_seed = None
+    targets = None
+    if config.targeted:
+        if num_classes is None or target_seed is None:
+            raise ValueError("a targeted attack needs num_classes and a seed")
+        targets = random_targets(labels, num_classes, target_seed)
+    if config.attacker == "fgsm":
+        return linf_attack(logits_fn, images, labels, epsilon=config.epsilon,
+                           step_size=config.epsilon, num_iter=1, random_start=False,
+                           project=True, targets=targets)
+    return linf_attack(
+        logits_fn, images, labels, epsilon=config.epsilon, step_size=config.step_size,
+        num_iter=config.iterations, random_start=config.attacker in ("pgd", "gd"),
+        project=config.attacker != "gd", targets=targets, seed=start_seed)

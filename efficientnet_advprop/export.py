@@ -1,0 +1,97 @@
+"""Export: strip the auxiliary BNs and write a SavedModel with preprocessing inside.
+
+`strip_auxiliary_bn(model)` clones the functional model with every SplitBatchNorm
+replaced by a stock `keras.layers.BatchNormalization` holding the *main* set's gamma,
+beta and moving statistics: the auxiliary variables are not in the result at all. The
+preprocessing layer (ImageNet mean/std or AdvProp [-1, 1]) is part of the model, so the
+SavedModel takes raw RGB in [0, 255] and a user cannot pick the wrong scaling.
+"""
+
+import json
+import os
+
+import keras
+import tensorflow as tf
+
+from efficientnet_advprop.layers.split_batch_norm import MAIN, SplitBatchNorm
+
+
+def _clone_layer(layer):
+    if isinstance(layer, SplitBatchNorm):
+        return keras.layers.BatchNormalization(
+            momentum=layer.momentum, epsilon=layer.epsilon, center=layer.center,
+            scale=layer.scale, name=layer.name)
+    return layer.__class__.from_config(layer.get_config())
+
+
+def strip_auxiliary_bn(model, bn_set=MAIN):
+    """A copy of `model` that normalises with BN set `bn_set` only, as stock layers.
+
+    The weights are read in cross-replica context, so moving statistics are the mean
+    over replicas. Pass bn_set > 0 to export an auxiliary set instead (for analysis).
+    """
+    clean = keras.models.clone_model(model, clone_function=_clone_layer)
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if not layer.weights:
+            continue
+        target = clean.get_layer(layer.name)
+        if isinstance(layer, SplitBatchNorm):
+            values = []
+            if layer.scale:
+                values.append(layer.gammas[bn_set])
+            if layer.center:
+                values.append(layer.betas[bn_set])
+            values += [layer.moving_means[bn_set], layer.moving_variances[bn_set]]
+            target.set_weights([keras.ops.convert_to_numpy(v) for v in values])
+        else:
+            target.set_weights(layer.get_weights())
+    return clean
+
+
+def export_saved_model(model, export_dir, *, metadata=None, eval_crop="inception",
+                       overwrite=False):
+    """Writes a SavedModel of `model` with its auxiliary BNs stripped.
+
+    Signatures:
+      serving_default(images: float32 [N, H, W, 3] RGB in [0, 255])
+          -> {"logits", "probabilities"}
+      serve_jpeg(jpeg: string [N] encoded images) -> same, after the eval
+          preprocessing: `eval_crop` "inception" is the official center crop with
+          32 pixels of padding and a bicubic resize; "cifar"/"none" resize the whole
+          image (for small-image models).
+    `metadata` (JSON-able dict: model name, preprocessing, classes, ...) is written
+    next to it as efficientnet_advprop.json.
+    """
+    if os.path.exists(export_dir) and os.listdir(export_dir) and not overwrite:
+        raise FileExistsError(f"--export_dir={export_dir} exists and is not empty; "
+                              "choose a new directory")
+    from efficientnet_advprop.data.preprocessing import preprocess_for_eval
+
+    clean = strip_auxiliary_bn(model)
+    height, width = clean.input_shape[1], clean.input_shape[2]
+
+    def predict(images):
+        logits = tf.cast(clean(images, training=False), tf.float32)
+        return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
+
+    def decode(jpeg):
+        return preprocess_for_eval(jpeg, height, augmentation=eval_crop)
+
+    serve = tf.function(predict, input_signature=[
+        tf.TensorSpec([None, height, width, 3], tf.float32, name="images")])
+    serve_jpeg = tf.function(
+        lambda jpeg: predict(tf.map_fn(decode, jpeg, fn_output_signature=tf.float32)),
+        input_signature=[tf.TensorSpec([None], tf.string, name="jpeg")])
+
+    archive = keras.export.ExportArchive()
+    archive.track(clean)
+    archive.add_endpoint("serving_default", serve)
+    archive.add_endpoint("serve_jpeg", serve_jpeg)
+    archive.write_out(export_dir, verbose=False)
+    meta = dict(metadata or {})
+    meta.setdefault("image_size", int(height))
+    meta.setdefault("jpeg_eval_crop", eval_crop)
+    meta.setdefault("input", "float32 RGB in [0, 255]; normalisation is inside the model")
+    with open(os.path.join(export_dir, "efficientnet_advprop.json"), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    return clean

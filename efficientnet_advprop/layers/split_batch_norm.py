@@ -1,0 +1,265 @@
+"""Batch normalisation with one main and N auxiliary parameter sets (AdvProp).
+
+AdvProp (Xie et al., CVPR 2020) keeps every weight of the network shared except the
+batch norms: clean images are normalised by the *main* BN, adversarial images by an
+*auxiliary* BN with its own gamma, beta and moving statistics. `SplitBatchNorm` holds
+all of these sets in one layer, so a model is built once and routed per call.
+
+Routing
+-------
+Which set a call uses is chosen by a *route*, set for a whole model call with the
+`bn_route` context manager (it is read while the function is traced, so it works inside
+`tf.function`, under `strategy.run` and with `jit_compile`)::
+
+    with bn_route(MAIN):                     # whole batch through the main BN
+        logits = model(x, training=True)
+    with bn_route([MAIN, AUX], sizes=[b, b]):  # first b images main, next b auxiliary
+        logits = model(tf.concat([clean, adv], 0), training=True)
+    with bn_route(AUX, update_stats=False):  # batch statistics, moving stats frozen
+        logits = model(x_adv, training=True)
+
+Set 0 is the main BN, sets 1..N the auxiliary ones. Without a route the main BN is used,
+so a model with auxiliary sets behaves like a plain network at inference.
+
+Distribution
+------------
+Batch statistics are per replica by default (as the official GPU code); pass
+``synchronized=True`` to all-reduce them over the replicas of the current replica
+context. Moving statistics are ``ON_READ`` variables with ``MEAN`` aggregation: each
+replica updates its own copy without any cross-replica traffic (so the update compiles
+with XLA), and every read from cross-replica context -- checkpoints, exports, EMA,
+`sync_moving_statistics` -- sees the mean over replicas. Keras' own BatchNormalization
+uses aggregation ``NONE`` and silently keeps one replica's copy instead.
+"""
+
+import contextlib
+import threading
+
+import keras
+import tensorflow as tf
+
+MAIN = 0
+AUX = 1
+
+_route_state = threading.local()
+
+
+class BNRoute:
+    """Where each consecutive segment of a batch is normalised.
+
+    Attributes:
+      sets: tuple of BN set indices (0 = main, k >= 1 = auxiliary set k).
+      sizes: tuple of segment sizes, or None to split the batch in equal parts.
+      update_stats: whether training-mode calls update the moving statistics.
+    """
+
+    def __init__(self, sets=MAIN, sizes=None, update_stats=True):
+        if isinstance(sets, int):
+            sets = (sets,)
+        sets = tuple(int(s) for s in sets)
+        if not sets or any(s < 0 for s in sets):
+            raise ValueError(f"BN route sets must be non-negative indices, got {sets}")
+        if sizes is not None:
+            sizes = tuple(sizes)
+            if len(sizes) != len(sets):
+                raise ValueError(
+                    f"BN route has {len(sets)} sets but {len(sizes)} segment sizes")
+        self.sets = sets
+        self.sizes = sizes
+        self.update_stats = bool(update_stats)
+
+    def __repr__(self):
+        return (f"BNRoute(sets={self.sets}, sizes={self.sizes}, "
+                f"update_stats={self.update_stats})")
+
+
+_DEFAULT_ROUTE = BNRoute()
+
+
+def current_route():
+    """The innermost active `BNRoute` of this thread (main BN when none is active)."""
+    stack = getattr(_route_state, "stack", None)
+    return stack[-1] if stack else _DEFAULT_ROUTE
+
+
+@contextlib.contextmanager
+def bn_route(sets=MAIN, sizes=None, update_stats=True):
+    """Routes every SplitBatchNorm called inside the block; see the module docstring."""
+    route = sets if isinstance(sets, BNRoute) else BNRoute(sets, sizes, update_stats)
+    stack = getattr(_route_state, "stack", None)
+    if stack is None:
+        stack = _route_state.stack = []
+    stack.append(route)
+    try:
+        yield route
+    finally:
+        stack.pop()
+
+
+def _set_prefix(index):
+    return "" if index == MAIN else f"aux{index}_"
+
+
+def is_auxiliary_variable(variable):
+    """True for the gamma, beta and moving statistics of an auxiliary BN set."""
+    name = variable.path if hasattr(variable, "path") else variable.name
+    return any(part.startswith("aux") and part[3:4].isdigit()
+               for part in name.replace(":", "/").split("/"))
+
+
+@keras.saving.register_keras_serializable(package="efficientnet_advprop")
+class SplitBatchNorm(keras.layers.Layer):
+    """Batch norm over the last axis with a main set and `num_aux` auxiliary sets.
+
+    Args:
+      num_aux: number of auxiliary sets (0 gives a plain batch norm with
+        replica-consistent moving statistics).
+      momentum, epsilon: as in `keras.layers.BatchNormalization` (moving = momentum *
+        moving + (1 - momentum) * batch; variance is the biased batch variance).
+      center, scale: whether each set has beta / gamma.
+      synchronized: all-reduce batch moments over replicas in replica context.
+      gamma_initializer, beta_initializer: initialisers of every set's gamma, beta.
+    """
+
+    def __init__(self, num_aux=1, momentum=0.99, epsilon=1e-3, center=True,
+                 scale=True, synchronized=False, gamma_initializer="ones",
+                 beta_initializer="zeros", **kwargs):
+        super().__init__(**kwargs)
+        if num_aux < 0:
+            raise ValueError(f"num_aux must be >= 0, got {num_aux}")
+        self.num_aux = int(num_aux)
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.center = center
+        self.scale = scale
+        self.synchronized = synchronized
+        self.gamma_initializer = keras.initializers.get(gamma_initializer)
+        self.beta_initializer = keras.initializers.get(beta_initializer)
+        self.supports_masking = True
+
+    @property
+    def num_sets(self):
+        return self.num_aux + 1
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        shape = (channels,)
+        self.gammas, self.betas, self.moving_means, self.moving_variances = [], [], [], []
+        for index in range(self.num_sets):
+            prefix = _set_prefix(index)
+            self.gammas.append(self.add_weight(
+                shape=shape, name=prefix + "gamma", initializer=self.gamma_initializer,
+                trainable=True, autocast=False) if self.scale else None)
+            self.betas.append(self.add_weight(
+                shape=shape, name=prefix + "beta", initializer=self.beta_initializer,
+                trainable=True, autocast=False) if self.center else None)
+            for store, stat, init in ((self.moving_means, "moving_mean", "zeros"),
+                                      (self.moving_variances, "moving_variance", "ones")):
+                store.append(self._add_moving_statistic(prefix + stat, shape, init))
+
+    def _add_moving_statistic(self, name, shape, initializer):
+        # `add_weight` cannot set the synchronization; create the variable the way it
+        # does (same name scope, same tracking) with ON_READ / MEAN.
+        with keras.name_scope(self.name, caller=self):
+            variable = keras.Variable(
+                initializer=keras.initializers.get(initializer), shape=shape,
+                dtype="float32", trainable=False, autocast=False, name=name,
+                synchronization="on_read", aggregation="mean")
+        self._track_variable(variable)
+        return variable
+
+    # Main-set aliases so the layer reads like a BatchNormalization.
+    @property
+    def gamma(self):
+        return self.gammas[MAIN]
+
+    @property
+    def beta(self):
+        return self.betas[MAIN]
+
+    @property
+    def moving_mean(self):
+        return self.moving_means[MAIN]
+
+    @property
+    def moving_variance(self):
+        return self.moving_variances[MAIN]
+
+    def _moments(self, x):
+        axes = list(range(len(x.shape) - 1))
+        ctx = tf.distribute.get_replica_context()
+        if self.synchronized and ctx is not None and ctx.num_replicas_in_sync > 1:
+            # Equal per-replica batches: the mean of local E[x], E[x^2] is global.
+            mean = tf.reduce_mean(x, axis=axes)
+            mean_sq = tf.reduce_mean(tf.square(x), axis=axes)
+            mean, mean_sq = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, [mean, mean_sq])
+            return mean, tf.maximum(mean_sq - tf.square(mean), 0.0)
+        return tf.nn.moments(x, axes=axes)  # two-pass: no cancellation in float32
+
+    def _normalize(self, x, index, mean, variance):
+        inv = tf.math.rsqrt(variance + self.epsilon)
+        if self.scale:
+            inv = inv * self.gammas[index]
+        offset = -mean * inv
+        if self.center:
+            offset = offset + self.betas[index]
+        return x * inv + offset
+
+    def _apply_set(self, x, index, training, update_stats):
+        if index >= self.num_sets:
+            raise ValueError(
+                f"{self.name}: BN route asks for set {index}, the layer has sets "
+                f"0..{self.num_sets - 1}")
+        if not training:
+            return self._normalize(x, index, self.moving_means[index],
+                                   self.moving_variances[index])
+        mean, variance = self._moments(x)
+        if update_stats:
+            decay = 1.0 - self.momentum
+            for var, value in ((self.moving_means[index], mean),
+                               (self.moving_variances[index], variance)):
+                var.assign_sub((var - value) * decay)
+        return self._normalize(x, index, mean, variance)
+
+    def call(self, inputs, training=None, route=None):
+        route = route if route is not None else current_route()
+        training = bool(training)
+        x = tf.cast(inputs, tf.float32)
+        if len(route.sets) == 1:
+            out = self._apply_set(x, route.sets[0], training, route.update_stats)
+        else:
+            sizes = list(route.sizes) if route.sizes is not None else len(route.sets)
+            parts = tf.split(x, sizes, axis=0)
+            out = tf.concat([
+                self._apply_set(part, index, training, route.update_stats)
+                for part, index in zip(parts, route.sets)], axis=0)
+        return tf.cast(out, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "num_aux": self.num_aux,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "synchronized": self.synchronized,
+            "gamma_initializer": keras.initializers.serialize(self.gamma_initializer),
+            "beta_initializer": keras.initializers.serialize(self.beta_initializer),
+        })
+        return config
+
+
+def sync_moving_statistics(model):
+    """Makes every replica's copy of the moving statistics equal to their mean.
+
+    Call it in cross-replica context (outside `strategy.run`) before evaluating inside
+    `strategy.run`; reads from cross-replica context already see the mean.
+    """
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, SplitBatchNorm):
+            for var in layer.moving_means + layer.moving_variances:
+                var.assign(var.value)

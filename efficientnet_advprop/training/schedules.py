@@ -1,0 +1,70 @@
+"""Learning-rate schedules."""
+
+import math
+
+import keras
+import tensorflow as tf
+
+
+@keras.saving.register_keras_serializable(package="efficientnet_advprop")
+class WarmupExponentialDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """The official EfficientNet schedule.
+
+    lr(step) = peak * decay_factor ** floor(step / decay_steps), where peak = base_lr *
+    global_batch / 256, replaced during the first `warmup_steps` by the linear ramp
+    peak * step / warmup_steps. As in the official code the decay counts from step 0,
+    not from the end of the warm-up.
+    """
+
+    def __init__(self, peak_learning_rate, decay_steps, decay_factor=0.97,
+                 warmup_steps=0, staircase=True):
+        self.peak_learning_rate = float(peak_learning_rate)
+        self.decay_steps = max(1, int(decay_steps))
+        self.decay_factor = float(decay_factor)
+        self.warmup_steps = int(warmup_steps)
+        self.staircase = staircase
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        exponent = step / self.decay_steps
+        if self.staircase:
+            exponent = tf.floor(exponent)
+        lr = self.peak_learning_rate * tf.pow(self.decay_factor, exponent)
+        if self.warmup_steps > 0:
+            warm = self.peak_learning_rate * step / self.warmup_steps
+            lr = tf.where(step < self.warmup_steps, warm, lr)
+        return lr
+
+    def get_config(self):
+        return {"peak_learning_rate": self.peak_learning_rate,
+                "decay_steps": self.decay_steps, "decay_factor": self.decay_factor,
+                "warmup_steps": self.warmup_steps, "staircase": self.staircase}
+
+
+@keras.saving.register_keras_serializable(package="efficientnet_advprop")
+class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to `peak_learning_rate`, then cosine decay to 0 at total_steps."""
+
+    def __init__(self, peak_learning_rate, total_steps, warmup_steps=0):
+        self.peak_learning_rate = float(peak_learning_rate)
+        self.total_steps = max(1, int(total_steps))
+        self.warmup_steps = int(warmup_steps)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
+        lr = 0.5 * self.peak_learning_rate * (1.0 + tf.cos(math.pi * progress))
+        if self.warmup_steps > 0:
+            warm = self.peak_learning_rate * step / self.warmup_steps
+            lr = tf.where(step < self.warmup_steps, warm, lr)
+        return lr
+
+    def get_config(self):
+        return {"peak_learning_rate": self.peak_learning_rate,
+                "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
+
+
+def scaled_learning_rate(base_learning_rate, global_batch_size):
+    """The linear scaling rule of the official code: base lr is per 256 images."""
+    return base_learning_rate * global_batch_size / 256.0

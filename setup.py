@@ -1,0 +1,29 @@
+"""efficientnet_advprop: AdvProp and its successors in Keras 3 + tf.distribute."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="efficientnet_advprop",
+    version="0.1.0",
+    description=("Training system for AdvProp, Fast AdvProp, mixture-BN adversarial "
+                 "training and NoFrost on Keras 3 and tf.distribute"),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["efficientnet_advprop", "efficientnet_advprop.*"]),
+    package_data={"efficientnet_advprop.data": ["embedded/*", "embedded/README.md"]},
+    include_package_data=True,
+    install_requires=[
+        # Tested with TF 2.21.0 / Keras 3.15.1 / TFDS 4.9.10 (README, "Versions").
+        "tensorflow>=2.18,<2.22",
+        "keras>=3.8,<3.16",
+        "tensorflow-datasets>=4.9",
+        "tensorboard",  # tf.summary needs it; TF 2.21 no longer depends on it
+        "absl-py>=1.0",
+        "numpy",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    py_modules=["main"],
+    entry_points={"console_scripts": ["efficientnet-advprop=main:console_main"]},
+    license="Apache-2.0",
+)

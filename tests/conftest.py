@@ -1,0 +1,75 @@
+"""Test set-up: two logical CPU devices so tf.distribute strategies run for real."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import pytest  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data",
+                           "cifar10-train-jpeg.tar.gz")
+
+
+@pytest.fixture
+def two_device_strategy():
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+def read_cifar_slice(per_class, offset=0):
+    """(images uint8 [N,32,32,3], labels int32 [N]) from the shared CIFAR-10 tarball."""
+    import tarfile
+
+    import numpy as np
+
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+               "ship", "truck"]
+    wanted = {c: [] for c in classes}
+    with tarfile.open(SHARED_DATA, "r:gz") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if not member.isfile() or len(parts) != 3 or parts[1] not in wanted:
+                continue
+            bucket = wanted[parts[1]]
+            if len(bucket) < per_class + offset:
+                bucket.append(tar.extractfile(member).read())
+            if all(len(b) >= per_class + offset for b in wanted.values()):
+                break
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for data in wanted[name][offset:offset + per_class]:
+            images.append(tf.io.decode_jpeg(data, channels=3).numpy())
+            labels.append(label)
+    return np.stack(images), np.array(labels, np.int32)
+
+
+@pytest.fixture(scope="session")
+def cifar_small():
+    """2,000 training + 500 held-out real CIFAR-10 images (uint8) and labels."""
+    images, labels = read_cifar_slice(250)
+    train = [i for i in range(len(labels)) if i % 250 < 200]
+    held = [i for i in range(len(labels)) if i % 250 >= 200]
+    return (images[train], labels[train]), (images[held], labels[held])
+
+
+@pytest.fixture(scope="session")
+def trained_linear_model(cifar_small):
+    """A softmax regression on raw pixels, trained for real on CIFAR-10 (~30% acc)."""
+    import keras
+
+    (x, y), _ = cifar_small
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    h = keras.layers.Rescaling(1.0 / 255.0, offset=-0.5)(inputs)
+    h = keras.layers.Flatten()(h)
+    model = keras.Model(inputs, keras.layers.Dense(10)(h))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x.astype("float32"), y, batch_size=64, epochs=8, verbose=0)
+    return model

@@ -1,0 +1,185 @@
+"""The training loop: optimizer/schedule/EMA semantics, tf.distribute, XLA, resume."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from efficientnet_advprop import build_model
+from efficientnet_advprop.attacks import AttackConfig
+from efficientnet_advprop.layers import SplitBatchNorm
+from efficientnet_advprop.recipes import make_recipe
+from efficientnet_advprop.training import (ExponentialMovingAverage, TF1RMSprop, TrainConfig,
+                                           Trainer, TrainingError, WarmupExponentialDecay,
+                                           set_global_seed)
+from efficientnet_advprop.training.trainer import is_normalization_variable
+
+TINY = dict(image_size=32, width_coefficient=0.25, depth_coefficient=0.25)
+
+
+def tiny_model(num_aux=1, dropout_rate=0.0, survival_prob=1.0, synchronized=False):
+    return build_model("efficientnet-b0", 10, normalizer="split_batch_norm",
+                       num_aux=num_aux, synchronized=synchronized,
+                       dropout_rate=dropout_rate, survival_prob=survival_prob, **TINY)
+
+
+def test_tf1_rmsprop_first_step_matches_tf1_formula():
+    var = tf.Variable([1.0, -2.0])
+    opt = TF1RMSprop(learning_rate=0.1, rho=0.9, momentum=0.9, epsilon=1e-3)
+    grad = tf.constant([0.5, 3.0])
+    opt.apply([grad], [var])
+    ms = 0.9 * 1.0 + 0.1 * grad.numpy() ** 2  # TF1: slot starts at 1
+    mom = 0.1 * grad.numpy() / np.sqrt(ms + 1e-3)
+    np.testing.assert_allclose(var.numpy(), np.array([1.0, -2.0]) - mom, rtol=1e-6)
+    opt.apply([grad], [var])
+    ms2 = 0.9 * ms + 0.1 * grad.numpy() ** 2
+    mom2 = 0.9 * mom + 0.1 * grad.numpy() / np.sqrt(ms2 + 1e-3)
+    np.testing.assert_allclose(var.numpy(), np.array([1.0, -2.0]) - mom - mom2, rtol=1e-6)
+
+
+def test_official_learning_rate_schedule():
+    # batch 4096 -> peak 0.256; 100 steps/epoch; 5 warm-up epochs; x0.97 per 2.4 epochs.
+    schedule = WarmupExponentialDecay(0.016 * 4096 / 256, decay_steps=240, decay_factor=0.97,
+                                      warmup_steps=500)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(250)) == pytest.approx(0.256 * 250 / 500)
+    # After warm-up the decay counts from step 0: at 500 two decays have happened.
+    assert float(schedule(500)) == pytest.approx(0.256 * 0.97 ** 2)
+    assert float(schedule(719)) == pytest.approx(0.256 * 0.97 ** 2)
+    assert float(schedule(720)) == pytest.approx(0.256 * 0.97 ** 3)
+
+
+def test_ema_uses_num_updates_and_swaps():
+    var = tf.Variable(0.0)
+    ema = ExponentialMovingAverage([var], decay=0.9999)
+    var.assign(10.0)
+    ema.update(step=tf.constant(0))  # decay = min(0.9999, 1/10) = 0.1
+    assert float(ema.shadows[0]) == pytest.approx(9.0)
+    with ema.swapped():
+        assert float(var) == pytest.approx(9.0)
+    assert float(var) == 10.0
+
+
+def test_weight_decay_skips_every_normalization_variable():
+    model = tiny_model()
+    is_norm = is_normalization_variable(model)
+    bn_vars = [v for layer in model._flatten_layers() if isinstance(layer, SplitBatchNorm)
+               for v in layer.trainable_variables]
+    assert bn_vars and all(is_norm(v) for v in bn_vars)
+    decayed = [v for v in model.trainable_variables if not is_norm(v)]
+    assert any("aux" in v.path for v in bn_vars)
+    assert not any("aux" in v.path or "bn" in v.path.split("/")[0] for v in decayed)
+    assert any(v.path.endswith("kernel") for v in decayed)
+
+
+def _arrays(cifar_small, n=64):
+    (x, y), _ = cifar_small
+    return x[:n].astype("float32"), y[:n]
+
+
+def _config(tmp_path, **kw):
+    base = dict(model_dir=str(tmp_path), train_steps=1, global_batch_size=8,
+                steps_per_epoch=10, optimizer="momentum", base_learning_rate=0.5,
+                lr_warmup_epochs=0, weight_decay=1e-4, moving_average_decay=0.99,
+                seed=3, summary_every_steps=1, checkpoint_every_steps=100)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _dataset_fn(x, y):
+    def fn(ctx, start_step):
+        per_replica = ctx.get_per_replica_batch_size(8)
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat()
+        ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
+        return ds.batch(per_replica, drop_remainder=True).skip(start_step)
+    return fn
+
+
+def _advprop_recipe():
+    # I-FGSM: no random start, so single- and multi-device attacks are identical.
+    return make_recipe("advprop", 10, attack=AttackConfig(attacker="ifgsm", epsilon=2.0))
+
+
+def test_advprop_step_two_replicas_agrees_with_single_device(tmp_path, cifar_small,
+                                                             two_device_strategy):
+    x, y = _arrays(cifar_small, 8)
+    set_global_seed(0)
+    single = Trainer(tf.distribute.get_strategy(),
+                     lambda: tiny_model(synchronized=True), _advprop_recipe(),
+                     _config(tmp_path / "single"))
+    weights = single.model.get_weights()
+    set_global_seed(0)  # same initial weights, and so the same EMA shadows
+    multi = Trainer(two_device_strategy, lambda: tiny_model(synchronized=True),
+                    _advprop_recipe(), _config(tmp_path / "multi"))
+    for a, b in zip(weights, multi.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    single.train(_dataset_fn(x, y))
+    multi.train(_dataset_fn(x, y))
+    assert int(multi.step.numpy()) == 1
+    changed = 0
+    for a, b, w0, var in zip(single.model.get_weights(), multi.model.get_weights(), weights,
+                             single.model.weights):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-3, err_msg=var.path)
+        changed += not np.allclose(a, w0)
+    assert changed > len(weights) // 2  # the step really updated the model
+    for a, b in zip(single.ema.shadows, multi.ema.shadows):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-4, rtol=1e-3)
+
+
+def test_advprop_train_step_compiles_with_xla(tmp_path, cifar_small):
+    x, y = _arrays(cifar_small, 8)
+    set_global_seed(0)
+    eager = Trainer(tf.distribute.get_strategy(), tiny_model, _advprop_recipe(),
+                    _config(tmp_path / "plain"))
+    set_global_seed(0)
+    jit = Trainer(tf.distribute.get_strategy(), tiny_model, _advprop_recipe(),
+                  _config(tmp_path / "jit", jit_compile=True))
+    eager.train(_dataset_fn(x, y))
+    jit.train(_dataset_fn(x, y))
+    assert jit._grad_fn.experimental_get_tracing_count() == 1
+    for a, b in zip(eager.model.get_weights(), jit.model.get_weights()):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-3)
+
+
+def test_resumed_run_continues_at_the_right_step_with_the_same_state(tmp_path, cifar_small):
+    x, y = _arrays(cifar_small, 64)
+    recipe = lambda: make_recipe("advprop", 10, attack=AttackConfig(epsilon=2.0))  # noqa
+    model_fn = lambda: tiny_model(dropout_rate=0.3, survival_prob=0.8)  # noqa: E731
+
+    set_global_seed(0)
+    straight = Trainer(tf.distribute.get_strategy(), model_fn, recipe(),
+                       _config(tmp_path / "straight", train_steps=4))
+    straight.train(_dataset_fn(x, y))
+
+    set_global_seed(0)
+    first = Trainer(tf.distribute.get_strategy(), model_fn, recipe(),
+                    _config(tmp_path / "resumed", train_steps=2))
+    first.train(_dataset_fn(x, y))
+    assert first.manager.latest_checkpoint.endswith("-2")
+
+    set_global_seed(123)  # a different process state: everything must come from the checkpoint
+    second = Trainer(tf.distribute.get_strategy(), model_fn, recipe(),
+                     _config(tmp_path / "resumed", train_steps=4))
+    assert second.restore() == 2
+    assert int(second.optimizer.iterations.numpy()) == 2
+    second.train(_dataset_fn(x, y))
+    assert int(second.step.numpy()) == 4
+    for a, b, var in zip(straight.model.get_weights(), second.model.get_weights(),
+                         straight.model.weights):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=var.path)
+    for a, b in zip(straight.ema.shadows, second.ema.shadows):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path, cifar_small):
+    x, y = _arrays(cifar_small, 16)
+    x[:] = np.nan
+    trainer = Trainer(tf.distribute.get_strategy(), lambda: tiny_model(num_aux=0),
+                      make_recipe("vanilla", 10), _config(tmp_path, train_steps=3))
+    with pytest.raises(TrainingError, match="loss is nan at step 1"):
+        trainer.train(_dataset_fn(x, y))
+
+
+def test_batch_not_divisible_by_replicas(tmp_path, two_device_strategy):
+    with pytest.raises(ValueError, match="not divisible by the 2 replicas"):
+        Trainer(two_device_strategy, tiny_model, make_recipe("vanilla", 10),
+                _config(tmp_path, global_batch_size=7))
