@@ -114,14 +114,13 @@ EMBEDDED_PRESET = {
     "train_batch_size": 64,
     "eval_batch_size": 250,
     "train_epochs": 4.0,
-    "base_learning_rate": 0.064,
-    "lr_warmup_epochs": 0.5,
-    "lr_decay_epoch": 0.5,
+    "base_learning_rate": 0.008,
+    "lr_warmup_epochs": 0.3,
+    "lr_decay_epoch": 1.0,
     "lr_decay_factor": 0.8,
     "moving_average_decay": 0.999,
     "dropout_rate": 0.1,
     "survival_prob": 1.0,
-    "eval_attack_iterations": 10,
 }
 
 
@@ -138,6 +137,8 @@ def apply_embedded_preset(info):
         return []
     applied = []
     for name, value in EMBEDDED_PRESET.items():
+        if name == "train_epochs" and _set("train_steps"):
+            continue  # an explicit step count wins over the preset's epochs
         if not _set(name):
             setattr(FLAGS, name, value)
             applied.append(f"{name}={value}")
@@ -371,9 +372,18 @@ def main(argv):
         sys.exit(2)
 
 
+def parse_flags(argv):
+    """absl parsing with a one-line error and exit status 2 for a bad flag."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        print(f"main.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def console_main():
     """Entry point of the `efficientnet-advprop` console script."""
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

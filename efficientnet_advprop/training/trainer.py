@@ -14,6 +14,7 @@ slots, EMA shadows and the step.
 import dataclasses
 import math
 import os
+import sys
 
 import keras
 import numpy as np
@@ -261,6 +262,9 @@ class Trainer:
         """
         config = self.config
         start = self.restore()
+        if start:
+            print(f"resumed from {self.manager.latest_checkpoint} at step {start}",
+                  file=sys.stderr)
         if start >= config.train_steps:
             return {}
         dist = self.strategy.distribute_datasets_from_function(

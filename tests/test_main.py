@@ -1,0 +1,72 @@
+"""main.py end to end on the embedded data, and its one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+MAIN = os.path.join(REPO_ROOT, "main.py")
+
+
+def run_main(*args, cwd, timeout=600):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, MAIN, *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def test_advprop_run_trains_evaluates_checkpoints_exports_and_resumes(tmp_path):
+    model_dir, export_dir = tmp_path / "model", tmp_path / "export"
+    common = ["--advprop", "--model=efficientnet-b0", f"--model_dir={model_dir}",
+              "--num_eval_images=100", "--eval_attack_iterations=2",
+              "--checkpoint_every_steps=2", "--summary_every_steps=1"]
+    first = run_main(*common, "--train_steps=2", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "embedded CIFAR-10 subset" in first.stderr
+    result = json.loads(first.stdout.strip().splitlines()[-1])
+    assert result["step"] == 2 and result["num_eval_images"] == 100
+    assert 0.0 <= result["clean_accuracy"] <= 1.0
+    assert {"pgd2_eps1_accuracy", "aux_bn_clean_accuracy"} <= set(result)
+    assert (model_dir / "checkpoint").exists()
+    assert any(name.startswith("events") for name in os.listdir(model_dir / "train"))
+    saved = json.loads((model_dir / "eval_results.json").read_text())
+    assert saved["step"] == 2
+
+    second = run_main(*common, "--train_steps=3", f"--export_dir={export_dir}", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "at step 2" in second.stderr  # resumed, not restarted
+    assert json.loads(second.stdout.strip().splitlines()[-1])["step"] == 3
+    assert (export_dir / "saved_model.pb").exists()
+    meta = json.loads((export_dir / "efficientnet_advprop.json").read_text())
+    assert meta["preprocessing"] == "advprop" and meta["step"] == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epsilon=-1"], "--epsilon=-1.0: must be > 0"),
+    (["--model=efficientnet-b99"], "--model_name=efficientnet-b99: unknown model"),
+    (["--mode=fly"], "flag --mode=fly"),
+    (["--train_batch_size=0"], "--train_batch_size=0: must be > 0"),
+    (["--data_dir=/nonexistent/imagenet"], "/nonexistent/imagenet"),
+])
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path, args, message):
+    result = run_main(*args, f"--model_dir={tmp_path / 'm'}", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    assert lines[-1].startswith("main.py: error:"), result.stderr[-2000:]
+    assert message in lines[-1]
+    assert "Traceback" not in result.stderr
+
+
+def test_existing_export_dir_is_refused_before_training(tmp_path):
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    (export_dir / "model.txt").write_text("keep me")
+    result = run_main("--advprop", f"--export_dir={export_dir}",
+                      f"--model_dir={tmp_path / 'm'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "exists and is not empty" in result.stderr.strip().splitlines()[-1]
+    assert (export_dir / "model.txt").read_text() == "keep me"
+    assert not (tmp_path / "m" / "checkpoint").exists()
