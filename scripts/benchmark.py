@@ -6,12 +6,16 @@
 Every configuration runs in the same Trainer loop (same optimizer, EMA, weight decay,
 tf.distribute default strategy) on in-memory random images, so the figures measure the
 train step, not the input pipeline. The first `--warmup` steps (tracing) are not timed.
+The configurations of one resolution are built first and then timed in turn, `--repeats`
+rounds of `--steps` steps each; the median round is reported, so drift of a shared
+machine falls on all of them alike (single runs on a 2-core CPU vary by about 10%).
 Targets (issue 2): our vanilla step at least as fast as keras.applications
 EfficientNetB0 in the same loop; an AdvProp PGD-K step no slower than (K + 2) x vanilla.
 """
 
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -28,6 +32,7 @@ flags.DEFINE_list("configs", ["keras_applications", "vanilla", "advprop_pgd1",
 flags.DEFINE_integer("batch_size", 32, "Global batch size (clean images per step).")
 flags.DEFINE_integer("steps", 5, "Timed steps per configuration.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps first (tracing, allocation).")
+flags.DEFINE_integer("repeats", 3, "Interleaved timing rounds; the median is reported.")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the step.")
 flags.DEFINE_string("output", None, "Also write the results as JSON here.")
 
@@ -44,7 +49,8 @@ def make_config(name):
     raise app.UsageError(f"--configs: unknown configuration {name!r}")
 
 
-def time_config(name, image_size):
+def build_config(name, image_size, model_dir):
+    """-> (trainer, images, labels, attack iterations) ready to time."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -61,7 +67,6 @@ def time_config(name, image_size):
         recipe = make_recipe("advprop", num_classes, attack=AttackConfig(epsilon=eps))
     else:
         recipe = make_recipe("vanilla", num_classes)
-    iterations = recipe.attack.iterations if recipe.attack else 0
 
     def model_fn():
         if use_keras_app:
@@ -72,25 +77,45 @@ def time_config(name, image_size):
                            normalizer="split_batch_norm", num_aux=recipe.num_aux)
 
     batch = FLAGS.batch_size
-    total = FLAGS.warmup + FLAGS.steps
-    with tempfile.TemporaryDirectory() as model_dir:
-        config = TrainConfig(model_dir=model_dir, train_steps=total, global_batch_size=batch,
-                             steps_per_epoch=100, jit_compile=FLAGS.jit_compile,
-                             checkpoint_every_steps=10 ** 9, summary_every_steps=10 ** 9)
-        trainer = Trainer(tf.distribute.get_strategy(), model_fn, recipe, config)
-        rng = np.random.default_rng(0)
-        images = tf.constant(rng.uniform(0, 255, (batch, image_size, image_size, 3)),
-                             tf.float32)
-        labels = tf.constant(rng.integers(0, num_classes, batch), tf.int32)
-        for _ in range(FLAGS.warmup):
-            float(trainer._train_step(images, labels)[0])
-        start = time.perf_counter()
-        for _ in range(FLAGS.steps):
-            float(trainer._train_step(images, labels)[0])
-        seconds = (time.perf_counter() - start) / FLAGS.steps
-    return {"config": name, "image_size": image_size, "batch_size": batch,
-            "attack_iterations": iterations, "seconds_per_step": seconds,
-            "images_per_second": batch / seconds}
+    config = TrainConfig(model_dir=model_dir, train_steps=10 ** 9, global_batch_size=batch,
+                         steps_per_epoch=100, jit_compile=FLAGS.jit_compile,
+                         checkpoint_every_steps=10 ** 9, summary_every_steps=10 ** 9)
+    trainer = Trainer(tf.distribute.get_strategy(), model_fn, recipe, config)
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.uniform(0, 255, (batch, image_size, image_size, 3)), tf.float32)
+    labels = tf.constant(rng.integers(0, num_classes, batch), tf.int32)
+    for _ in range(FLAGS.warmup):
+        float(trainer._train_step(images, labels)[0])
+    iterations = recipe.attack.iterations if recipe.attack else 0
+    return trainer, images, labels, iterations
+
+
+def time_steps(trainer, images, labels):
+    start = time.perf_counter()
+    for _ in range(FLAGS.steps):
+        float(trainer._train_step(images, labels)[0])
+    return (time.perf_counter() - start) / FLAGS.steps
+
+
+def time_resolution(image_size):
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        built = {name: build_config(name, image_size, os.path.join(tmp, name))
+                 for name in FLAGS.configs}
+        rounds = {name: [] for name in FLAGS.configs}
+        for _ in range(FLAGS.repeats):
+            for name, (trainer, images, labels, _) in built.items():
+                rounds[name].append(time_steps(trainer, images, labels))
+        for name, (_, _, _, iterations) in built.items():
+            seconds = statistics.median(rounds[name])
+            rows.append({"config": name, "image_size": image_size,
+                         "batch_size": FLAGS.batch_size, "attack_iterations": iterations,
+                         "seconds_per_step": seconds,
+                         "images_per_second": FLAGS.batch_size / seconds,
+                         "rounds": rounds[name]})
+            print(f"{name:>20s} {image_size:4d}px  {FLAGS.batch_size / seconds:8.1f} img/s  "
+                  f"{seconds:.3f} s/step", file=sys.stderr)
+    return rows
 
 
 def main(argv):
@@ -99,14 +124,11 @@ def main(argv):
 
     results = []
     for size in (int(s) for s in FLAGS.image_sizes):
-        for name in FLAGS.configs:
-            row = time_config(name, size)
-            results.append(row)
-            print(f"{name:>20s} {size:4d}px  {row['images_per_second']:8.1f} img/s  "
-                  f"{row['seconds_per_step']:.3f} s/step", file=sys.stderr)
+        results += time_resolution(size)
     device = tf.config.list_logical_devices()[0].device_type
     print(f"\n{FLAGS.model_name}, batch {FLAGS.batch_size}, {device}, "
-          f"{os.cpu_count()} CPU cores, jit_compile={FLAGS.jit_compile}\n")
+          f"{os.cpu_count()} CPU cores, jit_compile={FLAGS.jit_compile}, median of "
+          f"{FLAGS.repeats} rounds of {FLAGS.steps} steps\n")
     print("| config | pixels | img/s | s/step | step / vanilla | target |")
     print("|---|---:|---:|---:|---:|---|")
     for row in results:

@@ -17,8 +17,10 @@ SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data",
                            "cifar10-train-jpeg.tar.gz")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def two_device_strategy():
+    # One strategy per process, as in real use: two MirroredStrategy objects hand out
+    # the same collective instance keys, and the runtime caches a shape per key.
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 

@@ -42,294 +42,339 @@ from efficientnet_advprop.data import tfds_reader
 from efficientnet_advprop.data import tfrecord
 from efficientnet_advprop.data.tfrecord import write_tfrecords
 
-EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                            "embedded")
+EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded")
 AUGMENTATIONS = preprocessing.AUGMENTATIONS
 # Splits above this total size are not counted at resolve time when no
 # dataset_info.json is present (official ImageNet sizes are used instead).
-_COUNT_LIMIT_BYTES = 2 * 1024 ** 3
+_COUNT_LIMIT_BYTES = 2 * 1024**3
 
 __all__ = [
-    "DatasetInfo", "resolve_dataset", "make_dataset", "write_tfrecords",
-    "EMBEDDED_DIR", "AUGMENTATIONS", "preprocessing",
+    "DatasetInfo",
+    "resolve_dataset",
+    "make_dataset",
+    "write_tfrecords",
+    "EMBEDDED_DIR",
+    "AUGMENTATIONS",
+    "preprocessing",
 ]
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  name: str  # "embedded", "imagenet", "tfds:cifar10", "folder"
-  num_classes: int
-  num_train: int
-  num_eval: int
-  image_size: int  # native/suggested image size
-  class_names: tuple = ()
+    name: str  # "embedded", "imagenet", "tfds:cifar10", "folder"
+    num_classes: int
+    num_train: int
+    num_eval: int
+    image_size: int  # native/suggested image size
+    class_names: tuple = ()
 
 
 # ---------------------------------------------------------------------------
 # resolve_dataset
 # ---------------------------------------------------------------------------
 def _tfrecord_info(name, data_dir, default_size=224):
-  meta = tfrecord.read_metadata(data_dir) or {}
-  class_names = tuple(meta.get("class_names", ()))
-  num_classes = int(meta.get("num_classes", len(class_names) or
-                             tfrecord.IMAGENET_NUM_CLASSES))
+    meta = tfrecord.read_metadata(data_dir) or {}
+    class_names = tuple(meta.get("class_names", ()))
+    num_classes = int(
+        meta.get("num_classes", len(class_names) or tfrecord.IMAGENET_NUM_CLASSES)
+    )
 
-  def size(split, default):
-    n = tfrecord.split_size(data_dir, split)
-    if n is not None:
-      return n
-    files = tfrecord.list_files(data_dir, split)
-    if not files:
-      return 0
-    total = sum(tf.io.gfile.stat(f).length for f in files)
-    if total > _COUNT_LIMIT_BYTES:
-      return default
-    return sum(tfrecord.count_records(f, tfrecord.detect_compression(f))
-               for f in files)
+    def size(split, default):
+        n = tfrecord.split_size(data_dir, split)
+        if n is not None:
+            return n
+        files = tfrecord.list_files(data_dir, split)
+        if not files:
+            return 0
+        total = sum(tf.io.gfile.stat(f).length for f in files)
+        if total > _COUNT_LIMIT_BYTES:
+            return default
+        return sum(tfrecord.count_records(f, tfrecord.detect_compression(f)) for f in files)
 
-  return DatasetInfo(
-      name=name,
-      num_classes=num_classes,
-      num_train=size("train", tfrecord.IMAGENET_NUM_TRAIN),
-      num_eval=size("eval", tfrecord.IMAGENET_NUM_EVAL),
-      image_size=int(meta.get("image_size", default_size)),
-      class_names=class_names)
+    return DatasetInfo(
+        name=name,
+        num_classes=num_classes,
+        num_train=size("train", tfrecord.IMAGENET_NUM_TRAIN),
+        num_eval=size("eval", tfrecord.IMAGENET_NUM_EVAL),
+        image_size=int(meta.get("image_size", default_size)),
+        class_names=class_names,
+    )
 
 
 def _embedded_info():
-  info = _tfrecord_info("embedded", EMBEDDED_DIR)
-  return dataclasses.replace(info, image_size=32)
+    info = _tfrecord_info("embedded", EMBEDDED_DIR)
+    return dataclasses.replace(info, image_size=32)
 
 
 def _check_dir(data_dir, dataset):
-  if not data_dir:
-    raise ValueError(f"--dataset={dataset} needs --data_dir (none given)")
-  if not tf.io.gfile.isdir(data_dir):
-    raise ValueError(f"--data_dir={data_dir}: directory does not exist")
+    if not data_dir:
+        raise ValueError(f"--dataset={dataset} needs --data_dir (none given)")
+    if not tf.io.gfile.isdir(data_dir):
+        raise ValueError(f"--data_dir={data_dir}: directory does not exist")
 
 
 def _folder_info(data_dir):
-  class_names, train, evals = image_folder.scan(data_dir)
-  return DatasetInfo(
-      name="folder",
-      num_classes=len(class_names),
-      num_train=len(train),
-      num_eval=len(evals),
-      image_size=image_folder.native_image_size(train[0][0]),
-      class_names=tuple(class_names))
+    class_names, train, evals = image_folder.scan(data_dir)
+    return DatasetInfo(
+        name="folder",
+        num_classes=len(class_names),
+        num_train=len(train),
+        num_eval=len(evals),
+        image_size=image_folder.native_image_size(train[0][0]),
+        class_names=tuple(class_names),
+    )
 
 
 def resolve_dataset(dataset=None, data_dir=None) -> DatasetInfo:
-  """Describes the dataset selected by --dataset / --data_dir.
+    """Describes the dataset selected by --dataset / --data_dir.
 
-  dataset None and data_dir None: the embedded default.  dataset None with a
-  data_dir: "imagenet" when data_dir has train-* TFRecord files, "folder"
-  when it has train/<class>/ folders.  Otherwise "tfds:NAME[...]",
-  "imagenet", "folder" or "embedded".  Raises ValueError (one line naming the
-  flag/path) on problems.
-  """
-  if dataset is not None:
-    dataset = str(dataset).strip()
-  if data_dir is not None:
-    data_dir = os.fspath(data_dir)
-    if not data_dir:
-      data_dir = None
-  if not dataset:
-    if data_dir is None:
-      return _embedded_info()
-    _check_dir(data_dir, "(auto)")
-    if (tfrecord.list_files(data_dir, "train") or
-        tfrecord.list_files(data_dir, "eval")):
-      return _tfrecord_info("imagenet", data_dir)
-    if "://" not in data_dir and image_folder.has_layout(data_dir):
-      return _folder_info(data_dir)
-    raise ValueError(f"--data_dir={data_dir}: no train-* TFRecord files or "
-                     "train/ class folders found")
-  if dataset == "embedded":
-    return _embedded_info()
-  if dataset == "imagenet":
-    _check_dir(data_dir, dataset)
-    if not (tfrecord.list_files(data_dir, "train") or
-            tfrecord.list_files(data_dir, "eval")):
-      raise ValueError(f"--data_dir={data_dir}: no train-* or validation-* "
-                       "TFRecord files found (--dataset=imagenet)")
-    return _tfrecord_info("imagenet", data_dir)
-  if dataset == "folder":
-    _check_dir(data_dir, dataset)
-    return _folder_info(data_dir)
-  if dataset.startswith("tfds:"):
-    num_classes, num_train, num_eval, image_size, names = (
-        tfds_reader.describe(dataset, data_dir))
-    return DatasetInfo(dataset, num_classes, num_train, num_eval, image_size,
-                       names)
-  raise ValueError(f"--dataset={dataset}: unknown dataset; expected embedded, "
-                   "imagenet, folder or tfds:NAME")
+    dataset None and data_dir None: the embedded default.  dataset None with a
+    data_dir: "imagenet" when data_dir has train-* TFRecord files, "folder"
+    when it has train/<class>/ folders.  Otherwise "tfds:NAME[...]",
+    "imagenet", "folder" or "embedded".  Raises ValueError (one line naming the
+    flag/path) on problems.
+    """
+    if dataset is not None:
+        dataset = str(dataset).strip()
+    if data_dir is not None:
+        data_dir = os.fspath(data_dir)
+        if not data_dir:
+            data_dir = None
+    if not dataset:
+        if data_dir is None:
+            return _embedded_info()
+        _check_dir(data_dir, "(auto)")
+        if tfrecord.list_files(data_dir, "train") or tfrecord.list_files(data_dir, "eval"):
+            return _tfrecord_info("imagenet", data_dir)
+        if "://" not in data_dir and image_folder.has_layout(data_dir):
+            return _folder_info(data_dir)
+        raise ValueError(
+            f"--data_dir={data_dir}: no train-* TFRecord files or "
+            "train/ class folders found"
+        )
+    if dataset == "embedded":
+        return _embedded_info()
+    if dataset == "imagenet":
+        _check_dir(data_dir, dataset)
+        if not (
+            tfrecord.list_files(data_dir, "train") or tfrecord.list_files(data_dir, "eval")
+        ):
+            raise ValueError(
+                f"--data_dir={data_dir}: no train-* or validation-* "
+                "TFRecord files found (--dataset=imagenet)"
+            )
+        return _tfrecord_info("imagenet", data_dir)
+    if dataset == "folder":
+        _check_dir(data_dir, dataset)
+        return _folder_info(data_dir)
+    if dataset.startswith("tfds:"):
+        num_classes, num_train, num_eval, image_size, names = tfds_reader.describe(
+            dataset, data_dir
+        )
+        return DatasetInfo(dataset, num_classes, num_train, num_eval, image_size, names)
+    raise ValueError(
+        f"--dataset={dataset}: unknown dataset; expected embedded, "
+        "imagenet, folder or tfds:NAME"
+    )
 
 
 # ---------------------------------------------------------------------------
 # make_dataset
 # ---------------------------------------------------------------------------
 def _epoch_seed(seed, epoch):
-  base = tf.stack([tf.cast(seed, tf.int64), tf.constant(0xE90C, tf.int64)])
-  return tf.random.experimental.stateless_fold_in(base,
-                                                  tf.cast(epoch, tf.int64))
+    base = tf.stack([tf.cast(seed, tf.int64), tf.constant(0xE90C, tf.int64)])
+    return tf.random.experimental.stateless_fold_in(base, tf.cast(epoch, tf.int64))
 
 
 def _source(info, data_dir, split, input_context, is_training, cache):
-  kwargs = dict(input_context=input_context, is_training=is_training,
-                cache=cache)
-  if info.name == "embedded":
-    return tfrecord.make_source(EMBEDDED_DIR, split, **kwargs)
-  if info.name == "imagenet":
-    _check_dir(data_dir, info.name)
-    return tfrecord.make_source(data_dir, split, **kwargs)
-  if info.name == "folder":
-    _check_dir(data_dir, info.name)
-    return image_folder.make_source(data_dir, split, **kwargs)
-  if info.name.startswith("tfds:"):
-    return tfds_reader.make_source(info.name, data_dir, split, **kwargs)
-  raise ValueError(f"--dataset={info.name}: unknown dataset")
+    kwargs = dict(input_context=input_context, is_training=is_training, cache=cache)
+    if info.name == "embedded":
+        return tfrecord.make_source(EMBEDDED_DIR, split, **kwargs)
+    if info.name == "imagenet":
+        _check_dir(data_dir, info.name)
+        return tfrecord.make_source(data_dir, split, **kwargs)
+    if info.name == "folder":
+        _check_dir(data_dir, info.name)
+        return image_folder.make_source(data_dir, split, **kwargs)
+    if info.name.startswith("tfds:"):
+        return tfds_reader.make_source(info.name, data_dir, split, **kwargs)
+    raise ValueError(f"--dataset={info.name}: unknown dataset")
 
 
 def _element(source, el):
-  if isinstance(el, tuple):
-    return source.element_fn(*el)
-  return source.element_fn(el)
+    if isinstance(el, tuple):
+        return source.element_fn(*el)
+    return source.element_fn(el)
 
 
 def _block_shuffle(ds, block, epoch_seed):
-  def shuffle(b, x):
-    n = tf.shape(tf.nest.flatten(x)[0])[0]
-    perm = tf.random.experimental.stateless_shuffle(
-        tf.range(n),
-        seed=tf.random.experimental.stateless_fold_in(epoch_seed, b))
-    return tf.nest.map_structure(lambda t: tf.gather(t, perm), x)
-  return ds.batch(block).enumerate().map(shuffle).unbatch()
+    def shuffle(b, x):
+        n = tf.shape(tf.nest.flatten(x)[0])[0]
+        perm = tf.random.experimental.stateless_shuffle(
+            tf.range(n), seed=tf.random.experimental.stateless_fold_in(epoch_seed, b)
+        )
+        return tf.nest.map_structure(lambda t: tf.gather(t, perm), x)
+
+    return ds.batch(block).enumerate().map(shuffle).unbatch()
 
 
-def _train_dataset(source, *, batch_size, image_size, seed, start_step,
-                   augmentation, shuffle_buffer):
-  n = int(source.count)
-  steps_per_epoch = n // batch_size
-  if steps_per_epoch < 1:
-    raise ValueError(f"batch_size={batch_size} is larger than the {n} training "
-                     "examples of this input pipeline")
-  start_epoch, skip_batches = divmod(int(start_step), steps_per_epoch)
-  per_epoch = steps_per_epoch * batch_size
-  first_skip = skip_batches * batch_size
+def _train_dataset(
+    source, *, batch_size, image_size, seed, start_step, augmentation, shuffle_buffer
+):
+    n = int(source.count)
+    steps_per_epoch = n // batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the {n} training "
+            "examples of this input pipeline"
+        )
+    start_epoch, skip_batches = divmod(int(start_step), steps_per_epoch)
+    per_epoch = steps_per_epoch * batch_size
+    first_skip = skip_batches * batch_size
 
-  def skip_for(epoch):
-    return tf.where(tf.equal(epoch, start_epoch),
-                    tf.constant(first_skip, tf.int64), tf.constant(0, tf.int64))
+    def skip_for(epoch):
+        return tf.where(
+            tf.equal(epoch, start_epoch),
+            tf.constant(first_skip, tf.int64),
+            tf.constant(0, tf.int64),
+        )
 
-  if source.memory is not None:
-    keys, labels = source.memory
+    if source.memory is not None:
+        keys, labels = source.memory
 
-    def epoch_elements(epoch):
-      skip = skip_for(epoch)
-      perm = tf.random.experimental.stateless_shuffle(
-          tf.range(n, dtype=tf.int64), seed=_epoch_seed(seed, epoch))
-      perm = perm[skip:per_epoch]
-      idx = tf.range(skip, per_epoch, dtype=tf.int64)
-      return tf.data.Dataset.from_tensor_slices((idx, perm)).map(
-          lambda i, p: (epoch, i, (tf.gather(keys, p), tf.gather(labels, p))))
-  else:
-    block = shuffle_buffer or tfrecord.DEFAULT_SHUFFLE_BUFFER
+        def epoch_elements(epoch):
+            skip = skip_for(epoch)
+            perm = tf.random.experimental.stateless_shuffle(
+                tf.range(n, dtype=tf.int64), seed=_epoch_seed(seed, epoch)
+            )
+            perm = perm[skip:per_epoch]
+            idx = tf.range(skip, per_epoch, dtype=tf.int64)
+            return tf.data.Dataset.from_tensor_slices((idx, perm)).map(
+                lambda i, p: (epoch, i, (tf.gather(keys, p), tf.gather(labels, p)))
+            )
 
-    def epoch_elements(epoch):
-      eseed = _epoch_seed(seed, epoch)
-      ds = source.stream_fn(eseed)
-      if block > 1:
-        ds = _block_shuffle(ds, block, eseed)
-      ds = ds.take(per_epoch).enumerate().skip(skip_for(epoch))
-      return ds.map(lambda i, el: (epoch, i, el))
+    else:
+        block = shuffle_buffer or tfrecord.DEFAULT_SHUFFLE_BUFFER
 
-  ds = tf.data.Dataset.range(start_epoch, 1 << 62).flat_map(epoch_elements)
+        def epoch_elements(epoch):
+            eseed = _epoch_seed(seed, epoch)
+            ds = source.stream_fn(eseed)
+            if block > 1:
+                ds = _block_shuffle(ds, block, eseed)
+            ds = ds.take(per_epoch).enumerate().skip(skip_for(epoch))
+            return ds.map(lambda i, el: (epoch, i, el))
 
-  def process(epoch, index, el):
-    image_bytes, label = _element(source, el)
-    image = preprocessing.preprocess_for_train(
-        image_bytes, image_size,
-        preprocessing.example_seed(seed, epoch, index), augmentation)
-    return image, tf.cast(label, tf.int32)
+    ds = tf.data.Dataset.range(start_epoch, 1 << 62).flat_map(epoch_elements)
 
-  ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return ds.batch(batch_size, drop_remainder=True)
+    def process(epoch, index, el):
+        image_bytes, label = _element(source, el)
+        image = preprocessing.preprocess_for_train(
+            image_bytes,
+            image_size,
+            preprocessing.example_seed(seed, epoch, index),
+            augmentation,
+        )
+        return image, tf.cast(label, tf.int32)
+
+    ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=True)
 
 
 def _eval_dataset(source, *, batch_size, image_size, augmentation, cache):
-  if source.memory is not None:
-    ds = tf.data.Dataset.from_tensor_slices(source.memory)
-  else:
-    ds = source.stream_fn(None)
+    if source.memory is not None:
+        ds = tf.data.Dataset.from_tensor_slices(source.memory)
+    else:
+        ds = source.stream_fn(None)
 
-  def process(*el):
-    image_bytes, label = _element(source, el if len(el) > 1 else el[0])
-    image = preprocessing.preprocess_for_eval(image_bytes, image_size,
-                                              augmentation)
-    return image, tf.cast(label, tf.int32)
+    def process(*el):
+        image_bytes, label = _element(source, el if len(el) > 1 else el[0])
+        image = preprocessing.preprocess_for_eval(image_bytes, image_size, augmentation)
+        return image, tf.cast(label, tf.int32)
 
-  ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  if cache:
-    ds = ds.cache()
-  return ds.batch(batch_size, drop_remainder=False)
+    ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if cache:
+        ds = ds.cache()
+    return ds.batch(batch_size, drop_remainder=False)
 
 
-def make_dataset(info, data_dir, split, *, batch_size, image_size, is_training,
-                 seed=0, start_step=0, augmentation="inception",
-                 input_context=None, cache=False,
-                 shuffle_buffer=None) -> tf.data.Dataset:
-  """Batched (images float32 [B,H,W,3] in [0,255], labels int32 [B]) dataset.
+def make_dataset(
+    info,
+    data_dir,
+    split,
+    *,
+    batch_size,
+    image_size,
+    is_training,
+    seed=0,
+    start_step=0,
+    augmentation="inception",
+    input_context=None,
+    cache=False,
+    shuffle_buffer=None,
+) -> tf.data.Dataset:
+    """Batched (images float32 [B,H,W,3] in [0,255], labels int32 [B]) dataset.
 
-  Args:
-    info: DatasetInfo from resolve_dataset.
-    data_dir: the data directory (ignored for "embedded").
-    split: "train" or "eval".
-    batch_size: per-pipeline batch size.
-    image_size: output height and width.
-    is_training: True: infinite shuffled, augmented stream with
-      drop_remainder; False: one pass in file order, no augmentation,
-      partial last batch kept.
-    seed: run seed (shuffling and augmentation).
-    start_step: number of batches to skip (resume); training only.
-    augmentation: "inception", "cifar", "cifar_zeros" or "none".  Eval uses
-      the padded center crop for "inception" and a whole-image resize
-      otherwise.
-    input_context: tf.distribute.InputContext or None; each input pipeline
-      reads a disjoint part of the split.
-    cache: training: hold the encoded records in memory even when large;
-      eval: cache the preprocessed images in memory after the first pass.
-    shuffle_buffer: block size of the stateless block shuffle for streamed
-      (large) training data; default 1024.
-  """
-  if split in ("validation", "test"):
-    split = "eval"
-  if split not in ("train", "eval"):
-    raise ValueError(f"split={split!r}: expected 'train' or 'eval'")
-  preprocessing.check_augmentation(augmentation)
-  batch_size = int(batch_size)
-  image_size = int(image_size)
-  if batch_size < 1 or image_size < 1:
-    raise ValueError(f"batch_size={batch_size}, image_size={image_size}: "
-                     "must be positive")
-  if int(start_step) < 0:
-    raise ValueError(f"start_step={start_step}: must be >= 0")
-  if split == "eval" and info.num_eval == 0:
-    raise ValueError(f"--dataset={info.name}: no eval split available")
+    Args:
+      info: DatasetInfo from resolve_dataset.
+      data_dir: the data directory (ignored for "embedded").
+      split: "train" or "eval".
+      batch_size: per-pipeline batch size.
+      image_size: output height and width.
+      is_training: True: infinite shuffled, augmented stream with
+        drop_remainder; False: one pass in file order, no augmentation,
+        partial last batch kept.
+      seed: run seed (shuffling and augmentation).
+      start_step: number of batches to skip (resume); training only.
+      augmentation: "inception", "cifar", "cifar_zeros" or "none".  Eval uses
+        the padded center crop for "inception" and a whole-image resize
+        otherwise.
+      input_context: tf.distribute.InputContext or None; each input pipeline
+        reads a disjoint part of the split.
+      cache: training: hold the encoded records in memory even when large;
+        eval: cache the preprocessed images in memory after the first pass.
+      shuffle_buffer: block size of the stateless block shuffle for streamed
+        (large) training data; default 1024.
+    """
+    if split in ("validation", "test"):
+        split = "eval"
+    if split not in ("train", "eval"):
+        raise ValueError(f"split={split!r}: expected 'train' or 'eval'")
+    preprocessing.check_augmentation(augmentation)
+    batch_size = int(batch_size)
+    image_size = int(image_size)
+    if batch_size < 1 or image_size < 1:
+        raise ValueError(
+            f"batch_size={batch_size}, image_size={image_size}: " "must be positive"
+        )
+    if int(start_step) < 0:
+        raise ValueError(f"start_step={start_step}: must be >= 0")
+    if split == "eval" and info.num_eval == 0:
+        raise ValueError(f"--dataset={info.name}: no eval split available")
 
-  source = _source(info, data_dir, split, input_context, is_training, cache)
-  if is_training:
-    ds = _train_dataset(source, batch_size=batch_size, image_size=image_size,
-                        seed=int(seed), start_step=int(start_step),
-                        augmentation=augmentation,
-                        shuffle_buffer=shuffle_buffer)
-  else:
-    ds = _eval_dataset(source, batch_size=batch_size, image_size=image_size,
-                       augmentation=augmentation, cache=cache)
-  ds = ds.prefetch(tf.data.AUTOTUNE)
-  options = tf.data.Options()
-  options.deterministic = True
-  options.threading.max_intra_op_parallelism = 1
-  options.experimental_distribute.auto_shard_policy = (
-      tf.data.experimental.AutoShardPolicy.OFF)
-  return ds.with_options(options)
+    source = _source(info, data_dir, split, input_context, is_training, cache)
+    if is_training:
+        ds = _train_dataset(
+            source,
+            batch_size=batch_size,
+            image_size=image_size,
+            seed=int(seed),
+            start_step=int(start_step),
+            augmentation=augmentation,
+            shuffle_buffer=shuffle_buffer,
+        )
+    else:
+        ds = _eval_dataset(
+            source,
+            batch_size=batch_size,
+            image_size=image_size,
+            augmentation=augmentation,
+            cache=cache,
+        )
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.max_intra_op_parallelism = 1
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.OFF
+    )
+    return ds.with_options(options)

@@ -46,197 +46,209 @@ CIFAR_PAD = 4
 
 
 def check_augmentation(augmentation):
-  if augmentation not in AUGMENTATIONS:
-    raise ValueError(
-        f"augmentation={augmentation!r}: expected one of {AUGMENTATIONS}")
-  return augmentation
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation={augmentation!r}: expected one of {AUGMENTATIONS}")
+    return augmentation
 
 
 # ---------------------------------------------------------------------------
 # Seeds.
 # ---------------------------------------------------------------------------
 def example_seed(seed, epoch, index):
-  """Per-example stateless seed (shape [2], int32) from (seed, epoch, index).
+    """Per-example stateless seed (shape [2], int32) from (seed, epoch, index).
 
-  ``seed`` is a Python int or scalar tensor (the run seed); ``epoch`` and
-  ``index`` are scalar integer tensors/ints.
-  """
-  base = tf.stack([tf.cast(seed, tf.int64), tf.constant(0x5EED, tf.int64)])
-  s = tf.random.experimental.stateless_fold_in(base, tf.cast(epoch, tf.int64))
-  return tf.random.experimental.stateless_fold_in(s, tf.cast(index, tf.int64))
+    ``seed`` is a Python int or scalar tensor (the run seed); ``epoch`` and
+    ``index`` are scalar integer tensors/ints.
+    """
+    base = tf.stack([tf.cast(seed, tf.int64), tf.constant(0x5EED, tf.int64)])
+    s = tf.random.experimental.stateless_fold_in(base, tf.cast(epoch, tf.int64))
+    return tf.random.experimental.stateless_fold_in(s, tf.cast(index, tf.int64))
 
 
 def _split_seed(seed, num):
-  seeds = tf.random.experimental.stateless_split(seed, num=num)
-  return [seeds[i] for i in range(num)]
+    seeds = tf.random.experimental.stateless_split(seed, num=num)
+    return [seeds[i] for i in range(num)]
 
 
 # ---------------------------------------------------------------------------
 # Decoding helpers.
 # ---------------------------------------------------------------------------
 def _decode_full(image_bytes):
-  """Decodes JPEG/PNG/BMP/GIF (first frame) to uint8 RGB."""
-  image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-  image.set_shape([None, None, 3])
-  return image
-
-
-def _image_shape(image_bytes):
-  """[height, width, channels] of an encoded image (cheap for JPEG)."""
-  return tf.cond(
-      tf.io.is_jpeg(image_bytes),
-      lambda: tf.cast(tf.image.extract_jpeg_shape(image_bytes), tf.int32),
-      lambda: tf.shape(_decode_full(image_bytes), out_type=tf.int32))
-
-
-def _decode_and_crop(image_bytes, crop_window):
-  """Decodes and crops to crop_window [y, x, h, w] (JPEG: while decoding)."""
-  def jpeg():
-    image = tf.image.decode_and_crop_jpeg(image_bytes, crop_window, channels=3)
+    """Decodes JPEG/PNG/BMP/GIF (first frame) to uint8 RGB."""
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
 
-  def other():
-    image = _decode_full(image_bytes)
-    return tf.image.crop_to_bounding_box(image, crop_window[0], crop_window[1],
-                                         crop_window[2], crop_window[3])
 
-  return tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
+def _image_shape(image_bytes):
+    """[height, width, channels] of an encoded image (cheap for JPEG)."""
+    return tf.cond(
+        tf.io.is_jpeg(image_bytes),
+        lambda: tf.cast(tf.image.extract_jpeg_shape(image_bytes), tf.int32),
+        lambda: tf.shape(_decode_full(image_bytes), out_type=tf.int32),
+    )
+
+
+def _decode_and_crop(image_bytes, crop_window):
+    """Decodes and crops to crop_window [y, x, h, w] (JPEG: while decoding)."""
+
+    def jpeg():
+        image = tf.image.decode_and_crop_jpeg(image_bytes, crop_window, channels=3)
+        image.set_shape([None, None, 3])
+        return image
+
+    def other():
+        image = _decode_full(image_bytes)
+        return tf.image.crop_to_bounding_box(
+            image, crop_window[0], crop_window[1], crop_window[2], crop_window[3]
+        )
+
+    return tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
 
 
 def resize(image, image_size):
-  """Bicubic resize to [image_size, image_size], float32 clipped to [0, 255].
+    """Bicubic resize to [image_size, image_size], float32 clipped to [0, 255].
 
-  Passes the image through unchanged (only cast to float32) when it already
-  has the requested size.
-  """
-  image = tf.convert_to_tensor(image)
-  shape = tf.shape(image)
+    Passes the image through unchanged (only cast to float32) when it already
+    has the requested size.
+    """
+    image = tf.convert_to_tensor(image)
+    shape = tf.shape(image)
 
-  def same():
-    return tf.cast(image, tf.float32)
+    def same():
+        return tf.cast(image, tf.float32)
 
-  def resized():
-    out = tf.image.resize(image, [image_size, image_size],
-                          method=tf.image.ResizeMethod.BICUBIC)
-    return tf.clip_by_value(out, 0.0, 255.0)
+    def resized():
+        out = tf.image.resize(
+            image, [image_size, image_size], method=tf.image.ResizeMethod.BICUBIC
+        )
+        return tf.clip_by_value(out, 0.0, 255.0)
 
-  out = tf.cond(
-      tf.logical_and(tf.equal(shape[0], image_size),
-                     tf.equal(shape[1], image_size)), same, resized)
-  out.set_shape([image_size, image_size, 3])
-  return out
+    out = tf.cond(
+        tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size)),
+        same,
+        resized,
+    )
+    out.set_shape([image_size, image_size, 3])
+    return out
 
 
 # ---------------------------------------------------------------------------
 # Center crop (eval).
 # ---------------------------------------------------------------------------
 def center_crop_window(height, width, image_size, crop_padding=CROP_PADDING):
-  """Official center-crop window [offset_y, offset_x, size, size] (int32).
+    """Official center-crop window [offset_y, offset_x, size, size] (int32).
 
-  size = int(image_size / (image_size + crop_padding) * min(height, width)).
-  """
-  height = tf.cast(height, tf.int32)
-  width = tf.cast(width, tf.int32)
-  size = tf.cast(
-      (image_size / (image_size + crop_padding)) *
-      tf.cast(tf.minimum(height, width), tf.float64), tf.int32)
-  size = tf.maximum(size, 1)
-  offset_y = ((height - size) + 1) // 2
-  offset_x = ((width - size) + 1) // 2
-  return tf.stack([offset_y, offset_x, size, size])
+    size = int(image_size / (image_size + crop_padding) * min(height, width)).
+    """
+    height = tf.cast(height, tf.int32)
+    width = tf.cast(width, tf.int32)
+    size = tf.cast(
+        (image_size / (image_size + crop_padding))
+        * tf.cast(tf.minimum(height, width), tf.float64),
+        tf.int32,
+    )
+    size = tf.maximum(size, 1)
+    offset_y = ((height - size) + 1) // 2
+    offset_x = ((width - size) + 1) // 2
+    return tf.stack([offset_y, offset_x, size, size])
 
 
 def decode_and_center_crop(image_bytes, image_size, crop_padding=CROP_PADDING):
-  """Official eval preprocessing: padded center crop + bicubic resize."""
-  shape = _image_shape(image_bytes)
-  window = center_crop_window(shape[0], shape[1], image_size, crop_padding)
-  image = _decode_and_crop(image_bytes, window)
-  return resize(image, image_size)
+    """Official eval preprocessing: padded center crop + bicubic resize."""
+    shape = _image_shape(image_bytes)
+    window = center_crop_window(shape[0], shape[1], image_size, crop_padding)
+    image = _decode_and_crop(image_bytes, window)
+    return resize(image, image_size)
 
 
 # ---------------------------------------------------------------------------
 # Inception random crop (train).
 # ---------------------------------------------------------------------------
-def inception_crop_window(image_shape, seed,
-                          min_object_covered=MIN_OBJECT_COVERED,
-                          aspect_ratio_range=ASPECT_RATIO_RANGE,
-                          area_range=AREA_RANGE,
-                          max_attempts=MAX_ATTEMPTS):
-  """Samples a crop window [y, x, h, w] statelessly (seed: shape [2] int)."""
-  bbox = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, shape=[1, 1, 4])
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      image_shape,
-      bounding_boxes=bbox,
-      seed=seed,
-      min_object_covered=min_object_covered,
-      aspect_ratio_range=aspect_ratio_range,
-      area_range=area_range,
-      max_attempts=max_attempts,
-      use_image_if_no_bounding_boxes=True)
-  offset_y, offset_x, _ = tf.unstack(begin)
-  target_h, target_w, _ = tf.unstack(size)
-  return tf.stack([offset_y, offset_x, target_h, target_w])
+def inception_crop_window(
+    image_shape,
+    seed,
+    min_object_covered=MIN_OBJECT_COVERED,
+    aspect_ratio_range=ASPECT_RATIO_RANGE,
+    area_range=AREA_RANGE,
+    max_attempts=MAX_ATTEMPTS,
+):
+    """Samples a crop window [y, x, h, w] statelessly (seed: shape [2] int)."""
+    bbox = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, shape=[1, 1, 4])
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        image_shape,
+        bounding_boxes=bbox,
+        seed=seed,
+        min_object_covered=min_object_covered,
+        aspect_ratio_range=aspect_ratio_range,
+        area_range=area_range,
+        max_attempts=max_attempts,
+        use_image_if_no_bounding_boxes=True,
+    )
+    offset_y, offset_x, _ = tf.unstack(begin)
+    target_h, target_w, _ = tf.unstack(size)
+    return tf.stack([offset_y, offset_x, target_h, target_w])
 
 
 def decode_and_random_crop(image_bytes, image_size, seed):
-  """Inception crop; falls back to the center crop when sampling fails."""
-  shape = _image_shape(image_bytes)
-  window = inception_crop_window(shape, seed)
-  # The sampler returns the whole image when all attempts fail; like the
-  # official code, treat "crop == whole image" as failure.
-  bad = tf.logical_and(tf.equal(window[2], shape[0]),
-                       tf.equal(window[3], shape[1]))
-  center = center_crop_window(shape[0], shape[1], image_size)
-  window = tf.where(bad, center, window)
-  image = _decode_and_crop(image_bytes, window)
-  return image
+    """Inception crop; falls back to the center crop when sampling fails."""
+    shape = _image_shape(image_bytes)
+    window = inception_crop_window(shape, seed)
+    # The sampler returns the whole image when all attempts fail; like the
+    # official code, treat "crop == whole image" as failure.
+    bad = tf.logical_and(tf.equal(window[2], shape[0]), tf.equal(window[3], shape[1]))
+    center = center_crop_window(shape[0], shape[1], image_size)
+    window = tf.where(bad, center, window)
+    image = _decode_and_crop(image_bytes, window)
+    return image
 
 
 # ---------------------------------------------------------------------------
 # CIFAR-style random crop (train).
 # ---------------------------------------------------------------------------
 def cifar_random_crop(image, seed, pad=CIFAR_PAD, mode="REFLECT"):
-  """Pads ``pad`` pixels (REFLECT or CONSTANT zeros), random crop back."""
-  shape = tf.shape(image)
-  padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode=mode)
-  return tf.image.stateless_random_crop(
-      padded, tf.stack([shape[0], shape[1], 3]), seed=seed)
+    """Pads ``pad`` pixels (REFLECT or CONSTANT zeros), random crop back."""
+    shape = tf.shape(image)
+    padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode=mode)
+    return tf.image.stateless_random_crop(
+        padded, tf.stack([shape[0], shape[1], 3]), seed=seed
+    )
 
 
 # ---------------------------------------------------------------------------
 # Entry points.
 # ---------------------------------------------------------------------------
-def preprocess_for_train(image_bytes, image_size, seed,
-                         augmentation="inception"):
-  """Training preprocessing of one encoded image; seed: shape-[2] int tensor."""
-  check_augmentation(augmentation)
-  if augmentation == "none":
+def preprocess_for_train(image_bytes, image_size, seed, augmentation="inception"):
+    """Training preprocessing of one encoded image; seed: shape-[2] int tensor."""
+    check_augmentation(augmentation)
+    if augmentation == "none":
+        return resize(_decode_full(image_bytes), image_size)
+    crop_seed, flip_seed = _split_seed(seed, 2)
+    if augmentation == "inception":
+        image = decode_and_random_crop(image_bytes, image_size, crop_seed)
+    else:
+        mode = "REFLECT" if augmentation == "cifar" else "CONSTANT"
+        image = cifar_random_crop(_decode_full(image_bytes), crop_seed, mode=mode)
+    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    return resize(image, image_size)
+
+
+def preprocess_for_eval(
+    image_bytes, image_size, augmentation="inception", crop_padding=CROP_PADDING
+):
+    """Eval: padded center crop ("inception") or whole-image resize."""
+    check_augmentation(augmentation)
+    if augmentation == "inception":
+        return decode_and_center_crop(image_bytes, image_size, crop_padding)
     return resize(_decode_full(image_bytes), image_size)
-  crop_seed, flip_seed = _split_seed(seed, 2)
-  if augmentation == "inception":
-    image = decode_and_random_crop(image_bytes, image_size, crop_seed)
-  else:
-    mode = "REFLECT" if augmentation == "cifar" else "CONSTANT"
-    image = cifar_random_crop(_decode_full(image_bytes), crop_seed, mode=mode)
-  image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-  return resize(image, image_size)
 
 
-def preprocess_for_eval(image_bytes, image_size, augmentation="inception",
-                        crop_padding=CROP_PADDING):
-  """Eval: padded center crop ("inception") or whole-image resize."""
-  check_augmentation(augmentation)
-  if augmentation == "inception":
-    return decode_and_center_crop(image_bytes, image_size, crop_padding)
-  return resize(_decode_full(image_bytes), image_size)
-
-
-def preprocess_image(image_bytes, image_size, is_training, seed=None,
-                     augmentation="inception"):
-  """Preprocesses one encoded image to float32 [image_size, image_size, 3]."""
-  if is_training:
-    if seed is None:
-      raise ValueError("preprocess_image(is_training=True) needs a seed")
-    return preprocess_for_train(image_bytes, image_size, seed, augmentation)
-  return preprocess_for_eval(image_bytes, image_size, augmentation)
+def preprocess_image(
+    image_bytes, image_size, is_training, seed=None, augmentation="inception"
+):
+    """Preprocesses one encoded image to float32 [image_size, image_size, 3]."""
+    if is_training:
+        if seed is None:
+            raise ValueError("preprocess_image(is_training=True) needs a seed")
+        return preprocess_for_train(image_bytes, image_size, seed, augmentation)
+    return preprocess_for_eval(image_bytes, image_size, augmentation)

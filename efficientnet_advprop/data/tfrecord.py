@@ -39,74 +39,74 @@ IMAGENET_NUM_CLASSES = 1000
 # File helpers.
 # ---------------------------------------------------------------------------
 def list_files(data_dir, split):
-  """Sorted shard files of ``split`` ("train"/"eval"/"validation")."""
-  prefix = SPLIT_PREFIX.get(split, split)
-  pattern = os.path.join(data_dir, prefix + "-*")
-  if "://" in data_dir:
-    files = tf.io.gfile.glob(pattern)
-  else:
-    files = _glob.glob(pattern)
-  return sorted(f for f in files if not f.endswith((".json", ".txt", ".md")))
+    """Sorted shard files of ``split`` ("train"/"eval"/"validation")."""
+    prefix = SPLIT_PREFIX.get(split, split)
+    pattern = os.path.join(data_dir, prefix + "-*")
+    if "://" in data_dir:
+        files = tf.io.gfile.glob(pattern)
+    else:
+        files = _glob.glob(pattern)
+    return sorted(f for f in files if not f.endswith((".json", ".txt", ".md")))
 
 
 def read_metadata(data_dir):
-  path = os.path.join(data_dir, METADATA_FILE)
-  if not tf.io.gfile.exists(path):
-    return None
-  with tf.io.gfile.GFile(path, "r") as f:
-    return json.load(f)
+    path = os.path.join(data_dir, METADATA_FILE)
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path, "r") as f:
+        return json.load(f)
 
 
 def detect_compression(path):
-  """"GZIP" when the file starts with the gzip magic (1f 8b 08), else ""."""
-  with tf.io.gfile.GFile(path, "rb") as f:
-    head = f.read(3)
-  return "GZIP" if head == b"\x1f\x8b\x08" else ""
+    """ "GZIP" when the file starts with the gzip magic (1f 8b 08), else ""."""
+    with tf.io.gfile.GFile(path, "rb") as f:
+        head = f.read(3)
+    return "GZIP" if head == b"\x1f\x8b\x08" else ""
 
 
 def count_records(path, compression=""):
-  """Number of records in one TFRecord file.
+    """Number of records in one TFRecord file.
 
-  Uncompressed files are counted by hopping over record headers (no data is
-  read); compressed files are read through.
-  """
-  if compression:
-    ds = tf.data.TFRecordDataset(path, compression_type=compression)
-    return int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
-  n = 0
-  with tf.io.gfile.GFile(path, "rb") as f:
-    while True:
-      header = f.read(12)
-      if not header:
-        return n
-      if len(header) < 12:
-        raise ValueError(f"{path}: truncated TFRecord file")
-      (length,) = struct.unpack("<Q", header[:8])
-      f.seek(length + 4, 1)
-      n += 1
+    Uncompressed files are counted by hopping over record headers (no data is
+    read); compressed files are read through.
+    """
+    if compression:
+        ds = tf.data.TFRecordDataset(path, compression_type=compression)
+        return int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+    n = 0
+    with tf.io.gfile.GFile(path, "rb") as f:
+        while True:
+            header = f.read(12)
+            if not header:
+                return n
+            if len(header) < 12:
+                raise ValueError(f"{path}: truncated TFRecord file")
+            (length,) = struct.unpack("<Q", header[:8])
+            f.seek(length + 4, 1)
+            n += 1
 
 
 def _file_infos(data_dir, split):
-  """[(path, compression, count or None)] for the split's shard files."""
-  files = list_files(data_dir, split)
-  meta = read_metadata(data_dir) or {}
-  prefix = SPLIT_PREFIX.get(split, split)
-  split_meta = meta.get("splits", {}).get(prefix, {})
-  counts = split_meta.get("files", {})
-  compression = split_meta.get("compression")
-  out = []
-  for path in files:
-    comp = compression if compression is not None else detect_compression(path)
-    out.append((path, comp, counts.get(os.path.basename(path))))
-  return out
+    """[(path, compression, count or None)] for the split's shard files."""
+    files = list_files(data_dir, split)
+    meta = read_metadata(data_dir) or {}
+    prefix = SPLIT_PREFIX.get(split, split)
+    split_meta = meta.get("splits", {}).get(prefix, {})
+    counts = split_meta.get("files", {})
+    compression = split_meta.get("compression")
+    out = []
+    for path in files:
+        comp = compression if compression is not None else detect_compression(path)
+        out.append((path, comp, counts.get(os.path.basename(path))))
+    return out
 
 
 def split_size(data_dir, split):
-  """Exact size of ``split`` when known from metadata, else None."""
-  infos = _file_infos(data_dir, split)
-  if infos and all(c is not None for _, _, c in infos):
-    return sum(c for _, _, c in infos)
-  return None
+    """Exact size of ``split`` when known from metadata, else None."""
+    infos = _file_infos(data_dir, split)
+    if infos and all(c is not None for _, _, c in infos):
+        return sum(c for _, _, c in infos)
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -119,214 +119,242 @@ _FEATURES = {
 
 
 def parse_example(serialized):
-  """Serialized tf.train.Example -> (encoded image, 0-based int32 label)."""
-  parsed = tf.io.parse_single_example(serialized, _FEATURES)
-  return parsed["image/encoded"], tf.cast(parsed["image/class/label"] - 1,
-                                          tf.int32)
+    """Serialized tf.train.Example -> (encoded image, 0-based int32 label)."""
+    parsed = tf.io.parse_single_example(serialized, _FEATURES)
+    return parsed["image/encoded"], tf.cast(parsed["image/class/label"] - 1, tf.int32)
 
 
 def _parse_batch(serialized):
-  parsed = tf.io.parse_example(serialized, _FEATURES)
-  return parsed["image/encoded"], tf.cast(parsed["image/class/label"] - 1,
-                                          tf.int32)
+    parsed = tf.io.parse_example(serialized, _FEATURES)
+    return parsed["image/encoded"], tf.cast(parsed["image/class/label"] - 1, tf.int32)
 
 
 # ---------------------------------------------------------------------------
 # Source for the generic pipeline in efficientnet_advprop.data.
 # ---------------------------------------------------------------------------
 class Source:
-  """What the generic input pipeline needs from a reader (one pipeline's shard).
+    """What the generic input pipeline needs from a reader (one pipeline's shard).
 
-  Attributes:
-    count: number of examples in this pipeline's shard (None when unknown,
-      only allowed for eval).
-    memory: (keys, labels) tensors of the whole shard in file order, or None
-      for streamed sources.
-    stream_fn: callable(seed or None) -> tf.data.Dataset of elements for one
-      pass over the shard (seed: shape-[2] per-epoch seed that may be used to
-      permute files; None: file order).  Only for streamed sources.
-    element_fn: callable(element) -> (encoded image bytes, int32 label),
-      run inside the parallel map (after skipping).
-  """
+    Attributes:
+      count: number of examples in this pipeline's shard (None when unknown,
+        only allowed for eval).
+      memory: (keys, labels) tensors of the whole shard in file order, or None
+        for streamed sources.
+      stream_fn: callable(seed or None) -> tf.data.Dataset of elements for one
+        pass over the shard (seed: shape-[2] per-epoch seed that may be used to
+        permute files; None: file order).  Only for streamed sources.
+      element_fn: callable(element) -> (encoded image bytes, int32 label),
+        run inside the parallel map (after skipping).
+    """
 
-  def __init__(self, count, element_fn, memory=None, stream_fn=None):
-    self.count = count
-    self.memory = memory
-    self.stream_fn = stream_fn
-    self.element_fn = element_fn
+    def __init__(self, count, element_fn, memory=None, stream_fn=None):
+        self.count = count
+        self.memory = memory
+        self.stream_fn = stream_fn
+        self.element_fn = element_fn
 
 
 def pipeline_ids(input_context):
-  """(num_input_pipelines, input_pipeline_id) of an InputContext or None."""
-  if input_context is None:
-    return 1, 0
-  return int(input_context.num_input_pipelines), int(
-      input_context.input_pipeline_id)
+    """(num_input_pipelines, input_pipeline_id) of an InputContext or None."""
+    if input_context is None:
+        return 1, 0
+    return int(input_context.num_input_pipelines), int(input_context.input_pipeline_id)
 
 
 def _identity_element(key, label):
-  return key, label
+    return key, label
 
 
-def make_source(data_dir, split, *, input_context=None, is_training=False,
-                cache=False):
-  """Builds the :class:`Source` of one pipeline's part of ``split``."""
-  infos = _file_infos(data_dir, split)
-  if not infos:
-    raise ValueError(
-        f"--data_dir={data_dir}: no {SPLIT_PREFIX.get(split, split)}-* "
-        "TFRecord files found")
-  compressions = {c for _, c, _ in infos}
-  if len(compressions) != 1:
-    raise ValueError(f"--data_dir={data_dir}: mixed compressed and "
-                     "uncompressed TFRecord files in one split")
-  compression = compressions.pop()
-  num_pipelines, pipeline_id = pipeline_ids(input_context)
+def make_source(data_dir, split, *, input_context=None, is_training=False, cache=False):
+    """Builds the :class:`Source` of one pipeline's part of ``split``."""
+    infos = _file_infos(data_dir, split)
+    if not infos:
+        raise ValueError(
+            f"--data_dir={data_dir}: no {SPLIT_PREFIX.get(split, split)}-* "
+            "TFRecord files found"
+        )
+    compressions = {c for _, c, _ in infos}
+    if len(compressions) != 1:
+        raise ValueError(
+            f"--data_dir={data_dir}: mixed compressed and "
+            "uncompressed TFRecord files in one split"
+        )
+    compression = compressions.pop()
+    num_pipelines, pipeline_id = pipeline_ids(input_context)
 
-  by_file = len(infos) >= num_pipelines
-  if by_file:
-    mine = infos[pipeline_id::num_pipelines]
-  else:
-    mine = infos
-  files = [p for p, _, _ in mine]
-
-  def count():
-    counts = [c if c is not None else count_records(p, compression)
-              for p, _, c in mine]
-    total = sum(counts)
+    by_file = len(infos) >= num_pipelines
     if by_file:
-      return total
-    return max(0, (total - pipeline_id + num_pipelines - 1) // num_pipelines)
-
-  def records(file_seed=None, parallel=False):
-    if file_seed is None or len(files) == 1 or not by_file:
-      ds = tf.data.TFRecordDataset(files, compression_type=compression,
-                                   buffer_size=READ_BUFFER_BYTES)
+        mine = infos[pipeline_id::num_pipelines]
     else:
-      file_t = tf.constant(files)
-      perm = tf.random.experimental.stateless_shuffle(
-          tf.range(len(files)), seed=file_seed)
-      ds = tf.data.Dataset.from_tensor_slices(tf.gather(file_t, perm))
-      ds = ds.interleave(
-          lambda f: tf.data.TFRecordDataset(
-              f, compression_type=compression, buffer_size=READ_BUFFER_BYTES),
-          cycle_length=min(16, len(files)), block_length=1,
-          num_parallel_calls=tf.data.AUTOTUNE if parallel else None,
-          deterministic=True)
-    if not by_file:
-      ds = ds.shard(num_pipelines, pipeline_id)
-    return ds
+        mine = infos
+    files = [p for p, _, _ in mine]
 
-  total_bytes = 0
-  if is_training:
-    total_bytes = sum(tf.io.gfile.stat(p).length for p in files)
-  if is_training and (cache or total_bytes <= MEMORY_LIMIT_BYTES):
-    ds = records().batch(1 << 31).map(_parse_batch)
-    n = count()
-    if n == 0:
-      raise ValueError(f"--data_dir={data_dir}: no {split} records for input "
-                       f"pipeline {pipeline_id} of {num_pipelines}")
-    keys, labels = ds.get_single_element()
-    return Source(int(keys.shape[0]), _identity_element, memory=(keys, labels))
+    def count():
+        counts = [c if c is not None else count_records(p, compression) for p, _, c in mine]
+        total = sum(counts)
+        if by_file:
+            return total
+        return max(0, (total - pipeline_id + num_pipelines - 1) // num_pipelines)
 
-  return Source(count() if is_training else None, parse_example,
-                stream_fn=lambda seed: records(seed, parallel=True))
+    def records(file_seed=None, parallel=False):
+        if file_seed is None or len(files) == 1 or not by_file:
+            ds = tf.data.TFRecordDataset(
+                files, compression_type=compression, buffer_size=READ_BUFFER_BYTES
+            )
+        else:
+            file_t = tf.constant(files)
+            perm = tf.random.experimental.stateless_shuffle(
+                tf.range(len(files)), seed=file_seed
+            )
+            ds = tf.data.Dataset.from_tensor_slices(tf.gather(file_t, perm))
+            ds = ds.interleave(
+                lambda f: tf.data.TFRecordDataset(
+                    f, compression_type=compression, buffer_size=READ_BUFFER_BYTES
+                ),
+                cycle_length=min(16, len(files)),
+                block_length=1,
+                num_parallel_calls=tf.data.AUTOTUNE if parallel else None,
+                deterministic=True,
+            )
+        if not by_file:
+            ds = ds.shard(num_pipelines, pipeline_id)
+        return ds
+
+    total_bytes = 0
+    if is_training:
+        total_bytes = sum(tf.io.gfile.stat(p).length for p in files)
+    if is_training and (cache or total_bytes <= MEMORY_LIMIT_BYTES):
+        ds = records().batch(1 << 31).map(_parse_batch)
+        n = count()
+        if n == 0:
+            raise ValueError(
+                f"--data_dir={data_dir}: no {split} records for input "
+                f"pipeline {pipeline_id} of {num_pipelines}"
+            )
+        keys, labels = ds.get_single_element()
+        return Source(int(keys.shape[0]), _identity_element, memory=(keys, labels))
+
+    return Source(
+        count() if is_training else None,
+        parse_example,
+        stream_fn=lambda seed: records(seed, parallel=True),
+    )
 
 
 # ---------------------------------------------------------------------------
 # Writer.
 # ---------------------------------------------------------------------------
 def _bytes_feature(value):
-  return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
 
 
 def _int64_feature(value):
-  return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
 
 
-def make_example(image_bytes, label, text=None, height=None, width=None,
-                 image_format="JPEG", label_offset=1):
-  """tf.train.Example in the official layout (stores label + label_offset)."""
-  feature = {
-      "image/encoded": _bytes_feature(bytes(image_bytes)),
-      "image/class/label": _int64_feature(int(label) + label_offset),
-      "image/format": _bytes_feature(image_format.encode()),
-  }
-  if text is not None:
-    feature["image/class/text"] = _bytes_feature(
-        text.encode() if isinstance(text, str) else bytes(text))
-  if height is not None:
-    feature["image/height"] = _int64_feature(height)
-  if width is not None:
-    feature["image/width"] = _int64_feature(width)
-  return tf.train.Example(features=tf.train.Features(feature=feature))
+def make_example(
+    image_bytes,
+    label,
+    text=None,
+    height=None,
+    width=None,
+    image_format="JPEG",
+    label_offset=1,
+):
+    """tf.train.Example in the official layout (stores label + label_offset)."""
+    feature = {
+        "image/encoded": _bytes_feature(bytes(image_bytes)),
+        "image/class/label": _int64_feature(int(label) + label_offset),
+        "image/format": _bytes_feature(image_format.encode()),
+    }
+    if text is not None:
+        feature["image/class/text"] = _bytes_feature(
+            text.encode() if isinstance(text, str) else bytes(text)
+        )
+    if height is not None:
+        feature["image/height"] = _int64_feature(height)
+    if width is not None:
+        feature["image/width"] = _int64_feature(width)
+    return tf.train.Example(features=tf.train.Features(feature=feature))
 
 
-def write_tfrecords(examples_iter, output_dir, split, num_shards=1, *,
-                    compression=None, class_names=None, label_offset=1):
-  """Writes examples to ``output_dir/<prefix>-0000i-of-0000n``.
+def write_tfrecords(
+    examples_iter,
+    output_dir,
+    split,
+    num_shards=1,
+    *,
+    compression=None,
+    class_names=None,
+    label_offset=1,
+):
+    """Writes examples to ``output_dir/<prefix>-0000i-of-0000n``.
 
-  Args:
-    examples_iter: iterable of dicts with keys "image" (encoded bytes) and
-      "label" (0-based int) and optional "text", "height", "width", "format";
-      or tuples (image_bytes, label[, text]).
-    output_dir: directory (created if needed).
-    split: "train" or "validation" ("eval" is an alias of "validation").
-    num_shards: number of shard files; example i goes to shard i % num_shards.
-    compression: None/"" (plain TFRecord, like the official files) or "GZIP".
-    class_names: optional class names stored in dataset_info.json.
-    label_offset: added to the 0-based label before storing (1 = official
-      convention, which the reader undoes).
+    Args:
+      examples_iter: iterable of dicts with keys "image" (encoded bytes) and
+        "label" (0-based int) and optional "text", "height", "width", "format";
+        or tuples (image_bytes, label[, text]).
+      output_dir: directory (created if needed).
+      split: "train" or "validation" ("eval" is an alias of "validation").
+      num_shards: number of shard files; example i goes to shard i % num_shards.
+      compression: None/"" (plain TFRecord, like the official files) or "GZIP".
+      class_names: optional class names stored in dataset_info.json.
+      label_offset: added to the 0-based label before storing (1 = official
+        convention, which the reader undoes).
 
-  Returns:
-    list of written file paths.  Also updates ``output_dir/dataset_info.json``
-    with the per-file record counts of this split.  Existing shard files of
-    the split in output_dir are removed first.
-  """
-  prefix = SPLIT_PREFIX.get(split, split)
-  if prefix not in ("train", "validation"):
-    raise ValueError(f"split={split!r}: expected 'train' or 'validation'")
-  if num_shards < 1:
-    raise ValueError(f"num_shards={num_shards}: must be >= 1")
-  compression = compression or ""
-  tf.io.gfile.makedirs(output_dir)
-  for old in list_files(output_dir, prefix):
-    tf.io.gfile.remove(old)
-  paths = [
-      os.path.join(output_dir, f"{prefix}-{i:05d}-of-{num_shards:05d}")
-      for i in range(num_shards)
-  ]
-  options = tf.io.TFRecordOptions(compression_type=compression)
-  writers = [tf.io.TFRecordWriter(p, options) for p in paths]
-  counts = [0] * num_shards
-  try:
-    for i, ex in enumerate(examples_iter):
-      if not isinstance(ex, dict):
-        ex = dict(zip(("image", "label", "text"), ex))
-      proto = make_example(
-          ex["image"], ex["label"], text=ex.get("text"),
-          height=ex.get("height"), width=ex.get("width"),
-          image_format=ex.get("format", "JPEG"), label_offset=label_offset)
-      # deterministic=True: stable map-field order -> byte-reproducible files.
-      writers[i % num_shards].write(
-          proto.SerializeToString(deterministic=True))
-      counts[i % num_shards] += 1
-  finally:
-    for w in writers:
-      w.close()
+    Returns:
+      list of written file paths.  Also updates ``output_dir/dataset_info.json``
+      with the per-file record counts of this split.  Existing shard files of
+      the split in output_dir are removed first.
+    """
+    prefix = SPLIT_PREFIX.get(split, split)
+    if prefix not in ("train", "validation"):
+        raise ValueError(f"split={split!r}: expected 'train' or 'validation'")
+    if num_shards < 1:
+        raise ValueError(f"num_shards={num_shards}: must be >= 1")
+    compression = compression or ""
+    tf.io.gfile.makedirs(output_dir)
+    for old in list_files(output_dir, prefix):
+        tf.io.gfile.remove(old)
+    paths = [
+        os.path.join(output_dir, f"{prefix}-{i:05d}-of-{num_shards:05d}")
+        for i in range(num_shards)
+    ]
+    options = tf.io.TFRecordOptions(compression_type=compression)
+    writers = [tf.io.TFRecordWriter(p, options) for p in paths]
+    counts = [0] * num_shards
+    try:
+        for i, ex in enumerate(examples_iter):
+            if not isinstance(ex, dict):
+                ex = dict(zip(("image", "label", "text"), ex))
+            proto = make_example(
+                ex["image"],
+                ex["label"],
+                text=ex.get("text"),
+                height=ex.get("height"),
+                width=ex.get("width"),
+                image_format=ex.get("format", "JPEG"),
+                label_offset=label_offset,
+            )
+            # deterministic=True: stable map-field order -> byte-reproducible files.
+            writers[i % num_shards].write(proto.SerializeToString(deterministic=True))
+            counts[i % num_shards] += 1
+    finally:
+        for w in writers:
+            w.close()
 
-  meta = read_metadata(output_dir) or {}
-  meta.setdefault("format", "imagenet-tfrecord")
-  meta["label_offset"] = label_offset
-  if class_names is not None:
-    meta["class_names"] = list(class_names)
-    meta["num_classes"] = len(class_names)
-  meta.setdefault("splits", {})[prefix] = {
-      "num_examples": sum(counts),
-      "compression": compression,
-      "files": {os.path.basename(p): c for p, c in zip(paths, counts)},
-  }
-  with tf.io.gfile.GFile(os.path.join(output_dir, METADATA_FILE), "w") as f:
-    json.dump(meta, f, indent=1, sort_keys=True)
-    f.write("\n")
-  return paths
+    meta = read_metadata(output_dir) or {}
+    meta.setdefault("format", "imagenet-tfrecord")
+    meta["label_offset"] = label_offset
+    if class_names is not None:
+        meta["class_names"] = list(class_names)
+        meta["num_classes"] = len(class_names)
+    meta.setdefault("splits", {})[prefix] = {
+        "num_examples": sum(counts),
+        "compression": compression,
+        "files": {os.path.basename(p): c for p, c in zip(paths, counts)},
+    }
+    with tf.io.gfile.GFile(os.path.join(output_dir, METADATA_FILE), "w") as f:
+        json.dump(meta, f, indent=1, sort_keys=True)
+        f.write("\n")
+    return paths
