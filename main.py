@@ -370,6 +370,12 @@ def main(argv):
     except (FileNotFoundError, FileExistsError) as e:
         print(f"main.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # noqa: BLE001 -- only the library's TrainingError lands here
+        from efficientnet_advprop.training import TrainingError
+        if not isinstance(e, TrainingError):
+            raise
+        print(f"main.py: training stopped: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def parse_flags(argv):

@@ -30,10 +30,7 @@ class WarmupExponentialDecay(keras.optimizers.schedules.LearningRateSchedule):
         if self.staircase:
             exponent = tf.floor(exponent)
         lr = self.peak_learning_rate * tf.pow(self.decay_factor, exponent)
-        if self.warmup_steps > 0:
-            warm = self.peak_learning_rate * step / self.warmup_steps
-            lr = tf.where(step < self.warmup_steps, warm, lr)
-        return lr
+        return _linear_warmup(lr, step, self.peak_learning_rate, self.warmup_steps)
 
     def get_config(self):
         return {"peak_learning_rate": self.peak_learning_rate,
@@ -55,14 +52,18 @@ class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
         span = max(1, self.total_steps - self.warmup_steps)
         progress = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
         lr = 0.5 * self.peak_learning_rate * (1.0 + tf.cos(math.pi * progress))
-        if self.warmup_steps > 0:
-            warm = self.peak_learning_rate * step / self.warmup_steps
-            lr = tf.where(step < self.warmup_steps, warm, lr)
-        return lr
+        return _linear_warmup(lr, step, self.peak_learning_rate, self.warmup_steps)
 
     def get_config(self):
         return {"peak_learning_rate": self.peak_learning_rate,
                 "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
+
+
+def _linear_warmup(lr, step, peak, warmup_steps):
+    """`lr`, replaced by the ramp peak * step / warmup_steps before warmup_steps."""
+    if warmup_steps <= 0:
+        return lr
+    return tf.where(step < warmup_steps, peak * step / warmup_steps, lr)
 
 
 def scaled_learning_rate(base_learning_rate, global_batch_size):
