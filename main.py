@@ -362,6 +362,8 @@ def main(argv):
     if len(argv) > 1:
         print(f"main.py: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         sys.exit(2)
+    from efficientnet_advprop.training import TrainingError  # after absl handled --help
+
     try:
         run()
     except UsageError as e:
@@ -370,10 +372,7 @@ def main(argv):
     except (FileNotFoundError, FileExistsError) as e:
         print(f"main.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except Exception as e:  # noqa: BLE001 -- only the library's TrainingError lands here
-        from efficientnet_advprop.training import TrainingError
-        if not isinstance(e, TrainingError):
-            raise
+    except TrainingError as e:
         print(f"main.py: training stopped: {e}", file=sys.stderr)
         sys.exit(1)
 
