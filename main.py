@@ -22,7 +22,8 @@ from absl import app, flags, logging  # noqa: E402
 FLAGS = flags.FLAGS
 
 # ---------------------------------------------------------------- model and data
-flags.DEFINE_string("model_name", "efficientnet-b0", "Model: efficientnet-b0 .. b8, -l2.")
+flags.DEFINE_string("model_name", "efficientnet-b0", "Model: efficientnet-b0 .. b8, -l2, "
+                    "resnet-18 .. resnet-638, nf-resnet-26/50/101 (-cifar: small stem).")
 flags.DEFINE_alias("model", "model_name")
 flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval"],
                   "What to do.")
@@ -37,6 +38,13 @@ flags.DEFINE_string("model_dir", None, "Checkpoints and TensorBoard logs "
 flags.DEFINE_string("export_dir", None, "Write a SavedModel (main BNs only, EMA weights, "
                     "preprocessing inside) here after training/eval.")
 flags.DEFINE_integer("image_size", None, "Input resolution (default: the model's).")
+flags.DEFINE_enum("preprocessing", None, ["imagenet", "advprop", "none"],
+                  "Normalisation inside the model (default: advprop [-1, 1] for the "
+                  "advprop recipe, ImageNet mean/std otherwise).")
+flags.DEFINE_string("init_checkpoint", None, "Start a new run from these weights: a "
+                    ".keras file or an official TF1 EfficientNet/AdvProp checkpoint "
+                    "(ignored when --model_dir already has a checkpoint). The "
+                    "classifier is skipped when its shape differs.")
 flags.DEFINE_enum("augmentation", None, ["inception", "cifar", "none"],
                   "Training crop: inception (official) or cifar (pad-4 random crop).")
 flags.DEFINE_integer("num_label_classes", None, "Classes (default: the dataset's).")
@@ -67,8 +75,13 @@ flags.DEFINE_float("label_smoothing", 0.1, "Label smoothing.")
 flags.DEFINE_float("batch_norm_momentum", None, "BN momentum (default 0.99).")
 flags.DEFINE_float("batch_norm_epsilon", None, "BN epsilon (default 1e-3).")
 flags.DEFINE_float("dropout_rate", None, "Head dropout (default: per model).")
-flags.DEFINE_float("survival_prob", None, "Drop-connect survival probability "
-                   "(default 0.8).")
+flags.DEFINE_float("survival_prob", None, "EfficientNet drop-connect survival "
+                   "probability (default 0.8).")
+flags.DEFINE_float("drop_path_rate", None, "NF-ResNet stochastic depth rate of the last "
+                   "block (default 0; NoFrost: 0.1).")
+flags.DEFINE_float("agc_clip", 0.0, "Adaptive gradient clipping threshold (Brock et al. "
+                   "2021; 0.01 for NF-ResNets); 0 = off. Clips the global gradient "
+                   "before weight decay; the classifier is excluded.")
 flags.DEFINE_bool("sync_batch_norm", False, "All-reduce BN batch statistics over replicas.")
 flags.DEFINE_integer("seed", 0, "Seed for data order, augmentation, attacks, init.")
 
@@ -166,6 +179,9 @@ def validate_flags():
          "must be in [0, 1)"),
         ("survival_prob", FLAGS.survival_prob is None or 0 < FLAGS.survival_prob <= 1,
          "must be in (0, 1]"),
+        ("drop_path_rate", FLAGS.drop_path_rate is None or 0 <= FLAGS.drop_path_rate < 1,
+         "must be in [0, 1)"),
+        ("agc_clip", FLAGS.agc_clip >= 0, "must be >= 0"),
         ("epsilon", FLAGS.epsilon > 0, "must be > 0 (0..255 pixel units)"),
         ("attack_iterations", FLAGS.attack_iterations is None
          or FLAGS.attack_iterations >= 1, "must be >= 1"),
@@ -200,7 +216,8 @@ def run():
     from efficientnet_advprop.attacks import AttackConfig
     from efficientnet_advprop.evaluation import eval_attack_config, evaluate
     from efficientnet_advprop.layers import AUX, MAIN
-    from efficientnet_advprop.models import build_model, default_image_size
+    from efficientnet_advprop.models import (build_model, default_image_size,
+                                             is_normalizer_free)
     from efficientnet_advprop.recipes import make_recipe
     from efficientnet_advprop.training import (TrainConfig, Trainer, make_strategy,
                                                set_global_seed)
@@ -249,17 +266,30 @@ def run():
     if recipe_name == "sat":
         options["clean_weight"] = FLAGS.clean_loss_weight
     recipe = make_recipe(recipe_name, num_classes, **options)
-    preprocessing = "advprop" if recipe_name == "advprop" else "imagenet"
+    preprocessing = FLAGS.preprocessing or ("advprop" if recipe_name == "advprop"
+                                            else "imagenet")
+
+    name = FLAGS.model_name
+    kwargs = {"image_size": image_size, "preprocessing": preprocessing}
+    if is_normalizer_free(name):
+        if recipe.num_aux:
+            raise UsageError(f"--recipe={recipe_name} routes batch norms, and "
+                             f"--model_name={name} has none (normalizer-free)")
+        kwargs.update(dropout_rate=FLAGS.dropout_rate or 0.0,
+                      drop_path_rate=FLAGS.drop_path_rate or 0.0)
+    else:
+        kwargs.update(normalizer="split_batch_norm", num_aux=recipe.num_aux,
+                      batch_norm_momentum=FLAGS.batch_norm_momentum,
+                      batch_norm_epsilon=FLAGS.batch_norm_epsilon,
+                      synchronized=FLAGS.sync_batch_norm)
+        if name.startswith("efficientnet"):
+            kwargs.update(dropout_rate=FLAGS.dropout_rate, survival_prob=(
+                FLAGS.survival_prob if FLAGS.survival_prob is not None else 0.8))
+        else:
+            kwargs.update(dropout_rate=FLAGS.dropout_rate or 0.0)
 
     def model_fn():
-        return build_model(
-            FLAGS.model_name, num_classes, image_size=image_size,
-            normalizer="split_batch_norm", num_aux=recipe.num_aux,
-            batch_norm_momentum=FLAGS.batch_norm_momentum,
-            batch_norm_epsilon=FLAGS.batch_norm_epsilon,
-            synchronized=FLAGS.sync_batch_norm, preprocessing=preprocessing,
-            dropout_rate=FLAGS.dropout_rate,
-            survival_prob=FLAGS.survival_prob if FLAGS.survival_prob is not None else 0.8)
+        return build_model(name, num_classes, **kwargs)
 
     config = TrainConfig(
         model_dir=model_dir, train_steps=train_steps, global_batch_size=batch,
@@ -268,7 +298,8 @@ def run():
         lr_warmup_epochs=FLAGS.lr_warmup_epochs, lr_decay_epochs=FLAGS.lr_decay_epoch,
         lr_decay_factor=FLAGS.lr_decay_factor, momentum=FLAGS.momentum,
         rmsprop_decay=FLAGS.rmsprop_decay, rmsprop_epsilon=FLAGS.rmsprop_epsilon,
-        weight_decay=FLAGS.weight_decay, moving_average_decay=FLAGS.moving_average_decay,
+        weight_decay=FLAGS.weight_decay, agc_clip=FLAGS.agc_clip,
+        moving_average_decay=FLAGS.moving_average_decay,
         seed=FLAGS.seed, jit_compile=jit,
         checkpoint_every_steps=FLAGS.checkpoint_every_steps or steps_per_epoch,
         keep_checkpoints=FLAGS.keep_checkpoints,
@@ -296,6 +327,19 @@ def run():
         if num_eval < info.num_eval:
             ds = ds.unbatch().take(num_eval).batch(FLAGS.eval_batch_size)
         return ds
+
+    if FLAGS.init_checkpoint:
+        from efficientnet_advprop.models.init_checkpoint import init_from_checkpoint
+        try:
+            report = trainer.initialize_from(lambda model: init_from_checkpoint(
+                model, FLAGS.init_checkpoint, aux_from_main=recipe.num_aux > 0))
+        except (ValueError, OSError) as e:
+            raise UsageError(f"--init_checkpoint={FLAGS.init_checkpoint}: {e}") from None
+        if report is not None:
+            skipped = ", ".join(f"{k} ({v})" for k, v in report["skipped"].items())
+            print(f"initialised {len(report['loaded'])} layers from "
+                  f"{FLAGS.init_checkpoint} ({report['source']}); skipped: "
+                  f"{skipped or 'none'}", file=sys.stderr)
 
     if FLAGS.mode in ("train", "train_and_eval"):
         samples = next(iter(eval_dataset().unbatch().batch(4).take(1)))

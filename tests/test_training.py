@@ -183,3 +183,59 @@ def test_batch_not_divisible_by_replicas(tmp_path, two_device_strategy):
     with pytest.raises(ValueError, match="not divisible by the 2 replicas"):
         Trainer(two_device_strategy, tiny_model, make_recipe("vanilla", 10),
                 _config(tmp_path, global_batch_size=7))
+
+
+def test_agc_clips_the_global_gradient_identically_on_two_replicas(tmp_path, cifar_small,
+                                                                  two_device_strategy):
+    x, y = _arrays(cifar_small, 8)
+    vanilla = lambda: make_recipe("vanilla", 10)  # noqa: E731
+    model_fn = lambda: tiny_model(num_aux=0, synchronized=True)  # noqa: E731
+    runs = {}
+    for name, strategy, agc in (("single", tf.distribute.get_strategy(), 0.01),
+                                ("multi", two_device_strategy, 0.01),
+                                ("no_agc", tf.distribute.get_strategy(), 0.0)):
+        set_global_seed(0)
+        trainer = Trainer(strategy, model_fn, vanilla(),
+                          _config(tmp_path / name, optimizer="sgd", agc_clip=agc))
+        initial = trainer.model.get_weights()
+        trainer.train(_dataset_fn(x, y))
+        runs[name] = (initial, trainer.model.get_weights())
+    for a, b in zip(runs["single"][1], runs["multi"][1]):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+    # AGC really bounds the update: per output unit of a conv kernel (plain SGD, so the
+    # update is lr * clipped gradient + lr * wd * w), ||dW|| <= lr * (0.01 max(||W||,
+    # 1e-3) + wd ||W||), while the unclipped step is far larger somewhere.
+    initial, clipped = runs["single"]
+    _, unclipped = runs["no_agc"]
+    model = tiny_model(num_aux=0)
+    kernel = next(i for i, w in enumerate(model.weights) if w.path == "stem_conv/kernel")
+    w0 = initial[kernel].reshape(-1, initial[kernel].shape[-1])
+    norm_w = np.linalg.norm(w0, axis=0)
+    lr = 0.5 * 8 / 256
+    step = np.linalg.norm((clipped[kernel] - initial[kernel]).reshape(w0.shape), axis=0)
+    assert np.all(step <= lr * (0.01 * np.maximum(norm_w, 1e-3) + 1e-4 * norm_w) * 1.001)
+    free = np.linalg.norm((unclipped[kernel] - initial[kernel]).reshape(w0.shape), axis=0)
+    assert np.max(free / step) > 2.0
+
+
+def test_initialize_from_loads_weights_and_restarts_the_ema(tmp_path):
+    from efficientnet_advprop.models.init_checkpoint import init_from_checkpoint
+
+    set_global_seed(5)
+    source = tiny_model(num_aux=0)
+    path = str(tmp_path / "source.keras")
+    source.save(path)
+    set_global_seed(6)
+    trainer = Trainer(tf.distribute.get_strategy(), lambda: tiny_model(num_aux=1),
+                      make_recipe("advprop", 10), _config(tmp_path / "run"))
+    report = trainer.initialize_from(lambda m: init_from_checkpoint(m, path,
+                                                                    aux_from_main=True))
+    assert report["source"] == "keras" and not report["skipped"]
+    np.testing.assert_array_equal(trainer.model.get_layer("stem_conv").kernel.numpy(),
+                                  source.get_layer("stem_conv").kernel.numpy())
+    bn = trainer.model.get_layer("stem_bn")
+    np.testing.assert_array_equal(bn.gammas[1].numpy(), bn.gammas[0].numpy())
+    for var, shadow in zip(trainer.ema.variables_averaged, trainer.ema.shadows):
+        np.testing.assert_array_equal(np.asarray(var), shadow.numpy())
+    trainer.save()
+    assert trainer.initialize_from(lambda m: 1 / 0) is None  # a checkpoint exists: resume

@@ -40,6 +40,11 @@ class ExponentialMovingAverage(tf.Module):
         for shadow, var in zip(self.shadows, self._variables):
             shadow.assign_sub((1.0 - decay) * (shadow - tf.cast(var, tf.float32)))
 
+    def reset(self):
+        """Shadows := current values (after loading initial weights)."""
+        for shadow, var in zip(self.shadows, self._variables):
+            shadow.assign(tf.cast(var, tf.float32))
+
     def copy_to_model(self):
         for shadow, var in zip(self.shadows, self._variables):
             var.assign(shadow)

@@ -23,6 +23,7 @@ import tensorflow as tf
 from efficientnet_advprop.attacks import attack_model
 from efficientnet_advprop.layers.split_batch_norm import (MAIN, SplitBatchNorm,
                                                           sync_moving_statistics)
+from efficientnet_advprop.training.agc import adaptive_clip_gradients, is_classifier_variable
 from efficientnet_advprop.training.ema import ExponentialMovingAverage
 from efficientnet_advprop.training.optimizers import make_optimizer
 from efficientnet_advprop.training.progress import Progress
@@ -60,6 +61,8 @@ class TrainConfig:
     rmsprop_decay: float = 0.9
     rmsprop_epsilon: float = 1e-3
     weight_decay: float = 1e-5
+    agc_clip: float = 0.0  # adaptive gradient clipping threshold; 0 = off
+    agc_eps: float = 1e-3
     moving_average_decay: float = 0.9999
     seed: int = 0
     jit_compile: bool = False
@@ -171,6 +174,7 @@ class Trainer:
             self.ema = (ExponentialMovingAverage(averaged_variables(self.model),
                                                  config.moving_average_decay)
                         if config.moving_average_decay > 0 else None)
+        self._agc_excluded = is_classifier_variable(self.model)
         is_norm = is_normalization_variable(self.model)
         self.decayed_variables = [v for v in self.model.trainable_variables
                                   if not is_norm(v)]
@@ -205,28 +209,65 @@ class Trainer:
             self.checkpoint.restore(latest).assert_consumed()
         return int(self.step.numpy())
 
+    def initialize_from(self, load_fn):
+        """Starts a fresh run from given weights: `load_fn(model)` unless model_dir
+        already has a checkpoint (a resume wins). EMA shadows restart from the loaded
+        weights. Returns load_fn's result, or None when resuming."""
+        if self.manager.latest_checkpoint:
+            return None
+        result = load_fn(self.model)
+        if self.ema is not None:
+            self.ema.reset()
+        return result
+
     def save(self):
         sync_moving_statistics(self.model)
         return self.manager.save(checkpoint_number=int(self.step.numpy()))
 
     # ------------------------------------------------------------------ the step
     def _gradients(self, images, labels, seed):
+        """Replica gradients of the recipe loss (+ the L2 term unless AGC is on)."""
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             out = self.recipe.compute(self.model, images, labels, seed)
             loss = out.loss_sum / self.config.global_batch_size
-            if self.config.weight_decay and self.decayed_variables:
+            with_l2 = not self.config.agc_clip  # with AGC the L2 term comes after clipping
+            if self.config.weight_decay and self.decayed_variables and with_l2:
                 l2 = tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32)))
                                for v in self.decayed_variables])
                 loss += 0.5 * self.config.weight_decay * l2 / self.num_replicas
         grads = tape.gradient(loss, variables)
         return grads, loss, out.metrics
 
+    def _clip_then_decay(self, grads):
+        """AGC on the global gradient, then the L2 gradient (Brock et al. 2021 order).
+
+        AGC is not linear, so it must see the gradient summed over replicas: the sum is
+        all-reduced here, clipped, and handed to the optimizer divided by the replica
+        count (the optimizer's own all-reduce then restores the global value).
+        """
+        variables = self.model.trainable_variables
+        context = tf.distribute.get_replica_context()
+        if self.num_replicas > 1:
+            grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        grads = adaptive_clip_gradients(grads, variables, clip=self.config.agc_clip,
+                                        eps=self.config.agc_eps,
+                                        exclude=self._agc_excluded)
+        decayed = {id(v) for v in self.decayed_variables}
+        out = []
+        for g, v in zip(grads, variables):
+            if g is not None and self.config.weight_decay and id(v) in decayed:
+                g = g + self.config.weight_decay * tf.cast(v, g.dtype)
+            out.append(None if g is None else g / self.num_replicas)
+        return out
+
     def _replica_step(self, images, labels, seed):
         context = tf.distribute.get_replica_context()
         seed = tf.random.experimental.stateless_fold_in(
             seed, tf.cast(context.replica_id_in_sync_group, tf.int64))
         grads, loss, metrics = self._grad_fn(images, labels, seed)
+        if self.config.agc_clip:
+            grads = self._clip_then_decay(list(grads))
         pairs = [(g, v) for g, v in zip(grads, self.model.trainable_variables)
                  if g is not None]
         self.optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])

@@ -1,0 +1,317 @@
+"""ResNet builder (counts, geometry, normalisers, serialisation) and feature endpoints."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from efficientnet_advprop.layers import AUX, InputNormalization, SplitBatchNorm, bn_route
+from efficientnet_advprop.models import (build_model, default_image_size,
+                                         feature_endpoints, feature_model,
+                                         make_normalizer, model_names)
+from efficientnet_advprop.models.efficientnet import efficientnet
+from efficientnet_advprop.models.normalization import NORMALIZERS
+from efficientnet_advprop.models.resnet import (RESNET_BLOCKS, RESNET_NAMES, block_specs,
+                                                canonical_name, count_resnet_params,
+                                                resnet)
+
+# Trainable parameters with 1000 classes and plain batch norm. 18, 34, 50, 101, 152:
+# torchvision's published counts. 200: torchvision's layout with [3, 24, 36, 3] (also
+# timm's resnet200), as given by the analytic counter. 26, 338, 518, 638: the analytic
+# counter with the block counts chosen in efficientnet_advprop/models/resnet.py.
+EXPECTED_PARAMS = {
+    "resnet-18": 11_689_512,
+    "resnet-34": 21_797_672,
+    "resnet-26": 15_995_176,
+    "resnet-50": 25_557_032,
+    "resnet-101": 44_549_160,
+    "resnet-152": 60_192_808,
+    "resnet-200": 64_673_832,
+    "resnet-338": 116_064_296,
+    "resnet-518": 183_095_336,
+    "resnet-638": 227_782_696,
+}
+
+EXPECTED_BLOCKS = {
+    "resnet-338": (3, 24, 82, 3),
+    "resnet-518": (3, 24, 142, 3),
+    "resnet-638": (3, 24, 182, 3),
+}
+
+
+def _trainable(model):
+    return int(sum(np.prod(w.shape) for w in model.trainable_weights))
+
+
+def _images(n, size, seed=0):
+    return np.random.default_rng(seed).uniform(0, 255, (n, size, size, 3)).astype(
+        np.float32)
+
+
+@pytest.fixture(scope="module")
+def r18():
+    return build_model("resnet-18", image_size=64)
+
+
+@pytest.fixture(scope="module")
+def r50():
+    return build_model("resnet-50")  # 224 px: symbolic only, never run
+
+
+# ------------------------------------------------------------------ pure functions
+
+@pytest.mark.parametrize("model_name", list(EXPECTED_PARAMS))
+def test_analytic_param_counts(model_name):
+    assert count_resnet_params(model_name) == EXPECTED_PARAMS[model_name]
+
+
+def test_depth_formula_and_deep_block_counts():
+    for model_name, params in RESNET_BLOCKS.items():
+        depth = int(model_name.split("-")[1])
+        per_block = 3 if params.block == "bottleneck" else 2
+        assert per_block * sum(params.blocks) + 2 == depth == params.depth, model_name
+    for model_name, blocks in EXPECTED_BLOCKS.items():
+        assert RESNET_BLOCKS[model_name].blocks == blocks
+        assert 3 * sum(blocks) + 2 == int(model_name.split("-")[1])
+    assert [sum(EXPECTED_BLOCKS[n]) for n in EXPECTED_BLOCKS] == [112, 172, 212]
+    assert RESNET_BLOCKS["resnet-200"].blocks == (3, 24, 36, 3)
+
+
+def test_analytic_count_variants():
+    base = count_resnet_params("resnet-50")
+    # Auxiliary BN sets add 2 * channels per norm layer, nothing else.
+    bn_channels = (64 + sum(2 * s.width + s.out_filters
+                            + (s.out_filters if s.has_projection else 0)
+                            for s in block_specs("resnet-50")))
+    assert count_resnet_params("resnet-50", num_aux=1) == base + 2 * bn_channels
+    assert count_resnet_params("resnet-50", num_classes=10) == base - 990 * 2049
+    # Small stem: 3x3x3x64 instead of 7x7x3x64.
+    assert count_resnet_params("resnet-50-cifar") == base - (49 - 9) * 3 * 64
+
+
+def test_canonical_names_and_block_specs():
+    assert canonical_name("ResNet50") == "resnet-50"
+    assert canonical_name("resnet_101_cifar") == "resnet-101-cifar"
+    for bad in ("resnet-7", "resnet", "efficientnet-b0", "resnet-50-foo"):
+        with pytest.raises(ValueError, match="unknown ResNet"):
+            canonical_name(bad)
+    specs = block_specs("resnet-50")
+    assert len(specs) == 16 and specs[-1].name == "stage4_block3"
+    assert [s.stride for s in specs if s.stride > 1] == [2, 2, 2]
+    assert [s.name for s in specs if s.has_projection] == [
+        "stage1_block1", "stage2_block1", "stage3_block1", "stage4_block1"]
+    # Basic blocks: stage 1 keeps 64 channels, so no projection there.
+    assert [s.name for s in block_specs("resnet-18") if s.has_projection] == [
+        "stage2_block1", "stage3_block1", "stage4_block1"]
+
+
+# ------------------------------------------------------------------ built models
+
+def test_built_param_counts_equal_analytic(r18, r50):
+    assert _trainable(r18) == count_resnet_params("resnet-18") == 11_689_512
+    assert _trainable(r50) == count_resnet_params("resnet-50") == 25_557_032
+    aux = build_model("resnet-18-cifar", 10, normalizer="split_batch_norm", num_aux=1)
+    assert _trainable(aux) == count_resnet_params("resnet-18-cifar", 10, num_aux=1)
+
+
+def test_resnet50_geometry_and_layers(r50):
+    def hw(name):
+        return tuple(r50.get_layer(name).output.shape[1:])
+
+    assert hw("stem_conv") == (112, 112, 64)
+    assert hw("stem_pool") == (56, 56, 64)
+    assert hw("stage1_block3_out") == (56, 56, 256)
+    assert hw("stage2_block4_out") == (28, 28, 512)
+    assert hw("stage3_block6_out") == (14, 14, 1024)
+    assert hw("stage4_block3_out") == (7, 7, 2048)
+    assert r50.output.shape[1:] == (1000,)
+    assert r50.layers[1].name == "input_normalization"
+    assert isinstance(r50.layers[1], InputNormalization)
+    assert r50.layers[1].mode == "imagenet"
+    # torchvision padding: explicit symmetric zero padding before strided windows.
+    assert r50.get_layer("stem_conv_pad").padding == ((3, 3), (3, 3))
+    assert r50.get_layer("stem_pool_pad").padding == ((1, 1), (1, 1))
+    assert r50.get_layer("stage2_block1_conv2_pad").padding == ((1, 1), (1, 1))
+    # v1.5: the stride sits on the 3x3 conv; the projection is a strided 1x1 conv.
+    assert r50.get_layer("stage2_block1_conv1").strides == (1, 1)
+    assert r50.get_layer("stage2_block1_conv2").strides == (2, 2)
+    assert r50.get_layer("stage2_block1_shortcut_conv").strides == (2, 2)
+    assert isinstance(r50.get_layer("stage1_block1_shortcut_bn"), SplitBatchNorm)
+    assert "stage1_block2_shortcut_conv" not in {layer.name for layer in r50.layers}
+    convs = [layer for layer in r50.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert len(convs) == 53 and not any(c.use_bias for c in convs)
+    bn = r50.get_layer("stage3_block2_bn2")
+    assert bn.momentum == 0.9 and bn.epsilon == 1e-5 and bn.num_aux == 0
+    dense = r50.get_layer("predictions")
+    assert dense.dtype_policy.compute_dtype == "float32" and dense.use_bias
+    # Initialisers: he-normal fan_out convs, torchvision's uniform(1/sqrt(fan_in)) dense.
+    kernel = np.asarray(r50.get_layer("stage4_block1_conv2").kernel)
+    assert abs(kernel.std() / math.sqrt(2.0 / (9 * 512)) - 1) < 0.02
+    limit = 1 / math.sqrt(2048)
+    for w in (dense.kernel, dense.bias):
+        w = np.asarray(w)
+        assert np.abs(w).max() <= limit and np.abs(w).max() > 0.9 * limit
+
+
+def test_odd_resolution_matches_torchvision_arithmetic():
+    # torchvision at 65 px: conv 7/2 p3 -> 33, pool 3/2 p1 -> 17, then 9, 5, 3.
+    model = resnet("resnet-18", 10, image_size=65)
+    sizes = [model.get_layer(n).output.shape[1] for n in
+             ("stem_conv", "stem_pool", "stage1_block2_out", "stage2_block2_out",
+              "stage3_block2_out", "stage4_block2_out")]
+    assert sizes == [33, 17, 17, 9, 5, 3]
+
+
+@pytest.mark.parametrize("kind", NORMALIZERS)
+def test_forward_with_every_normalizer(kind):
+    norm = make_normalizer(kind, momentum=0.9, epsilon=1e-5)
+    model = resnet("resnet-18", num_classes=7, image_size=32, norm=norm,
+                   zero_init_last_bn=True)
+    x = _images(2, 32)
+    for training in (True, False):
+        out = np.asarray(model(x, training=training))
+        assert out.shape == (2, 7) and out.dtype == np.float32
+        assert np.all(np.isfinite(out))
+    if kind != "none":
+        gamma = model.get_layer("stage2_block1_bn2").gamma
+        assert not np.any(np.asarray(gamma))
+
+
+def test_cifar_small_stem():
+    model = build_model("resnet-18-cifar", 10)
+    assert model.input.shape[1:] == (32, 32, 3)
+    names = {layer.name for layer in model.layers}
+    assert "stem_pool" not in names
+    assert not any(isinstance(layer, keras.layers.MaxPooling2D) for layer in model.layers)
+    assert model.get_layer("stem_conv").kernel.shape == (3, 3, 3, 64)
+    assert model.get_layer("stem_conv").strides == (1, 1)
+    assert model.get_layer("stage1_block2_out").output.shape[1:] == (32, 32, 64)
+    assert model.get_layer("stage4_block2_out").output.shape[1:] == (4, 4, 512)
+    out = np.asarray(model(_images(2, 32), training=False))
+    assert out.shape == (2, 10) and np.all(np.isfinite(out))
+    # small_stem overrides the name either way.
+    big = resnet("resnet-18-cifar", 10, image_size=64, small_stem=False)
+    assert "stem_pool" in {layer.name for layer in big.layers}
+    assert resnet("resnet-18", 10, small_stem=True).input.shape[1] == 32
+
+
+def test_zero_init_last_bn_blocks_start_as_relu_of_shortcut():
+    model = resnet("resnet-26", 10, image_size=32, zero_init_last_bn=True)
+    for layer in model.layers:
+        if layer.name.endswith(("_bn3", "_bn1", "_bn2", "shortcut_bn", "stem_bn")):
+            expected = 0.0 if layer.name.endswith("_bn3") else 1.0
+            assert np.all(np.asarray(layer.gamma) == expected), layer.name
+    names = ["stem_pool", "stage1_block1_out", "stage1_block2_out",
+             "stage2_block1_shortcut_bn", "stage2_block1_out"]
+    probe = keras.Model(model.input, [model.get_layer(n).output for n in names])
+    stem, s1b1, s1b2, shortcut, s2b1 = (np.asarray(t) for t in probe(_images(2, 32)))
+    np.testing.assert_allclose(s1b2, np.maximum(s1b1, 0.0), atol=1e-6)  # identity
+    np.testing.assert_allclose(s2b1, np.maximum(shortcut, 0.0), atol=1e-6)  # projection
+    assert stem.shape[1:] == (8, 8, 64)
+    default = resnet("resnet-26", 10, image_size=32)
+    assert np.all(np.asarray(default.get_layer("stage1_block1_bn3").gamma) == 1.0)
+
+
+def test_options_top_dropout_preprocessing():
+    model = resnet("resnet-18", 5, image_size=32, dropout_rate=0.3, include_top=True,
+                   preprocessing="advprop", name="r")
+    assert model.name == "r" and model.get_layer("top_dropout").rate == 0.3
+    assert model.get_layer("input_normalization").mode == "advprop"
+    headless = resnet("resnet-18", 5, image_size=64, include_top=False)
+    names = {layer.name for layer in headless.layers}
+    assert not names & {"avg_pool", "top_dropout", "predictions"}
+    assert headless.output.shape[1:] == (2, 2, 512)
+    assert "top_dropout" not in {layer.name for layer in
+                                 resnet("resnet-18", 5, image_size=32).layers}
+
+
+def test_registry():
+    names = model_names()
+    for name in RESNET_NAMES:
+        assert name in names
+        assert default_image_size(name) == (32 if name.endswith("-cifar") else 224)
+    model = build_model("resnet-50", 10, normalizer="split_batch_norm", num_aux=1,
+                        image_size=64)
+    bn = model.get_layer("stage1_block1_bn1")
+    assert bn.num_aux == 1 and bn.momentum == 0.9 and bn.epsilon == 1e-5
+    assert _trainable(model) == count_resnet_params("resnet-50", 10, num_aux=1)
+    stock = build_model("resnet-18-cifar", 10, normalizer="keras_batch_norm",
+                        batch_norm_momentum=0.99)
+    assert isinstance(stock.get_layer("stem_bn"), keras.layers.BatchNormalization)
+    assert stock.get_layer("stem_bn").momentum == 0.99
+
+
+def test_keras_save_load_round_trip_with_aux_bn(tmp_path):
+    model = build_model("resnet-18", 10, normalizer="split_batch_norm", num_aux=1,
+                        image_size=32, zero_init_last_bn=True, preprocessing="advprop")
+    x = _images(4, 32, seed=1)
+    # Move main and auxiliary moving statistics away from their initial values.
+    model(x, training=True)
+    with bn_route(AUX):
+        model(x[::-1] * 0.5, training=True)
+    path = str(tmp_path / "r18.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(np.asarray(loaded(x, training=False)),
+                               np.asarray(model(x, training=False)), rtol=1e-5, atol=1e-5)
+    with bn_route(AUX):
+        np.testing.assert_allclose(np.asarray(loaded(x, training=False)),
+                                   np.asarray(model(x, training=False)),
+                                   rtol=1e-5, atol=1e-5)
+    assert loaded.get_layer("stem_bn").num_aux == 1
+    assert loaded.get_layer("input_normalization").mode == "advprop"
+
+
+# ------------------------------------------------------------------ feature endpoints
+
+def test_efficientnet_b0_reduction_endpoints():
+    model = efficientnet("efficientnet-b0", 10, image_size=224)
+    ends = feature_endpoints(model)
+    assert list(ends) == ["stem", "reduction_1", "reduction_2", "reduction_3",
+                          "reduction_4", "reduction_5", "top"]
+    shapes = {k: tuple(v.shape[1:]) for k, v in ends.items()}
+    assert shapes["stem"] == (112, 112, 32)
+    assert [shapes[f"reduction_{i}"] for i in range(1, 6)] == [
+        (112, 112, 16), (56, 56, 24), (28, 28, 40), (14, 14, 112), (7, 7, 320)]
+    assert shapes["top"] == (7, 7, 1280)
+    # The official reduction blocks of B0: 1a, 2b, 3b, 5c, 7a.
+    assert ends["reduction_2"] is model.get_layer("block2b_add").output
+    assert ends["reduction_4"] is model.get_layer("block5c_add").output
+    assert ends["reduction_5"] is model.get_layer("block7a_project_bn").output
+
+
+def test_efficientnet_tiny_feature_model_runs():
+    model = efficientnet("efficientnet-b0", 10, image_size=64, width_coefficient=0.25,
+                         depth_coefficient=0.25, include_top=False)
+    features = feature_model(model)
+    out = features(_images(2, 64), training=False)
+    assert [tuple(out[f"reduction_{i}"].shape[1:3]) for i in range(1, 6)] == [
+        (32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]
+
+
+def test_resnet_feature_endpoints(r18):
+    ends = feature_endpoints(r18)
+    assert list(ends) == ["stem", "stage1", "stage2", "stage3", "stage4"]
+    features = feature_model(r18)
+    assert features.get_layer("stem_conv") is r18.get_layer("stem_conv")  # shared
+    x = _images(2, 64)
+    out = features(x, training=False)
+    sizes = {k: tuple(v.shape[1:]) for k, v in out.items()}
+    assert sizes == {"stem": (16, 16, 64), "stage1": (16, 16, 64), "stage2": (8, 8, 128),
+                     "stage3": (4, 4, 256), "stage4": (2, 2, 512)}
+    # The endpoint feeds the classifier: pooling stage4 + the dense gives the logits.
+    dense = r18.get_layer("predictions")
+    logits = np.asarray(dense(np.asarray(out["stage4"]).mean(axis=(1, 2))))
+    np.testing.assert_allclose(logits, np.asarray(r18(x, training=False)),
+                               rtol=1e-4, atol=1e-4)
+    small = feature_endpoints(build_model("resnet-18-cifar", 10))
+    assert small["stem"].shape[1:] == (32, 32, 64)
+    assert small["stage4"].shape[1:] == (4, 4, 512)
+
+
+def test_feature_endpoints_rejects_other_models():
+    inputs = keras.Input((8, 8, 3))
+    other = keras.Model(inputs, keras.layers.Conv2D(2, 3, name="conv")(inputs))
+    with pytest.raises(ValueError, match="neither an EfficientNet nor a ResNet"):
+        feature_endpoints(other)
