@@ -75,3 +75,21 @@ def trained_linear_model(cifar_small):
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x.astype("float32"), y, batch_size=64, epochs=8, verbose=0)
     return model
+
+
+def assert_keras_round_trip(model, x, path, routes=(0,)):
+    """Saves `model` to a `.keras` file, loads it with safe_mode=True and checks that
+    inference outputs agree through every BN set in `routes`. Returns the loaded model."""
+    import keras
+    import numpy as np
+
+    from efficientnet_advprop.layers import bn_route
+
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    for route in routes:
+        with bn_route(route):
+            np.testing.assert_allclose(np.asarray(loaded(x, training=False)),
+                                       np.asarray(model(x, training=False)),
+                                       rtol=1e-5, atol=1e-5)
+    return loaded

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import efficientnet_advprop
-from efficientnet_advprop.layers import (AUX, InputNormalization, SplitBatchNorm,
+from efficientnet_advprop.layers import (AUX, MAIN, InputNormalization, SplitBatchNorm,
                                          StochasticDepth, bn_route)
 from efficientnet_advprop.models import (build_model, default_image_size,
                                          make_normalizer, model_names)
@@ -16,6 +16,8 @@ from efficientnet_advprop.models.efficientnet import (BlockArgs, block_specs,
                                                       decode_block_string, efficientnet,
                                                       round_filters, round_repeats)
 from efficientnet_advprop.models.normalization import NORMALIZERS
+
+from conftest import assert_keras_round_trip
 
 # Trainable parameters with 1000 classes and plain batch norm (official / Keras apps).
 EXPECTED_PARAMS = {
@@ -239,15 +241,8 @@ def test_keras_save_load_round_trip_with_aux_bn(tmp_path):
     model(x, training=True)
     with bn_route(AUX):
         model(x[::-1] * 0.5, training=True)
-    path = str(tmp_path / "tiny.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path, safe_mode=True)
-    np.testing.assert_allclose(np.asarray(loaded(x, training=False)),
-                               np.asarray(model(x, training=False)), rtol=1e-5, atol=1e-5)
-    with bn_route(AUX):
-        np.testing.assert_allclose(np.asarray(loaded(x, training=False)),
-                                   np.asarray(model(x, training=False)),
-                                   rtol=1e-5, atol=1e-5)
+    loaded = assert_keras_round_trip(model, x, str(tmp_path / "tiny.keras"),
+                                     routes=(MAIN, AUX))
     assert isinstance(loaded.get_layer("input_normalization"), InputNormalization)
     assert loaded.get_layer("input_normalization").mode == "advprop"
     assert loaded.get_layer("stem_bn").num_aux == 1

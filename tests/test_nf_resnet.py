@@ -11,10 +11,12 @@ from efficientnet_advprop.layers.nf_layers import Scale, ScaledActivation
 from efficientnet_advprop.layers.stochastic_depth import StochasticDepth
 from efficientnet_advprop.layers.weight_standardization import (
     GAMMA_TABLE, WS_EPSILON, WeightStandardizedConv2D, standardize_kernel)
-from efficientnet_advprop.models.nf_resnet import (NF_RESNET_SPECS, NOFROST_PRESET,
-                                                   block_betas, count_nf_resnet_params,
+from efficientnet_advprop.models.nf_resnet import (NOFROST_PRESET, block_betas,
+                                                   count_nf_resnet_params,
                                                    default_image_size, model_names,
                                                    nf_resnet)
+
+from conftest import assert_keras_round_trip
 
 NF_RESNET_50_PARAMS = 25_557_032  # 1000 classes; kernels + bias + gain of every conv
 
@@ -352,9 +354,5 @@ def test_nf_resnet_keras_file_round_trip(tmp_path):
     for layer in model.layers:  # non-trivial gains, so a lost gain would show
         if isinstance(layer, WeightStandardizedConv2D):
             layer.gain.assign(np.linspace(0.5, 1.5, layer.filters).astype("float32"))
-    path = str(tmp_path / "nf26.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path, safe_mode=True)
     x = np.random.default_rng(4).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
-    np.testing.assert_allclose(loaded(x, training=False).numpy(),
-                               model(x, training=False).numpy(), atol=1e-5)
+    assert_keras_round_trip(model, x, str(tmp_path / "nf26.keras"))

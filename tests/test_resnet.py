@@ -6,7 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from efficientnet_advprop.layers import AUX, InputNormalization, SplitBatchNorm, bn_route
+from efficientnet_advprop.layers import (AUX, MAIN, InputNormalization, SplitBatchNorm,
+                                         bn_route)
 from efficientnet_advprop.models import (build_model, default_image_size,
                                          feature_endpoints, feature_model,
                                          make_normalizer, model_names)
@@ -15,6 +16,8 @@ from efficientnet_advprop.models.normalization import NORMALIZERS
 from efficientnet_advprop.models.resnet import (RESNET_BLOCKS, RESNET_NAMES, block_specs,
                                                 canonical_name, count_resnet_params,
                                                 resnet)
+
+from conftest import assert_keras_round_trip
 
 # Trainable parameters with 1000 classes and plain batch norm. 18, 34, 50, 101, 152:
 # torchvision's published counts. 200: torchvision's layout with [3, 24, 36, 3] (also
@@ -250,15 +253,8 @@ def test_keras_save_load_round_trip_with_aux_bn(tmp_path):
     model(x, training=True)
     with bn_route(AUX):
         model(x[::-1] * 0.5, training=True)
-    path = str(tmp_path / "r18.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path, safe_mode=True)
-    np.testing.assert_allclose(np.asarray(loaded(x, training=False)),
-                               np.asarray(model(x, training=False)), rtol=1e-5, atol=1e-5)
-    with bn_route(AUX):
-        np.testing.assert_allclose(np.asarray(loaded(x, training=False)),
-                                   np.asarray(model(x, training=False)),
-                                   rtol=1e-5, atol=1e-5)
+    loaded = assert_keras_round_trip(model, x, str(tmp_path / "r18.keras"),
+                                     routes=(MAIN, AUX))
     assert loaded.get_layer("stem_bn").num_aux == 1
     assert loaded.get_layer("input_normalization").mode == "advprop"
 

@@ -5,7 +5,7 @@ import contextlib
 import keras
 
 from efficientnet_advprop.attacks.pgd import attack
-from efficientnet_advprop.layers.split_batch_norm import MAIN, SplitBatchNorm, bn_route
+from efficientnet_advprop.layers.split_batch_norm import MAIN, bn_route
 
 
 @contextlib.contextmanager

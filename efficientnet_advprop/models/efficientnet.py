@@ -18,6 +18,7 @@ import keras
 
 from efficientnet_advprop.layers.preprocessing import InputNormalization
 from efficientnet_advprop.layers.stochastic_depth import StochasticDepth
+from efficientnet_advprop.models.initializers import he_normal_fan_out, symmetric_uniform
 from efficientnet_advprop.models.normalization import make_normalizer
 
 DEPTH_DIVISOR = 8
@@ -232,18 +233,6 @@ def count_efficientnet_params(model_name, num_classes=1000, width_coefficient=No
     return total
 
 
-def _conv_initializer():
-    # Official: normal(0, sqrt(2 / fan_out)) with fan_out = kh * kw * out_channels (for
-    # depthwise kernels kh * kw * depth_multiplier), which is this VarianceScaling.
-    return keras.initializers.VarianceScaling(scale=2.0, mode="fan_out",
-                                              distribution="untruncated_normal")
-
-
-def _dense_initializer(num_classes):
-    limit = 1.0 / math.sqrt(num_classes)
-    return keras.initializers.RandomUniform(-limit, limit)
-
-
 def _mbconv_block(x, spec, norm):
     a = spec.args
     p = spec.name + "_"
@@ -251,13 +240,13 @@ def _mbconv_block(x, spec, norm):
     filters = a.input_filters * a.expand_ratio
     if a.expand_ratio != 1:
         x = keras.layers.Conv2D(filters, 1, padding="same", use_bias=False,
-                                kernel_initializer=_conv_initializer(),
+                                kernel_initializer=he_normal_fan_out(),
                                 name=p + "expand_conv")(x)
         x = norm(p + "expand_bn")(x)
         x = keras.layers.Activation("swish", name=p + "expand_activation")(x)
     x = keras.layers.DepthwiseConv2D(a.kernel_size, strides=a.strides, padding="same",
                                      use_bias=False,
-                                     depthwise_initializer=_conv_initializer(),
+                                     depthwise_initializer=he_normal_fan_out(),
                                      name=p + "dwconv")(x)
     x = norm(p + "bn")(x)
     x = keras.layers.Activation("swish", name=p + "activation")(x)
@@ -266,14 +255,14 @@ def _mbconv_block(x, spec, norm):
         se = keras.layers.GlobalAveragePooling2D(name=p + "se_squeeze")(x)
         se = keras.layers.Reshape((1, 1, filters), name=p + "se_reshape")(se)
         se = keras.layers.Conv2D(reduced, 1, padding="same", activation="swish",
-                                 use_bias=True, kernel_initializer=_conv_initializer(),
+                                 use_bias=True, kernel_initializer=he_normal_fan_out(),
                                  name=p + "se_reduce")(se)
         se = keras.layers.Conv2D(filters, 1, padding="same", activation="sigmoid",
-                                 use_bias=True, kernel_initializer=_conv_initializer(),
+                                 use_bias=True, kernel_initializer=he_normal_fan_out(),
                                  name=p + "se_expand")(se)
         x = keras.layers.Multiply(name=p + "se_excite")([x, se])
     x = keras.layers.Conv2D(a.output_filters, 1, padding="same", use_bias=False,
-                            kernel_initializer=_conv_initializer(),
+                            kernel_initializer=he_normal_fan_out(),
                             name=p + "project_conv")(x)
     x = norm(p + "project_bn")(x)
     if spec.has_skip:
@@ -321,7 +310,7 @@ def efficientnet(model_name, num_classes=1000, image_size=None, norm=None,
     x = InputNormalization(preprocessing, name="input_normalization")(inputs)
     x = keras.layers.Conv2D(round_filters(STEM_FILTERS, width), 3, strides=2,
                             padding="same", use_bias=False,
-                            kernel_initializer=_conv_initializer(), name="stem_conv")(x)
+                            kernel_initializer=he_normal_fan_out(), name="stem_conv")(x)
     x = norm("stem_bn")(x)
     x = keras.layers.Activation("swish", name="stem_activation")(x)
 
@@ -329,7 +318,7 @@ def efficientnet(model_name, num_classes=1000, image_size=None, norm=None,
         x = _mbconv_block(x, spec, norm)
 
     x = keras.layers.Conv2D(round_filters(HEAD_FILTERS, width), 1, padding="same",
-                            use_bias=False, kernel_initializer=_conv_initializer(),
+                            use_bias=False, kernel_initializer=he_normal_fan_out(),
                             name="top_conv")(x)
     x = norm("top_bn")(x)
     x = keras.layers.Activation("swish", name="top_activation")(x)
@@ -338,7 +327,7 @@ def efficientnet(model_name, num_classes=1000, image_size=None, norm=None,
         if dropout_rate and dropout_rate > 0:
             x = keras.layers.Dropout(dropout_rate, name="top_dropout")(x)
         # Logits in float32 even under a mixed-precision policy.
-        x = keras.layers.Dense(num_classes, kernel_initializer=_dense_initializer(
+        x = keras.layers.Dense(num_classes, kernel_initializer=symmetric_uniform(
                                    num_classes),
                                bias_initializer="zeros", dtype="float32",
                                name="predictions")(x)

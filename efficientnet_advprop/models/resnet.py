@@ -44,13 +44,13 @@ and beta 0, or gamma 0 for the last norm of every residual branch with
 ``zero_init_last_bn=True`` (Goyal et al., 2017).
 """
 
-import math
 import re
 from typing import NamedTuple, Tuple
 
 import keras
 
 from efficientnet_advprop.layers.preprocessing import InputNormalization
+from efficientnet_advprop.models.initializers import he_normal_fan_out, symmetric_uniform
 from efficientnet_advprop.models.normalization import make_normalizer
 
 STEM_FILTERS = 64
@@ -182,19 +182,6 @@ def count_resnet_params(model_name, num_classes=1000, num_aux=0, small_stem=None
     return total
 
 
-def _conv_initializer():
-    # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), i.e.
-    # normal(0, sqrt(2 / (kh * kw * out_channels))).
-    return keras.initializers.VarianceScaling(scale=2.0, mode="fan_out",
-                                              distribution="untruncated_normal")
-
-
-def _dense_initializer(fan_in):
-    # torchvision nn.Linear default for kernel and bias: uniform(+-1 / sqrt(fan_in)).
-    limit = 1.0 / math.sqrt(fan_in)
-    return keras.initializers.RandomUniform(-limit, limit)
-
-
 def _conv(x, filters, kernel_size, name, stride=1):
     """Convolution without bias; strided 3x3 / 7x7 ones pad like torchvision."""
     if kernel_size > 1 and stride > 1:
@@ -203,7 +190,7 @@ def _conv(x, filters, kernel_size, name, stride=1):
     else:
         padding = "same" if kernel_size > 1 else "valid"
     return keras.layers.Conv2D(filters, kernel_size, strides=stride, padding=padding,
-                               use_bias=False, kernel_initializer=_conv_initializer(),
+                               use_bias=False, kernel_initializer=he_normal_fan_out(),
                                name=name)(x)
 
 
@@ -292,7 +279,7 @@ def resnet(model_name, num_classes=1000, image_size=None, norm=None,
             x = keras.layers.Dropout(dropout_rate, name="top_dropout")(x)
         fan_in = specs[-1].out_filters
         # Logits in float32 even under a mixed-precision policy.
-        x = keras.layers.Dense(num_classes, kernel_initializer=_dense_initializer(fan_in),
-                               bias_initializer=_dense_initializer(fan_in),
+        x = keras.layers.Dense(num_classes, kernel_initializer=symmetric_uniform(fan_in),
+                               bias_initializer=symmetric_uniform(fan_in),
                                dtype="float32", name="predictions")(x)
     return keras.Model(inputs, x, name=name or model_name)
