@@ -72,8 +72,10 @@ flags.DEFINE_float("moving_average_decay", 0.9999, "EMA decay of weights (0 = of
                    "evaluation and export use the averages.")
 flags.DEFINE_float("weight_decay", 1e-5, "L2 on all weights except normalisation.")
 flags.DEFINE_float("label_smoothing", 0.1, "Label smoothing.")
-flags.DEFINE_float("batch_norm_momentum", None, "BN momentum (default 0.99).")
-flags.DEFINE_float("batch_norm_epsilon", None, "BN epsilon (default 1e-3).")
+flags.DEFINE_float("batch_norm_momentum", None, "BN momentum (default: the family's, "
+                   "EfficientNet 0.99, ResNet 0.9).")
+flags.DEFINE_float("batch_norm_epsilon", None, "BN epsilon (default: the family's, "
+                   "EfficientNet 1e-3, ResNet 1e-5).")
 flags.DEFINE_float("dropout_rate", None, "Head dropout (default: per model).")
 flags.DEFINE_float("survival_prob", None, "EfficientNet drop-connect survival "
                    "probability (default 0.8).")
