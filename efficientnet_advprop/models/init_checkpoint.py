@@ -24,13 +24,6 @@ import keras
 from efficientnet_advprop.models import weights as _weights
 
 
-def _input_mode(model):
-    try:
-        return model.get_layer("input_normalization").mode
-    except ValueError:
-        return None
-
-
 def _check_modes(source_mode, model_mode, path):
     if source_mode != model_mode:
         raise ValueError(
@@ -40,7 +33,7 @@ def _check_modes(source_mode, model_mode, path):
 
 def _init_from_keras(model, path):
     source = keras.saving.load_model(path, compile=False)
-    _check_modes(_input_mode(source), _input_mode(model), path)
+    _check_modes(_weights.input_mode(source), _weights.input_mode(model), path)
     src = _weights._weighted_layers(source)
     loaded, skipped = [], {}
     for name, layer in _weights._weighted_layers(model).items():
@@ -57,7 +50,7 @@ def _init_from_keras(model, path):
         _weights._copy_layer(src[name], layer)
         loaded.append(name)
     unused = sorted(set(src) - set(loaded) - set(skipped))
-    return {"source": "keras", "path": path, "preprocessing": _input_mode(source),
+    return {"source": "keras", "path": path, "preprocessing": _weights.input_mode(source),
             "loaded": sorted(loaded), "skipped": skipped, "unused": unused}
 
 
@@ -89,7 +82,7 @@ def init_from_checkpoint(model, path, advprop=None, aux_from_main=False):
       names), skipped ({layer: reason}), unused (source layers or variables not read).
     """
     path = os.fspath(path)
-    model_mode = _input_mode(model)
+    model_mode = _weights.input_mode(model)
     if path.endswith(".keras"):
         if not os.path.isfile(path):
             raise ValueError(f"--init_checkpoint={path} does not exist")

@@ -168,7 +168,8 @@ def keras_applications_preprocessing(keras_app_model):
     return None, scale, offset
 
 
-def _input_mode(model):
+def input_mode(model):
+    """The model's `InputNormalization` mode (imagenet, advprop, none), or None."""
     try:
         return model.get_layer("input_normalization").mode
     except ValueError:
@@ -196,11 +197,11 @@ def load_keras_applications_weights(model, keras_app_model, check_preprocessing=
       None).
     """
     mode, scale, offset = keras_applications_preprocessing(keras_app_model)
-    if check_preprocessing and mode != _input_mode(model):
+    if check_preprocessing and mode != input_mode(model):
         raise ValueError(
             f"preprocessing mismatch: {keras_app_model.name!r} computes x * "
             f"{np.round(scale, 6).tolist()} + {np.round(offset, 6).tolist()} (mode "
-            f"{mode}), the model's input_normalization mode is {_input_mode(model)!r}")
+            f"{mode}), the model's input_normalization mode is {input_mode(model)!r}")
     src = {name: layer for name, layer in _weighted_layers(keras_app_model).items()
            if not isinstance(layer, keras.layers.Normalization)}
     dst = _weighted_layers(model)
