@@ -21,6 +21,38 @@ from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
 
+RECIPE_NAMES = ("vanilla", "advprop", "fine_grained_advprop", "madry_at", "sat", "trades",
+                "fat", "trades_fat", "fast_advprop", "mbn_at", "nofrost", "nofrost_star")
+
+# Each paper's recipe, applied to the flags the user did not set. "lr_milestones" are
+# fractions of the run here (they scale with --train_epochs and the embedded preset).
+_TRADES = {"epsilon": 8.0, "attack_step_size": 2.0, "attack_iterations": 10}
+_NOFROST = {  # Wang et al. 2022: SGD Nesterov, cosine, 90 epochs, PGD-10 eps 8
+    "optimizer": "momentum", "nesterov": True, "base_learning_rate": 0.1,
+    "weight_decay": 5e-5, "lr_schedule": "cosine", "lr_warmup_epochs": 0.0,
+    "train_epochs": 90.0, "epsilon": 8.0, "attack_step_size": 1.0,
+    "attack_iterations": 10, "dropout_rate": 0.25, "drop_path_rate": 0.1,
+    "label_smoothing": 0.1}
+RECIPE_PRESETS = {
+    "fast_advprop": {  # Mei et al. 2022: ResNet SGD recipe, 105 epochs (/ 1.2 -> 88)
+        "optimizer": "momentum", "base_learning_rate": 0.1, "weight_decay": 1e-4,
+        "lr_schedule": "step", "lr_milestones": [30 / 105, 60 / 105, 90 / 105, 100 / 105],
+        "lr_decay_factor": 0.1, "lr_warmup_epochs": 0.0, "train_epochs": 105.0,
+        "epsilon": 1.0, "attack_iterations": 1},
+    "mbn_at": {  # Xie & Yuille 2020: 110 epochs, x0.1 at 35/70/95, targeted PGD-30 eps 16
+        "optimizer": "momentum", "base_learning_rate": 0.1, "weight_decay": 1e-4,
+        "lr_schedule": "step", "lr_milestones": [35 / 110, 70 / 110, 95 / 110],
+        "lr_decay_factor": 0.1, "lr_warmup_epochs": 0.0, "train_epochs": 110.0,
+        "epsilon": 16.0, "attack_step_size": 1.0, "attack_iterations": 30,
+        "targeted_attack": True, "clean_start_prob": 0.2, "label_smoothing": 0.1},
+    "nofrost": _NOFROST,
+    "nofrost_star": _NOFROST,
+    "trades": _TRADES,
+    "fat": _TRADES,
+    "trades_fat": _TRADES,
+    "fine_grained_advprop": {"auto_augment": "v0", "auto_augment_fraction": 0.5},
+}
+
 # ---------------------------------------------------------------- model and data
 flags.DEFINE_string("model_name", "efficientnet-b0", "Model: efficientnet-b0 .. b8, -l2, "
                     "resnet-18 .. resnet-638, nf-resnet-26/50/101 (-cifar: small stem).")
@@ -37,7 +69,12 @@ flags.DEFINE_string("model_dir", None, "Checkpoints and TensorBoard logs "
                     "(default: runs/<model_name>-<recipe>). Resumes automatically.")
 flags.DEFINE_string("export_dir", None, "Write a SavedModel (main BNs only, EMA weights, "
                     "preprocessing inside) here after training/eval.")
+flags.DEFINE_enum("export_bn_set", "main", ["main", "adversarial"],
+                  "BN set the SavedModel keeps (adversarial: the recipe's adversarial "
+                  "set, e.g. MBN-adv of mbn_at).")
 flags.DEFINE_integer("image_size", None, "Input resolution (default: the model's).")
+flags.DEFINE_float("width_multiplier", 1.0, "ResNet / NF-ResNet: scale every stage width "
+                   "(small experiments; 1 = the published network).")
 flags.DEFINE_enum("preprocessing", None, ["imagenet", "advprop", "none"],
                   "Normalisation inside the model (default: advprop [-1, 1] for the "
                   "advprop recipe, ImageNet mean/std otherwise).")
@@ -47,6 +84,15 @@ flags.DEFINE_string("init_checkpoint", None, "Start a new run from these weights
                     "classifier is skipped when its shape differs.")
 flags.DEFINE_enum("augmentation", None, ["inception", "cifar", "none"],
                   "Training crop: inception (official) or cifar (pad-4 random crop).")
+flags.DEFINE_enum("auto_augment", None, ["v0", "randaugment"],
+                  "AutoAugment policy v0 or RandAugment after the crop (official "
+                  "EfficientNet; off by default; fine_grained_advprop: v0).")
+flags.DEFINE_integer("randaugment_layers", 2, "RandAugment: ops per image.")
+flags.DEFINE_float("randaugment_magnitude", 10.0, "RandAugment magnitude (0..10 is the "
+                   "official range; B7/B8 recipes use 28, the mapping stays linear).")
+flags.DEFINE_float("auto_augment_fraction", None, "Share of training images that get "
+                   "--auto_augment (default 1; fine_grained_advprop: 0.5, the rest stay "
+                   "clean and keep their own BN set).")
 flags.DEFINE_integer("num_label_classes", None, "Classes (default: the dataset's).")
 flags.DEFINE_integer("num_train_images", None, "Training images (default: the dataset's).")
 flags.DEFINE_integer("num_eval_images", None, "Held-out images to evaluate "
@@ -58,14 +104,18 @@ flags.DEFINE_integer("eval_batch_size", 1024, "Global evaluation batch size.")
 flags.DEFINE_integer("train_steps", 218949, "Training steps (ignored with --train_epochs).")
 flags.DEFINE_float("train_epochs", None, "Train for this many epochs instead.")
 flags.DEFINE_float("base_learning_rate", 0.016, "Learning rate per 256 images.")
-flags.DEFINE_enum("lr_schedule", "exponential", ["exponential", "cosine"],
-                  "exponential: x lr_decay_factor every lr_decay_epoch (official).")
+flags.DEFINE_enum("lr_schedule", "exponential", ["exponential", "cosine", "step"],
+                  "exponential: x lr_decay_factor every lr_decay_epoch (official); "
+                  "cosine; step: x lr_decay_factor at each of --lr_milestones.")
+flags.DEFINE_list("lr_milestones", None, "Epochs of the step schedule's decays "
+                  "(default: the recipe preset's, scaled to the run's epochs).")
 flags.DEFINE_float("lr_decay_epoch", 2.4, "Epochs between learning-rate decays.")
 flags.DEFINE_float("lr_decay_factor", 0.97, "Learning-rate decay factor.")
 flags.DEFINE_float("lr_warmup_epochs", 5.0, "Linear warm-up epochs.")
 flags.DEFINE_enum("optimizer", "rmsprop", ["rmsprop", "momentum", "sgd", "adam"],
                   "rmsprop has TF1 semantics (slot starts at 1, eps inside the sqrt).")
 flags.DEFINE_float("momentum", 0.9, "Momentum of rmsprop/momentum.")
+flags.DEFINE_bool("nesterov", False, "Nesterov momentum (--optimizer=momentum).")
 flags.DEFINE_float("rmsprop_decay", 0.9, "RMSProp decay.")
 flags.DEFINE_float("rmsprop_epsilon", 1e-3, "RMSProp epsilon.")
 flags.DEFINE_float("moving_average_decay", 0.9999, "EMA decay of weights (0 = off); "
@@ -85,12 +135,18 @@ flags.DEFINE_float("agc_clip", 0.0, "Adaptive gradient clipping threshold (Brock
                    "2021; 0.01 for NF-ResNets); 0 = off. Clips the global gradient "
                    "before weight decay; the classifier is excluded.")
 flags.DEFINE_bool("sync_batch_norm", False, "All-reduce BN batch statistics over replicas.")
+flags.DEFINE_enum("normalizer", "split_batch_norm",
+                  ["split_batch_norm", "group_norm", "instance_norm", "none"],
+                  "Normalisation of EfficientNets and ResNets (group_norm: the GN "
+                  "variant of Xie & Yuille; recipes with auxiliary BNs need "
+                  "split_batch_norm).")
 flags.DEFINE_integer("seed", 0, "Seed for data order, augmentation, attacks, init.")
 
 # ---------------------------------------------------------------- recipe and attack
 flags.DEFINE_bool("advprop", False, "Shorthand for --recipe=advprop.")
-flags.DEFINE_enum("recipe", None, ["vanilla", "advprop", "sat", "madry_at"],
-                  "Training method (default vanilla, or advprop with --advprop).")
+flags.DEFINE_enum("recipe", None, list(RECIPE_NAMES),
+                  "Training method (default vanilla, or advprop with --advprop); each "
+                  "has a preset of the paper's hyper-parameters, see RECIPE_PRESETS.")
 flags.DEFINE_enum("attacker", "pgd", ["pgd", "ifgsm", "gd", "fgsm"],
                   "Training attack (AdvProp §5.1).")
 flags.DEFINE_float("epsilon", 1.0, "Training attack L-inf radius in 0..255 units "
@@ -101,7 +157,34 @@ flags.DEFINE_float("attack_step_size", 1.0, "Attack step in 0..255 units.")
 flags.DEFINE_enum("attack_bn_mode", "inference", ["inference", "batch"],
                   "BN statistics used while attacking (moving stats never update).")
 flags.DEFINE_bool("targeted_attack", False, "Attack towards a random wrong class.")
-flags.DEFINE_float("clean_loss_weight", 0.5, "sat: weight of the clean loss.")
+flags.DEFINE_float("clean_start_prob", None, "Per-image probability that PGD starts at "
+                   "the clean image (mbn_at: 0.2, Xie & Yuille; others 0).")
+flags.DEFINE_float("clean_loss_weight", 0.5, "sat, mbn_at, nofrost: weight of the clean "
+                   "loss; the adversarial one gets 1 - it (NoFrost's lambda).")
+flags.DEFINE_float("p_adv", 0.2, "fast_advprop: share of each drawn batch used "
+                   "adversarially, in (0, 1); --train_batch_size counts drawn images.")
+flags.DEFINE_float("fast_advprop_beta", 0.5, "fast_advprop: weight of the noisy and "
+                   "the adversarial pass.")
+flags.DEFINE_integer("shuffle_bn_group_size", None, "fast_advprop on one device: ghost "
+                     "BN group size (default: largest m with m*m <= adversarial images).")
+flags.DEFINE_bool("budget_calibration", True, "fast_advprop: divide the epochs and the "
+                  "learning-rate milestones by 1 + p_adv * K (same cost as vanilla).")
+flags.DEFINE_bool("sync_update_speed", True, "fast_advprop: divide each parameter's "
+                  "gradient by the weighted samples that touched it.")
+flags.DEFINE_float("mixup_alpha", 0.0, "vanilla, fast_advprop: Mixup alpha on the clean "
+                   "images (0 = off).")
+flags.DEFINE_float("cutmix_alpha", 0.0, "vanilla, fast_advprop: CutMix alpha on the "
+                   "clean images (0 = off).")
+flags.DEFINE_float("clean_fraction", 1.0, "mbn_at: share of each batch also used clean "
+                   "(0 = adversarial images only).")
+flags.DEFINE_float("alp_weight", 0.0, "mbn_at: adversarial logit pairing weight.")
+flags.DEFINE_bool("mixture_bn", True, "mbn_at: separate BN sets for clean and "
+                  "adversarial images (MBN); false: shared BN.")
+flags.DEFINE_float("consistent_bn_epochs", 0.0, "mbn_at: train the last N epochs with "
+                   "BN moving statistics (consistent BN; the paper: 10).")
+flags.DEFINE_float("trades_beta", 6.0, "trades, trades_fat: weight of the KL term.")
+flags.DEFINE_integer("early_stop_tau", 1, "fat, trades_fat: steps an image may take "
+                     "after it is first misclassified.")
 flags.DEFINE_float("eval_epsilon", None, "Evaluation PGD radius (default: --epsilon).")
 flags.DEFINE_integer("eval_attack_iterations", 10, "Evaluation PGD steps "
                      "(step 2.5 eps / n); 0 = clean accuracy only.")
@@ -147,13 +230,36 @@ def _set(name):
     return FLAGS[name].present
 
 
-def apply_embedded_preset(info):
+def apply_recipe_preset(recipe_name):
+    """Sets the recipe's paper hyper-parameters on flags the user left unset; returns
+    the relative milestones (or None) and what was applied."""
+    applied, milestones = [], None
+    for name, value in RECIPE_PRESETS.get(recipe_name, {}).items():
+        if name == "lr_milestones":
+            if not _set("lr_milestones"):
+                milestones = value
+            continue
+        if name == "train_epochs" and _set("train_steps"):
+            continue  # an explicit step count wins over the preset's epochs
+        if not _set(name):
+            setattr(FLAGS, name, value)
+            applied.append(f"{name}={value:g}" if isinstance(value, float)
+                           else f"{name}={value}")
+    return milestones, applied
+
+
+def apply_embedded_preset(info, recipe_preset=()):
+    """The small-data preset: data-scale flags always (unless the user set them);
+    the learning rate only when the recipe's preset did not choose one."""
     if info.name != "embedded":
         return []
     applied = []
     for name, value in EMBEDDED_PRESET.items():
         if name == "train_epochs" and _set("train_steps"):
             continue  # an explicit step count wins over the preset's epochs
+        if name in ("base_learning_rate", "lr_decay_epoch", "lr_decay_factor",
+                    "dropout_rate") and name in recipe_preset:
+            continue
         if not _set(name):
             setattr(FLAGS, name, value)
             applied.append(f"{name}={value}")
@@ -184,11 +290,29 @@ def validate_flags():
         ("drop_path_rate", FLAGS.drop_path_rate is None or 0 <= FLAGS.drop_path_rate < 1,
          "must be in [0, 1)"),
         ("agc_clip", FLAGS.agc_clip >= 0, "must be >= 0"),
+        ("width_multiplier", FLAGS.width_multiplier > 0, "must be > 0"),
         ("epsilon", FLAGS.epsilon > 0, "must be > 0 (0..255 pixel units)"),
         ("attack_iterations", FLAGS.attack_iterations is None
          or FLAGS.attack_iterations >= 1, "must be >= 1"),
         ("attack_step_size", FLAGS.attack_step_size > 0, "must be > 0"),
         ("clean_loss_weight", 0 <= FLAGS.clean_loss_weight <= 1, "must be in [0, 1]"),
+        ("clean_start_prob", FLAGS.clean_start_prob is None
+         or 0 <= FLAGS.clean_start_prob <= 1, "must be in [0, 1]"),
+        ("p_adv", 0 < FLAGS.p_adv < 1, "must be in (0, 1)"),
+        ("fast_advprop_beta", FLAGS.fast_advprop_beta > 0, "must be > 0"),
+        ("shuffle_bn_group_size", FLAGS.shuffle_bn_group_size is None
+         or FLAGS.shuffle_bn_group_size >= 1, "must be >= 1"),
+        ("mixup_alpha", FLAGS.mixup_alpha >= 0, "must be >= 0"),
+        ("cutmix_alpha", FLAGS.cutmix_alpha >= 0, "must be >= 0"),
+        ("clean_fraction", 0 <= FLAGS.clean_fraction <= 1, "must be in [0, 1]"),
+        ("alp_weight", FLAGS.alp_weight >= 0, "must be >= 0"),
+        ("consistent_bn_epochs", FLAGS.consistent_bn_epochs >= 0, "must be >= 0"),
+        ("trades_beta", FLAGS.trades_beta >= 0, "must be >= 0"),
+        ("early_stop_tau", FLAGS.early_stop_tau >= 0, "must be >= 0"),
+        ("randaugment_layers", FLAGS.randaugment_layers >= 0, "must be >= 0"),
+        ("randaugment_magnitude", FLAGS.randaugment_magnitude >= 0, "must be >= 0"),
+        ("auto_augment_fraction", FLAGS.auto_augment_fraction is None
+         or 0 <= FLAGS.auto_augment_fraction <= 1, "must be in [0, 1]"),
         ("eval_epsilon", FLAGS.eval_epsilon is None or FLAGS.eval_epsilon > 0, "must be > 0"),
         ("eval_attack_iterations", FLAGS.eval_attack_iterations >= 0, "must be >= 0"),
         ("image_size", FLAGS.image_size is None or FLAGS.image_size >= 8, "must be >= 8"),
@@ -202,6 +326,14 @@ def validate_flags():
             raise UsageError(f"--{name}={getattr(FLAGS, name)}: {message}")
     if FLAGS.advprop and FLAGS.recipe not in (None, "advprop"):
         raise UsageError(f"--advprop conflicts with --recipe={FLAGS.recipe}")
+    if FLAGS.lr_milestones:
+        try:
+            values = [float(m) for m in FLAGS.lr_milestones]
+        except ValueError:
+            values = None
+        if not values or values != sorted(values) or values[0] <= 0:
+            raise UsageError(f"--lr_milestones={','.join(FLAGS.lr_milestones)}: expected "
+                             "increasing positive epochs, e.g. 30,60,90")
     from efficientnet_advprop.models import model_names
     if FLAGS.model_name not in model_names():
         raise UsageError(f"--model_name={FLAGS.model_name}: unknown model; choose from "
@@ -211,13 +343,47 @@ def validate_flags():
                          "choose a new directory")
 
 
+def recipe_options(recipe_name):
+    """The make_recipe keyword arguments the flags give for `recipe_name`."""
+    from efficientnet_advprop.attacks import AttackConfig
+
+    options = {"label_smoothing": FLAGS.label_smoothing}
+    if recipe_name in ("vanilla", "fast_advprop"):
+        options.update(mixup_alpha=FLAGS.mixup_alpha, cutmix_alpha=FLAGS.cutmix_alpha)
+    if recipe_name == "vanilla":
+        return options
+    try:
+        options["attack"] = AttackConfig(
+            attacker=FLAGS.attacker, epsilon=FLAGS.epsilon, step_size=FLAGS.attack_step_size,
+            num_iter=FLAGS.attack_iterations, targeted=FLAGS.targeted_attack,
+            bn_mode=FLAGS.attack_bn_mode, clean_start_prob=FLAGS.clean_start_prob or 0.0)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if recipe_name == "sat":
+        options["clean_weight"] = FLAGS.clean_loss_weight
+    elif recipe_name in ("nofrost", "nofrost_star"):
+        options["adv_weight"] = 1.0 - FLAGS.clean_loss_weight
+    elif recipe_name == "mbn_at":
+        options.update(clean_fraction=FLAGS.clean_fraction,
+                       clean_weight=FLAGS.clean_loss_weight, alp_weight=FLAGS.alp_weight,
+                       mixture_bn=FLAGS.mixture_bn)
+    elif recipe_name in ("trades", "trades_fat"):
+        options["beta"] = FLAGS.trades_beta
+    elif recipe_name == "fast_advprop":
+        options.update(adv_fraction=FLAGS.p_adv, beta=FLAGS.fast_advprop_beta,
+                       shuffle_bn_group_size=FLAGS.shuffle_bn_group_size,
+                       sync_update_speed=FLAGS.sync_update_speed)
+    if recipe_name in ("fat", "trades_fat"):
+        options["early_stop_tau"] = FLAGS.early_stop_tau
+    return options
+
+
 def run():
     import tensorflow as tf
 
     from efficientnet_advprop import data, export
-    from efficientnet_advprop.attacks import AttackConfig
     from efficientnet_advprop.evaluation import eval_attack_config, evaluate
-    from efficientnet_advprop.layers import AUX, MAIN
+    from efficientnet_advprop.layers import MAIN
     from efficientnet_advprop.models import (build_model, default_image_size,
                                              is_normalizer_free)
     from efficientnet_advprop.recipes import make_recipe
@@ -229,7 +395,11 @@ def run():
         info = data.resolve_dataset(FLAGS.dataset, FLAGS.data_dir)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    applied = apply_embedded_preset(info)
+    recipe_name = "advprop" if FLAGS.advprop else (FLAGS.recipe or "vanilla")
+    relative_milestones, recipe_applied = apply_recipe_preset(recipe_name)
+    if recipe_applied:
+        print(f"--recipe={recipe_name} preset: {', '.join(recipe_applied)}", file=sys.stderr)
+    applied = apply_embedded_preset(info, RECIPE_PRESETS.get(recipe_name, {}))
     if info.name == "embedded":
         logging.info("No --data_dir/--dataset: using the embedded CIFAR-10 subset "
                      "(%d train / %d held-out images, 10 classes) with the embedded "
@@ -238,41 +408,72 @@ def run():
               f"{info.num_eval} held-out images); preset: {', '.join(applied)}",
               file=sys.stderr)
 
-    recipe_name = "advprop" if FLAGS.advprop else (FLAGS.recipe or "vanilla")
     num_classes = FLAGS.num_label_classes or info.num_classes
     image_size = FLAGS.image_size or default_image_size(FLAGS.model_name)
     num_train = FLAGS.num_train_images or info.num_train
     num_eval = min(FLAGS.num_eval_images or info.num_eval, info.num_eval)
     batch = FLAGS.train_batch_size
     steps_per_epoch = max(1, num_train // batch)
-    train_steps = (int(math.ceil(FLAGS.train_epochs * steps_per_epoch))
-                   if FLAGS.train_epochs else FLAGS.train_steps)
     model_dir = FLAGS.model_dir or os.path.join("runs", f"{FLAGS.model_name}-{recipe_name}")
     augmentation = FLAGS.augmentation or ("cifar" if image_size <= 64 else "inception")
     use_tpu = FLAGS.use_tpu or bool(FLAGS.tpu)
     strategy = make_strategy("tpu" if use_tpu else FLAGS.strategy, tpu=FLAGS.tpu,
                              tpu_zone=FLAGS.tpu_zone, gcp_project=FLAGS.gcp_project)
-    if batch % strategy.num_replicas_in_sync:
+    replicas = strategy.num_replicas_in_sync
+    if batch % replicas:
         raise UsageError(f"--train_batch_size={batch} is not divisible by the "
-                         f"{strategy.num_replicas_in_sync} replicas")
+                         f"{replicas} replicas")
     jit = FLAGS.jit_compile if FLAGS.jit_compile is not None else use_tpu
     set_global_seed(FLAGS.seed)
 
-    attack = AttackConfig(attacker=FLAGS.attacker, epsilon=FLAGS.epsilon,
-                          step_size=FLAGS.attack_step_size,
-                          num_iter=FLAGS.attack_iterations,
-                          targeted=FLAGS.targeted_attack, bn_mode=FLAGS.attack_bn_mode)
-    options = {"label_smoothing": FLAGS.label_smoothing}
-    if recipe_name != "vanilla":
-        options["attack"] = attack
-    if recipe_name == "sat":
-        options["clean_weight"] = FLAGS.clean_loss_weight
-    recipe = make_recipe(recipe_name, num_classes, **options)
+    try:
+        recipe = make_recipe(recipe_name, num_classes, **recipe_options(recipe_name))
+    except ValueError as e:
+        raise UsageError(f"--recipe={recipe_name}: {e}") from None
+    lr_batch_size = None
+    if recipe_name == "fast_advprop":
+        try:  # the clean/adversarial split of one replica's batch
+            clean, _ = recipe.split(batch // replicas)
+        except ValueError as e:
+            raise UsageError(f"--p_adv={FLAGS.p_adv}, --train_batch_size={batch}: "
+                             f"{e}") from None
+        lr_batch_size = clean * replicas  # the reference's lr is per 256 clean images
+    if recipe.needs_source_tags and not FLAGS.auto_augment:
+        raise UsageError(f"--recipe={recipe_name} routes AutoAugment images to their own "
+                         "BN set: set --auto_augment=v0 or randaugment")
+    auto_augment_fraction = (FLAGS.auto_augment_fraction
+                             if FLAGS.auto_augment_fraction is not None else 1.0)
+
+    # Epochs and learning-rate milestones, with Fast AdvProp's budget calibration.
+    epochs = FLAGS.train_epochs
+    budget = getattr(recipe, "budget_factor", 1.0)
+    calibrate = recipe_name == "fast_advprop" and FLAGS.budget_calibration
+    if epochs and calibrate:
+        epochs = epochs / budget
+    train_steps = int(math.ceil(epochs * steps_per_epoch)) if epochs else FLAGS.train_steps
+    run_epochs = train_steps / steps_per_epoch
+    if FLAGS.lr_milestones:
+        milestones = [float(m) for m in FLAGS.lr_milestones]
+        if calibrate:
+            milestones = [m / budget for m in milestones]
+    else:
+        milestones = [f * run_epochs for f in (relative_milestones or [])]
+    if FLAGS.lr_schedule == "step" and not milestones:
+        raise UsageError("--lr_schedule=step needs --lr_milestones (epochs)")
+    if calibrate:
+        print(f"fast_advprop budget calibration: epochs and milestones / {budget:.2f} -> "
+              f"{run_epochs:.2f} epochs, milestones "
+              f"{', '.join(f'{m:.2f}' for m in milestones) or 'none'}", file=sys.stderr)
     preprocessing = FLAGS.preprocessing or ("advprop" if recipe_name == "advprop"
                                             else "imagenet")
 
     name = FLAGS.model_name
     kwargs = {"image_size": image_size, "preprocessing": preprocessing}
+    if FLAGS.width_multiplier != 1.0:
+        if name.startswith("efficientnet"):
+            raise UsageError(f"--width_multiplier applies to ResNets and NF-ResNets, not "
+                             f"--model_name={name}")
+        kwargs["width_multiplier"] = FLAGS.width_multiplier
     if is_normalizer_free(name):
         if recipe.num_aux:
             raise UsageError(f"--recipe={recipe_name} routes batch norms, and "
@@ -280,7 +481,11 @@ def run():
         kwargs.update(dropout_rate=FLAGS.dropout_rate or 0.0,
                       drop_path_rate=FLAGS.drop_path_rate or 0.0)
     else:
-        kwargs.update(normalizer="split_batch_norm", num_aux=recipe.num_aux,
+        if recipe.num_aux and FLAGS.normalizer != "split_batch_norm":
+            raise UsageError(f"--recipe={recipe_name} routes auxiliary batch norms; "
+                             f"--normalizer={FLAGS.normalizer} has none (use "
+                             "--mixture_bn=false for mbn_at's GN variant)")
+        kwargs.update(normalizer=FLAGS.normalizer, num_aux=recipe.num_aux,
                       batch_norm_momentum=FLAGS.batch_norm_momentum,
                       batch_norm_epsilon=FLAGS.batch_norm_epsilon,
                       synchronized=FLAGS.sync_batch_norm)
@@ -289,6 +494,10 @@ def run():
                 FLAGS.survival_prob if FLAGS.survival_prob is not None else 0.8))
         else:
             kwargs.update(dropout_rate=FLAGS.dropout_rate or 0.0)
+    if FLAGS.consistent_bn_epochs and recipe_name == "mbn_at":
+        from efficientnet_advprop.recipes import consistent_bn_start_step
+        recipe.consistent_bn_from_step = consistent_bn_start_step(
+            train_steps, steps_per_epoch, FLAGS.consistent_bn_epochs)
 
     def model_fn():
         return build_model(name, num_classes, **kwargs)
@@ -298,7 +507,8 @@ def run():
         steps_per_epoch=steps_per_epoch, optimizer=FLAGS.optimizer,
         base_learning_rate=FLAGS.base_learning_rate, lr_schedule=FLAGS.lr_schedule,
         lr_warmup_epochs=FLAGS.lr_warmup_epochs, lr_decay_epochs=FLAGS.lr_decay_epoch,
-        lr_decay_factor=FLAGS.lr_decay_factor, momentum=FLAGS.momentum,
+        lr_decay_factor=FLAGS.lr_decay_factor, lr_milestones=tuple(milestones),
+        lr_batch_size=lr_batch_size, momentum=FLAGS.momentum, nesterov=FLAGS.nesterov,
         rmsprop_decay=FLAGS.rmsprop_decay, rmsprop_epsilon=FLAGS.rmsprop_epsilon,
         weight_decay=FLAGS.weight_decay, agc_clip=FLAGS.agc_clip,
         moving_average_decay=FLAGS.moving_average_decay,
@@ -319,7 +529,11 @@ def run():
             info, FLAGS.data_dir, "train",
             batch_size=ctx.get_per_replica_batch_size(batch), image_size=image_size,
             is_training=True, seed=FLAGS.seed, start_step=start_step,
-            augmentation=augmentation, input_context=ctx)
+            augmentation=augmentation, input_context=ctx, auto_augment=FLAGS.auto_augment,
+            randaugment_layers=FLAGS.randaugment_layers,
+            randaugment_magnitude=FLAGS.randaugment_magnitude,
+            auto_augment_fraction=auto_augment_fraction,
+            source_tags=recipe.needs_source_tags)
 
     def eval_dataset():
         ds = data.make_dataset(info, FLAGS.data_dir, "eval",
@@ -354,6 +568,8 @@ def run():
     results = {"model_name": FLAGS.model_name, "recipe": recipe_name,
                "dataset": info.name, "image_size": image_size,
                "step": int(trainer.step.numpy())}
+    if trainer.images_per_second:
+        results["train_images_per_second"] = round(trainer.images_per_second, 2)
     if FLAGS.mode in ("eval", "train_and_eval"):
         eval_eps = FLAGS.eval_epsilon or FLAGS.epsilon
         eval_attack = (eval_attack_config(eval_eps, FLAGS.eval_attack_iterations)
@@ -367,10 +583,14 @@ def run():
             if eval_attack is not None:
                 results[f"pgd{eval_attack.iterations}_eps{eval_eps:g}_accuracy"] = (
                     main["adversarial_accuracy"])
-            if recipe.num_aux:
+            adv_set = recipe.attack_bn_set
+            if recipe.num_aux and adv_set != MAIN:  # the adversarial BN set, alone
                 aux = evaluate(trainer.model, eval_dataset(), strategy=strategy,
-                               bn_set=AUX, seed=FLAGS.seed)
+                               attack=eval_attack, bn_set=adv_set, seed=FLAGS.seed)
                 results["aux_bn_clean_accuracy"] = aux["clean_accuracy"]
+                if eval_attack is not None:
+                    results[f"aux_bn_pgd{eval_attack.iterations}_eps{eval_eps:g}_accuracy"] = (
+                        aux["adversarial_accuracy"])
         writer = tf.summary.create_file_writer(os.path.join(model_dir, "eval"))
         with writer.as_default(step=results["step"]):
             for k, v in results.items():
@@ -383,14 +603,16 @@ def run():
             file=sys.stderr)
 
     if FLAGS.export_dir:
+        bn_set = recipe.attack_bn_set if FLAGS.export_bn_set == "adversarial" else MAIN
         swap = trainer.ema.swapped() if trainer.ema else _null()
         with swap:
             export.export_saved_model(trainer.model, FLAGS.export_dir, metadata={
                 "model_name": FLAGS.model_name, "recipe": recipe_name,
                 "preprocessing": preprocessing, "num_classes": num_classes,
                 "class_names": list(info.class_names), "step": results["step"],
-                "ema": bool(trainer.ema)}, eval_crop=augmentation)
-        print(f"exported SavedModel (main BNs only) to {FLAGS.export_dir}",
+                "ema": bool(trainer.ema), "bn_set": bn_set}, eval_crop=augmentation,
+                bn_set=bn_set)
+        print(f"exported SavedModel (BN set {bn_set} only) to {FLAGS.export_dir}",
               file=sys.stderr)
     print(json.dumps(results))
     return results

@@ -49,7 +49,7 @@ def strip_auxiliary_bn(model, bn_set=MAIN):
 
 
 def export_saved_model(model, export_dir, *, metadata=None, eval_crop="inception",
-                       overwrite=False):
+                       overwrite=False, bn_set=MAIN):
     """Writes a SavedModel of `model` with its auxiliary BNs stripped.
 
     Signatures:
@@ -60,14 +60,15 @@ def export_saved_model(model, export_dir, *, metadata=None, eval_crop="inception
           32 pixels of padding and a bicubic resize; "cifar"/"none" resize the whole
           image (for small-image models).
     `metadata` (JSON-able dict: model name, preprocessing, classes, ...) is written
-    next to it as efficientnet_advprop.json.
+    next to it as efficientnet_advprop.json. `bn_set` chooses the BN set the exported
+    model keeps (the main one by default; MBN-AT users may want the adversarial one).
     """
     if os.path.exists(export_dir) and os.listdir(export_dir) and not overwrite:
         raise FileExistsError(f"--export_dir={export_dir} exists and is not empty; "
                               "choose a new directory")
     from efficientnet_advprop.data.preprocessing import preprocess_for_eval
 
-    clean = strip_auxiliary_bn(model)
+    clean = strip_auxiliary_bn(model, bn_set)
     height, width = clean.input_shape[1], clean.input_shape[2]
 
     def predict(images):

@@ -50,6 +50,12 @@ def test_advprop_run_trains_evaluates_checkpoints_exports_and_resumes(tmp_path):
     (["--mode=fly"], "flag --mode=fly"),
     (["--train_batch_size=0"], "--train_batch_size=0: must be > 0"),
     (["--data_dir=/nonexistent/imagenet"], "/nonexistent/imagenet"),
+    (["--recipe=fast_advprop", "--p_adv=1.5"], "--p_adv=1.5: must be in (0, 1)"),
+    (["--recipe=fast_advprop", "--p_adv=0.1", "--train_batch_size=4"],
+     "leaves 0 adversarial"),
+    (["--recipe=advprop", "--normalizer=group_norm"], "routes auxiliary batch norms"),
+    (["--recipe=mbn_at", "--clean_fraction=0", "--alp_weight=0.5"], "needs clean images"),
+    (["--lr_schedule=step"], "needs --lr_milestones"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path, args, message):
     result = run_main(*args, f"--model_dir={tmp_path / 'm'}", cwd=tmp_path)
@@ -70,3 +76,17 @@ def test_existing_export_dir_is_refused_before_training(tmp_path):
     assert "exists and is not empty" in result.stderr.strip().splitlines()[-1]
     assert (export_dir / "model.txt").read_text() == "keep me"
     assert not (tmp_path / "m" / "checkpoint").exists()
+
+
+def test_fast_advprop_run_calibrates_the_budget_and_reports_both_bn_sets(tmp_path):
+    result = run_main("--recipe=fast_advprop", "--model=resnet-18-cifar",
+                      "--train_epochs=0.012", "--train_batch_size=40",
+                      f"--model_dir={tmp_path / 'm'}", "--num_eval_images=40",
+                      "--eval_attack_iterations=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--recipe=fast_advprop preset: optimizer=momentum" in result.stderr
+    assert "budget calibration: epochs and milestones / 1.20" in result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    # 0.012 epochs of 375 steps = 4.5 -> / 1.2 = 3.75 -> 4 steps (vanilla would take 5)
+    assert out["step"] == 4
+    assert {"clean_accuracy", "aux_bn_clean_accuracy", "aux_bn_pgd1_eps1_accuracy"} <= set(out)

@@ -52,9 +52,12 @@ def logits_fn_for(model, bn_set=MAIN, bn_mode="inference"):
 
 
 def attack_model(model, images, labels, config, *, bn_set=MAIN, num_classes=None,
-                 seed=None):
-    """Adversarial images for `model` under `config` (an AttackConfig), in float32."""
+                 seed=None, loss_fn=None):
+    """Adversarial images for `model` under `config` (an AttackConfig), in float32.
+
+    `loss_fn` (logits, labels) -> per-sample objective replaces the cross-entropy.
+    """
     num_classes = num_classes or model.output_shape[-1]
     with float32_compute(model):
         return attack(logits_fn_for(model, bn_set, config.bn_mode), images, labels,
-                      config, num_classes=num_classes, seed=seed)
+                      config, num_classes=num_classes, seed=seed, loss_fn=loss_fn)

@@ -15,6 +15,15 @@ Targeted attacks draw a random target uniformly among the classes other than the
 one (an offset in 1..num_classes-1 added modulo num_classes, so it is never the label)
 and descend the target's cross-entropy instead of ascending the true label's.
 
+Options used by the follow-up papers:
+
+  clean_start_prob   Xie & Yuille (2020): each image starts from the clean image with
+                     this probability (a uniform coin per image), else uniformly in the
+                     eps-cube.
+  early_stop_tau     FAT (Zhang et al. 2020): an image stops moving tau steps after it
+                     is first misclassified (tau = 0: as soon as it is).
+  loss_fn            any per-sample objective to ascend (TRADES ascends a KL term).
+
 Randomness is stateless: the same seed gives the same perturbation on every run and
 device. Perturbations, losses and gradients are computed in float32.
 """
@@ -50,6 +59,10 @@ class AttackConfig:
       bn_mode: "inference" runs the model with training=False (moving statistics, as
         the AdvProp reference code); "batch" runs it with training=True and batch
         statistics, with moving statistics frozen (SplitBatchNorm models only).
+      clean_start_prob: pgd/gd only: per-image probability of starting from the clean
+        image instead of a uniform point of the eps-cube (Xie & Yuille: 0.2).
+      early_stop_tau: FAT's early stop: None (off) or the extra steps an image may take
+        after it is first misclassified.
     """
 
     attacker: str = "pgd"
@@ -58,6 +71,8 @@ class AttackConfig:
     num_iter: int = None
     targeted: bool = False
     bn_mode: str = "inference"
+    clean_start_prob: float = 0.0
+    early_stop_tau: int = None
 
     def __post_init__(self):
         if self.attacker not in ATTACKERS:
@@ -69,6 +84,12 @@ class AttackConfig:
             raise ValueError(f"attack step size must be > 0, got {self.step_size}")
         if self.num_iter is not None and self.num_iter < 1:
             raise ValueError(f"attack iterations must be >= 1, got {self.num_iter}")
+        if not 0.0 <= self.clean_start_prob <= 1.0:
+            raise ValueError(f"attack clean_start_prob must be in [0, 1], got "
+                             f"{self.clean_start_prob}")
+        if self.early_stop_tau is not None and self.early_stop_tau < 0:
+            raise ValueError(f"attack early_stop_tau must be >= 0, got "
+                             f"{self.early_stop_tau}")
         if self.bn_mode not in ("inference", "batch"):
             raise ValueError(f"attack bn_mode must be 'inference' or 'batch', "
                              f"got {self.bn_mode!r}")
@@ -93,17 +114,21 @@ def random_targets(labels, num_classes, seed):
     return (labels + offsets) % num_classes
 
 
-def _loss_gradient(logits_fn, x, labels):
+def _cross_entropy(logits, labels):
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+
+
+def _loss_gradient(logits_fn, x, labels, loss_fn):
     with tf.GradientTape() as tape:
         tape.watch(x)
         logits = tf.cast(logits_fn(x), tf.float32)
-        loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=labels, logits=logits))
-    return tape.gradient(loss, x)
+        loss = tf.reduce_sum(loss_fn(logits, labels))
+    return tape.gradient(loss, x), logits
 
 
 def linf_attack(logits_fn, images, labels, *, epsilon, step_size, num_iter,
-                random_start=True, project=True, targets=None, seed=None):
+                random_start=True, project=True, targets=None, seed=None,
+                clean_start_prob=0.0, early_stop_tau=None, loss_fn=None, x_init=None):
     """Iterated signed-gradient attack under an L-inf budget.
 
     Args:
@@ -116,6 +141,14 @@ def linf_attack(logits_fn, images, labels, *, epsilon, step_size, num_iter,
       project: project onto the eps-ball after each step (False = GD variant).
       targets: int [B] target classes for a targeted attack, or None (untargeted).
       seed: int32/int64 tensor of shape [2] for the random start.
+      clean_start_prob: with a random start, the per-image probability of starting
+        from the clean image instead.
+      early_stop_tau: None, or FAT's early stop: an image takes at most tau more steps
+        once the model misclassifies it (checked before every step).
+      loss_fn: (logits, labels) -> per-sample loss to *ascend*; default: the
+        cross-entropy of the true label, or minus that of the target.
+      x_init: optional starting point (projected onto the ball and the pixel range);
+        replaces the random start.
 
     Returns:
       float32 adversarial images with no gradient attached.
@@ -124,28 +157,53 @@ def linf_attack(logits_fn, images, labels, *, epsilon, step_size, num_iter,
     labels = tf.cast(labels, tf.int32)
     eps = tf.constant(float(epsilon), tf.float32)
     step = tf.constant(float(step_size), tf.float32)
-    if targets is not None:
-        objective_labels, direction = tf.cast(targets, tf.int32), -1.0
+    if loss_fn is not None:
+        objective_labels = labels
+    elif targets is not None:
+        objective_labels = tf.cast(targets, tf.int32)
+        loss_fn = lambda logits, y: -_cross_entropy(logits, y)  # noqa: E731
     else:
-        objective_labels, direction = labels, 1.0
-    if random_start:
+        objective_labels, loss_fn = labels, _cross_entropy
+    if x_init is not None:
+        x = tf.clip_by_value(tf.cast(x_init, tf.float32), x0 - eps, x0 + eps)
+        x = tf.stop_gradient(tf.clip_by_value(x, PIXEL_MIN, PIXEL_MAX))
+    elif random_start:
         if seed is None:
             raise ValueError("a random start needs a seed")
+        seed = tf.cast(seed, tf.int64)
         noise = tf.random.stateless_uniform(tf.shape(x0), seed=seed, minval=-eps,
                                             maxval=eps, dtype=tf.float32)
+        if clean_start_prob > 0:
+            coin = tf.random.stateless_uniform(
+                tf.shape(x0)[:1], seed=tf.random.experimental.stateless_fold_in(seed, 1))
+            keep = tf.cast(coin >= clean_start_prob, tf.float32)
+            noise = noise * tf.reshape(keep, [-1] + [1] * (len(x0.shape) - 1))
         x = tf.clip_by_value(x0 + noise, PIXEL_MIN, PIXEL_MAX)
     else:
         x = x0
+    budget = None
+    if early_stop_tau is not None:
+        budget = tf.fill(tf.shape(labels), tf.cast(early_stop_tau, tf.int32))
     for _ in range(int(num_iter)):
-        grad = _loss_gradient(logits_fn, x, objective_labels)
-        x = x + direction * step * tf.sign(grad)
+        grad, logits = _loss_gradient(logits_fn, x, objective_labels, loss_fn)
+        move = step * tf.sign(grad)
+        if budget is not None:
+            wrong = tf.not_equal(tf.argmax(logits, -1, output_type=tf.int32), labels)
+            active = budget >= 0  # still allowed to move at this step
+            budget = budget - tf.cast(wrong, tf.int32) * tf.cast(active, tf.int32)
+            still = tf.logical_and(active, tf.logical_or(tf.logical_not(wrong),
+                                                         budget >= 0))
+            move = move * tf.reshape(tf.cast(still, tf.float32),
+                                     [-1] + [1] * (len(x0.shape) - 1))
+        x = x + move
         if project:
             x = tf.clip_by_value(x, x0 - eps, x0 + eps)
         x = tf.stop_gradient(tf.clip_by_value(x, PIXEL_MIN, PIXEL_MAX))
     return x
 
 
-def attack(logits_fn, images, labels, config, *, num_classes=None, seed=None):
+def attack(logits_fn, images, labels, config, *, num_classes=None, seed=None,
+           loss_fn=None):
     """Runs the attack an `AttackConfig` describes; see `linf_attack`.
 
     `seed` is a shape-[2] integer tensor; the random start and the random target use
@@ -165,8 +223,11 @@ def attack(logits_fn, images, labels, config, *, num_classes=None, seed=None):
     if config.attacker == "fgsm":
         return linf_attack(logits_fn, images, labels, epsilon=config.epsilon,
                            step_size=config.epsilon, num_iter=1, random_start=False,
-                           project=True, targets=targets)
+                           project=True, targets=targets,
+                           early_stop_tau=config.early_stop_tau, loss_fn=loss_fn)
     return linf_attack(
         logits_fn, images, labels, epsilon=config.epsilon, step_size=config.step_size,
         num_iter=config.iterations, random_start=config.attacker in ("pgd", "gd"),
-        project=config.attacker != "gd", targets=targets, seed=start_seed)
+        project=config.attacker != "gd", targets=targets, seed=start_seed,
+        clean_start_prob=config.clean_start_prob, early_stop_tau=config.early_stop_tau,
+        loss_fn=loss_fn)

@@ -5,7 +5,12 @@ Public API::
   info = resolve_dataset(dataset=None, data_dir=None)   # -> DatasetInfo
   ds = make_dataset(info, data_dir, "train", batch_size=..., image_size=...,
                     is_training=True, seed=0, start_step=0,
-                    augmentation="inception", input_context=None)
+                    augmentation="inception", input_context=None,
+                    auto_augment=None, randaugment_layers=2,
+                    randaugment_magnitude=10, auto_augment_fraction=1.0,
+                    source_tags=False)
+  image = distort_image_with_autoaugment(image, seed)            # policy v0
+  image = distort_image_with_randaugment(image, 2, 10, seed)
 
 Datasets:
 
@@ -29,6 +34,11 @@ Small shards (<= 256 MiB of records, or ``cache=True``) are held in memory
 files permuted per epoch, read with a deterministic parallel interleave and
 shuffled in blocks of ``shuffle_buffer`` records (stateless, seeded per epoch
 and block).
+
+Training images can additionally be augmented with AutoAugment policy v0 or
+RandAugment (``auto_augment``; :mod:`efficientnet_advprop.data.autoaugment`),
+on all of them or on a random, per-example share (``auto_augment_fraction``);
+``source_tags=True`` adds a per-image int32 tag (0 clean, 1 augmented).
 """
 
 import dataclasses
@@ -36,14 +46,18 @@ import os
 
 import tensorflow as tf
 
+from efficientnet_advprop.data import autoaugment
 from efficientnet_advprop.data import image_folder
 from efficientnet_advprop.data import preprocessing
 from efficientnet_advprop.data import tfds_reader
 from efficientnet_advprop.data import tfrecord
+from efficientnet_advprop.data.autoaugment import distort_image_with_autoaugment
+from efficientnet_advprop.data.autoaugment import distort_image_with_randaugment
 from efficientnet_advprop.data.tfrecord import write_tfrecords
 
 EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded")
 AUGMENTATIONS = preprocessing.AUGMENTATIONS
+AUTO_AUGMENTS = preprocessing.AUTO_AUGMENTS
 # Splits above this total size are not counted at resolve time when no
 # dataset_info.json is present (official ImageNet sizes are used instead).
 _COUNT_LIMIT_BYTES = 2 * 1024**3
@@ -55,6 +69,10 @@ __all__ = [
     "write_tfrecords",
     "EMBEDDED_DIR",
     "AUGMENTATIONS",
+    "AUTO_AUGMENTS",
+    "distort_image_with_autoaugment",
+    "distort_image_with_randaugment",
+    "autoaugment",
     "preprocessing",
 ]
 
@@ -219,7 +237,16 @@ def _block_shuffle(ds, block, epoch_seed):
 
 
 def _train_dataset(
-    source, *, batch_size, image_size, seed, start_step, augmentation, shuffle_buffer
+    source,
+    *,
+    batch_size,
+    image_size,
+    seed,
+    start_step,
+    augmentation,
+    shuffle_buffer,
+    auto_augment_options,
+    source_tags,
 ):
     n = int(source.count)
     steps_per_epoch = n // batch_size
@@ -268,19 +295,23 @@ def _train_dataset(
 
     def process(epoch, index, el):
         image_bytes, label = _element(source, el)
-        image = preprocessing.preprocess_for_train(
+        image, tag = preprocessing.preprocess_for_train(
             image_bytes,
             image_size,
             preprocessing.example_seed(seed, epoch, index),
             augmentation,
+            return_source=True,
+            **auto_augment_options,
         )
+        if source_tags:
+            return image, tf.cast(label, tf.int32), tag
         return image, tf.cast(label, tf.int32)
 
     ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=True)
 
 
-def _eval_dataset(source, *, batch_size, image_size, augmentation, cache):
+def _eval_dataset(source, *, batch_size, image_size, augmentation, cache, source_tags):
     if source.memory is not None:
         ds = tf.data.Dataset.from_tensor_slices(source.memory)
     else:
@@ -289,6 +320,8 @@ def _eval_dataset(source, *, batch_size, image_size, augmentation, cache):
     def process(*el):
         image_bytes, label = _element(source, el if len(el) > 1 else el[0])
         image = preprocessing.preprocess_for_eval(image_bytes, image_size, augmentation)
+        if source_tags:
+            return image, tf.cast(label, tf.int32), tf.constant(0, tf.int32)
         return image, tf.cast(label, tf.int32)
 
     ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -311,8 +344,16 @@ def make_dataset(
     input_context=None,
     cache=False,
     shuffle_buffer=None,
+    auto_augment=None,
+    randaugment_layers=2,
+    randaugment_magnitude=10,
+    auto_augment_fraction=1.0,
+    source_tags=False,
 ) -> tf.data.Dataset:
     """Batched (images float32 [B,H,W,3] in [0,255], labels int32 [B]) dataset.
+
+    With ``source_tags=True`` each element is (images, labels, sources), sources
+    int32 [B]: 0 = clean image, 1 = augmented by AutoAugment/RandAugment.
 
     Args:
       info: DatasetInfo from resolve_dataset.
@@ -334,12 +375,31 @@ def make_dataset(
         eval: cache the preprocessed images in memory after the first pass.
       shuffle_buffer: block size of the stateless block shuffle for streamed
         (large) training data; default 1024.
+      auto_augment: None, "v0" (AutoAugment policy v0) or "randaugment": extra
+        training augmentation applied after crop + flip + resize, as in the
+        official EfficientNet; augmented images are rounded to integers.
+        Eval never augments.
+      randaugment_layers: RandAugment's number of ops per image (N), >= 0.
+      randaugment_magnitude: RandAugment's shared level (M), >= 0 (typically
+        5..30; levels above 10 extrapolate the magnitude mapping linearly, see
+        efficientnet_advprop.data.autoaugment).
+      auto_augment_fraction: share of training images, in [0, 1], that get
+        ``auto_augment`` (a stateless coin per example from the run seed, epoch
+        and index); the others are exactly the images of ``auto_augment=None``.
+      source_tags: also yield the per-image source tags (eval: all 0).
     """
     if split in ("validation", "test"):
         split = "eval"
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r}: expected 'train' or 'eval'")
     preprocessing.check_augmentation(augmentation)
+    auto_augment, randaugment_layers, randaugment_magnitude, auto_augment_fraction = (
+        preprocessing.check_auto_augment(
+            auto_augment, randaugment_layers, randaugment_magnitude, auto_augment_fraction
+        )
+    )
+    if not isinstance(source_tags, bool):
+        raise ValueError(f"source_tags={source_tags!r}: expected True or False")
     batch_size = int(batch_size)
     image_size = int(image_size)
     if batch_size < 1 or image_size < 1:
@@ -361,6 +421,13 @@ def make_dataset(
             start_step=int(start_step),
             augmentation=augmentation,
             shuffle_buffer=shuffle_buffer,
+            auto_augment_options=dict(
+                auto_augment=auto_augment,
+                randaugment_layers=randaugment_layers,
+                randaugment_magnitude=randaugment_magnitude,
+                auto_augment_fraction=auto_augment_fraction,
+            ),
+            source_tags=source_tags,
         )
     else:
         ds = _eval_dataset(
@@ -369,6 +436,7 @@ def make_dataset(
             image_size=image_size,
             augmentation=augmentation,
             cache=cache,
+            source_tags=source_tags,
         )
     ds = ds.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()

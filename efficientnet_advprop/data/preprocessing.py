@@ -25,6 +25,13 @@ All outputs are float32 ``[image_size, image_size, 3]`` RGB in [0, 255] (not
 normalised: the models normalise internally).  Bicubic results are clipped
 to [0, 255].
 
+Optionally, after crop + flip + resize (as in the official preprocessing),
+training images are augmented with AutoAugment policy v0 or RandAugment
+(:mod:`efficientnet_advprop.data.autoaugment`), on all images or on a
+stateless per-image share of them (``auto_augment_fraction``); the rest stay
+exactly as without augmentation.  Augmented images are quantised to integers
+(rounded) on the way.
+
 All randomness is stateless: every random op takes a seed derived from the
 per-example seed passed in (a shape-[2] integer tensor), so results depend
 only on that seed and never on op order, threads or ``tf.random`` state.
@@ -32,7 +39,12 @@ Use :func:`example_seed` to derive per-example seeds from a run seed, an
 epoch and an example index.
 """
 
+import math
+import numbers
+
 import tensorflow as tf
+
+from efficientnet_advprop.data import autoaugment
 
 CROP_PADDING = 32
 AUGMENTATIONS = ("inception", "cifar", "cifar_zeros", "none")
@@ -43,12 +55,49 @@ ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 AREA_RANGE = (0.08, 1.0)
 MAX_ATTEMPTS = 10
 CIFAR_PAD = 4
+AUTO_AUGMENTS = (None, "v0", "randaugment")
+# Sub-seed (fold_in data) of the per-example seed used by AutoAugment/RandAugment;
+# the crop/flip seeds (stateless_split) are unaffected.
+_AUTO_AUGMENT_STREAM = 0xA0A0
 
 
 def check_augmentation(augmentation):
     if augmentation not in AUGMENTATIONS:
         raise ValueError(f"augmentation={augmentation!r}: expected one of {AUGMENTATIONS}")
     return augmentation
+
+
+def check_auto_augment(
+    auto_augment, randaugment_layers=2, randaugment_magnitude=10, auto_augment_fraction=1.0
+):
+    """Validates the AutoAugment/RandAugment options (ValueError naming the argument).
+
+    Returns (auto_augment, randaugment_layers, randaugment_magnitude,
+    auto_augment_fraction) as (str or None, int, float, float).
+    """
+    if auto_augment not in AUTO_AUGMENTS:
+        raise ValueError(f"auto_augment={auto_augment!r}: expected one of {AUTO_AUGMENTS}")
+    layers, magnitude = randaugment_layers, randaugment_magnitude
+    if isinstance(layers, bool) or not isinstance(layers, numbers.Integral) or layers < 0:
+        raise ValueError(f"randaugment_layers={layers!r}: expected an integer >= 0")
+    if (
+        isinstance(magnitude, bool)
+        or not isinstance(magnitude, numbers.Real)
+        or not math.isfinite(magnitude)
+        or magnitude < 0
+    ):
+        raise ValueError(f"randaugment_magnitude={magnitude!r}: expected a number >= 0")
+    fraction = auto_augment_fraction
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, numbers.Real)
+        or not math.isfinite(fraction)
+        or not 0.0 <= fraction <= 1.0
+    ):
+        raise ValueError(
+            f"auto_augment_fraction={auto_augment_fraction!r}: expected a number in [0, 1]"
+        )
+    return auto_augment, int(layers), float(magnitude), float(fraction)
 
 
 # ---------------------------------------------------------------------------
@@ -218,19 +267,79 @@ def cifar_random_crop(image, seed, pad=CIFAR_PAD, mode="REFLECT"):
 # ---------------------------------------------------------------------------
 # Entry points.
 # ---------------------------------------------------------------------------
-def preprocess_for_train(image_bytes, image_size, seed, augmentation="inception"):
-    """Training preprocessing of one encoded image; seed: shape-[2] int tensor."""
+def preprocess_for_train(
+    image_bytes,
+    image_size,
+    seed,
+    augmentation="inception",
+    *,
+    auto_augment=None,
+    randaugment_layers=2,
+    randaugment_magnitude=10,
+    auto_augment_fraction=1.0,
+    return_source=False,
+):
+    """Training preprocessing of one encoded image; seed: shape-[2] int tensor.
+
+    ``augmentation`` selects the crop/flip/resize.  ``auto_augment`` then adds,
+    after the resize: None (nothing), "v0" (AutoAugment policy v0) or
+    "randaugment" (``randaugment_layers`` ops at ``randaugment_magnitude``).
+    ``auto_augment_fraction`` in [0, 1] is the probability (a stateless coin per
+    image) that an image is augmented; the others are returned exactly as with
+    ``auto_augment=None``.  Augmented images are rounded to integers in
+    [0, 255] (the ops work on uint8).
+
+    Returns float32 [image_size, image_size, 3] in [0, 255], or
+    ``(image, source)`` when ``return_source``: int32 scalar, 0 = clean,
+    1 = augmented by AutoAugment/RandAugment.
+    """
     check_augmentation(augmentation)
+    auto_augment, layers, magnitude, fraction = check_auto_augment(
+        auto_augment, randaugment_layers, randaugment_magnitude, auto_augment_fraction
+    )
     if augmentation == "none":
-        return resize(_decode_full(image_bytes), image_size)
-    crop_seed, flip_seed = _split_seed(seed, 2)
-    if augmentation == "inception":
-        image = decode_and_random_crop(image_bytes, image_size, crop_seed)
+        image = resize(_decode_full(image_bytes), image_size)
     else:
-        mode = "REFLECT" if augmentation == "cifar" else "CONSTANT"
-        image = cifar_random_crop(_decode_full(image_bytes), crop_seed, mode=mode)
-    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-    return resize(image, image_size)
+        crop_seed, flip_seed = _split_seed(seed, 2)
+        if augmentation == "inception":
+            image = decode_and_random_crop(image_bytes, image_size, crop_seed)
+        else:
+            mode = "REFLECT" if augmentation == "cifar" else "CONSTANT"
+            image = cifar_random_crop(_decode_full(image_bytes), crop_seed, mode=mode)
+        image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+        image = resize(image, image_size)
+
+    source = tf.constant(0, tf.int32)
+    if auto_augment is not None and fraction > 0.0:
+        aa_seed = tf.random.experimental.stateless_fold_in(
+            seed, tf.constant(_AUTO_AUGMENT_STREAM, tf.int64)
+        )
+        distort_seed = tf.random.experimental.stateless_fold_in(
+            aa_seed, tf.constant(1, tf.int64)
+        )
+        clean = image
+
+        def augmented():
+            if auto_augment == "v0":
+                return autoaugment.distort_image_with_autoaugment(clean, distort_seed, "v0")
+            return autoaugment.distort_image_with_randaugment(
+                clean, layers, magnitude, distort_seed
+            )
+
+        if fraction >= 1.0:
+            image = augmented()
+            source = tf.constant(1, tf.int32)
+        else:
+            coin_seed = tf.random.experimental.stateless_fold_in(
+                aa_seed, tf.constant(0, tf.int64)
+            )
+            apply = tf.random.stateless_uniform([], seed=coin_seed) < fraction
+            image = tf.cond(apply, augmented, lambda: clean)
+            source = tf.cast(apply, tf.int32)
+        image.set_shape([image_size, image_size, 3])
+    if return_source:
+        return image, source
+    return image
 
 
 def preprocess_for_eval(

@@ -17,6 +17,12 @@ Which set a call uses is chosen by a *route*, set for a whole model call with th
         logits = model(tf.concat([clean, adv], 0), training=True)
     with bn_route(AUX, update_stats=False):  # batch statistics, moving stats frozen
         logits = model(x_adv, training=True)
+    with bn_route(AUX, groups=8):            # ghost BN: 8 groups, own statistics each
+        logits = model(x_adv, training=True)
+    with bn_route(assignment=tags):          # per-image sets from an int tensor [B]
+        logits = model(x, training=True)
+    with bn_route(MAIN, use_moving_stats=flag):  # "consistent BN" when flag is True
+        logits = model(x, training=True)
 
 Set 0 is the main BN, sets 1..N the auxiliary ones. Without a route the main BN is used,
 so a model with auxiliary sets behaves like a plain network at inference.
@@ -33,6 +39,7 @@ uses aggregation ``NONE`` and silently keeps one replica's copy instead.
 """
 
 import contextlib
+import math
 import threading
 
 import keras
@@ -45,15 +52,28 @@ _route_state = threading.local()
 
 
 class BNRoute:
-    """Where each consecutive segment of a batch is normalised.
+    """Where each image of a batch is normalised, and with which statistics.
 
     Attributes:
-      sets: tuple of BN set indices (0 = main, k >= 1 = auxiliary set k).
+      sets: tuple of BN set indices (0 = main, k >= 1 = auxiliary set k), one per
+        consecutive segment of the batch.
       sizes: tuple of segment sizes, or None to split the batch in equal parts.
-      update_stats: whether training-mode calls update the moving statistics.
+      update_stats: whether training-mode calls update the moving statistics; a bool
+        for every segment or a tuple, one per segment.
+      groups: ghost batch norm: a segment is cut into that many equal consecutive
+        groups, each normalised with its own batch statistics (Fast AdvProp's shuffle
+        BN on one device); an int for every segment or a tuple, one per segment. The
+        moving statistics move towards the mean over groups.
+      assignment: optional int tensor [B] giving each image's set (per-image routing,
+        e.g. by data source); replaces `sets`/`sizes`. Statistics are computed per set
+        over the images routed to it (masked moments), so shapes stay static.
+      use_moving_stats: in training mode, normalise with the moving statistics instead
+        of batch statistics and leave them unchanged ("consistent BN", Xie & Yuille
+        2020). A Python bool or a scalar bool tensor (switched inside the graph).
     """
 
-    def __init__(self, sets=MAIN, sizes=None, update_stats=True):
+    def __init__(self, sets=MAIN, sizes=None, update_stats=True, groups=1,
+                 assignment=None, use_moving_stats=False):
         if isinstance(sets, int):
             sets = (sets,)
         sets = tuple(int(s) for s in sets)
@@ -64,13 +84,31 @@ class BNRoute:
             if len(sizes) != len(sets):
                 raise ValueError(
                     f"BN route has {len(sets)} sets but {len(sizes)} segment sizes")
+        groups = (tuple(int(g) for g in groups) if isinstance(groups, (tuple, list))
+                  else (int(groups),) * len(sets))
+        if len(groups) != len(sets) or any(g < 1 for g in groups):
+            raise ValueError(f"BN route groups must be >= 1, one per set (or one for "
+                             f"all), got {groups} for sets {sets}")
+        if assignment is not None and max(groups) != 1:
+            raise ValueError("a BN route takes either a per-image assignment or ghost "
+                             "groups, not both")
         self.sets = sets
         self.sizes = sizes
-        self.update_stats = bool(update_stats)
+        update_stats = (tuple(bool(u) for u in update_stats)
+                        if isinstance(update_stats, (tuple, list))
+                        else (bool(update_stats),) * len(sets))
+        if len(update_stats) != len(sets):
+            raise ValueError(f"BN route has {len(sets)} sets but {len(update_stats)} "
+                             "update_stats flags")
+        self.update_stats = update_stats
+        self.groups = groups
+        self.assignment = assignment
+        self.use_moving_stats = use_moving_stats
 
     def __repr__(self):
         return (f"BNRoute(sets={self.sets}, sizes={self.sizes}, "
-                f"update_stats={self.update_stats})")
+                f"update_stats={self.update_stats}, groups={self.groups}, "
+                f"assignment={'tensor' if self.assignment is not None else None})")
 
 
 _DEFAULT_ROUTE = BNRoute()
@@ -83,9 +121,13 @@ def current_route():
 
 
 @contextlib.contextmanager
-def bn_route(sets=MAIN, sizes=None, update_stats=True):
-    """Routes every SplitBatchNorm called inside the block; see the module docstring."""
-    route = sets if isinstance(sets, BNRoute) else BNRoute(sets, sizes, update_stats)
+def bn_route(sets=MAIN, sizes=None, update_stats=True, *, groups=1, assignment=None,
+             use_moving_stats=False):
+    """Routes every SplitBatchNorm called inside the block; see the module docstring
+    and `BNRoute` for the arguments."""
+    route = sets if isinstance(sets, BNRoute) else BNRoute(
+        sets, sizes, update_stats, groups=groups, assignment=assignment,
+        use_moving_stats=use_moving_stats)
     stack = getattr(_route_state, "stack", None)
     if stack is None:
         stack = _route_state.stack = []
@@ -205,34 +247,113 @@ class SplitBatchNorm(keras.layers.Layer):
             offset = offset + self.betas[index]
         return x * inv + offset
 
-    def _apply_set(self, x, index, training, update_stats):
+    def _check_set(self, index):
         if index >= self.num_sets:
             raise ValueError(
                 f"{self.name}: BN route asks for set {index}, the layer has sets "
                 f"0..{self.num_sets - 1}")
-        if not training:
-            return self._normalize(x, index, self.moving_means[index],
-                                   self.moving_variances[index])
+
+    def _update_moving(self, index, mean, variance, keep=None):
+        """moving -= (moving - batch) * (1 - momentum); `keep` (a 0/1 float scalar)
+        leaves them unchanged where it is 1."""
+        decay = 1.0 - self.momentum
+        if keep is not None:
+            decay = decay * (1.0 - keep)
+        for var, value in ((self.moving_means[index], mean),
+                           (self.moving_variances[index], variance)):
+            var.assign_sub((var - value) * decay)
+
+    @staticmethod
+    def _moving_flag(route):
+        """None (batch statistics), True, or a float 0/1 scalar tensor."""
+        flag = route.use_moving_stats
+        if isinstance(flag, bool) or flag is None:
+            return True if flag else None
+        return tf.cast(flag, tf.float32)
+
+    def _apply_set(self, x, index, training, route, groups=1, update=True):
+        self._check_set(index)
+        moving = (self.moving_means[index], self.moving_variances[index])
+        flag = self._moving_flag(route) if training else True
+        if flag is True:
+            return self._normalize(x, index, *moving)
+        if groups > 1:
+            return self._apply_ghost(x, index, flag, groups, update)
         mean, variance = self._moments(x)
-        if update_stats:
-            decay = 1.0 - self.momentum
-            for var, value in ((self.moving_means[index], mean),
-                               (self.moving_variances[index], variance)):
-                var.assign_sub((var - value) * decay)
+        if update:
+            self._update_moving(index, mean, variance, keep=flag)
+        if flag is not None:
+            mean = flag * moving[0] + (1.0 - flag) * mean
+            variance = flag * moving[1] + (1.0 - flag) * variance
         return self._normalize(x, index, mean, variance)
+
+    def _apply_ghost(self, x, index, flag, groups, update):
+        if self.synchronized:
+            raise ValueError(f"{self.name}: ghost BN groups and synchronized batch "
+                             "statistics do not combine")
+        n = x.shape[0]
+        if n is None or n % groups:
+            raise ValueError(f"{self.name}: a segment of {n} images cannot be cut into "
+                             f"{groups} equal ghost BN groups")
+        grouped = tf.reshape(x, [groups, n // groups] + list(x.shape[1:]))
+        axes = list(range(1, len(grouped.shape) - 1))
+        mean, variance = tf.nn.moments(grouped, axes=axes, keepdims=True)
+        if update:
+            flat = [-1, x.shape[-1]]
+            self._update_moving(index, tf.reduce_mean(tf.reshape(mean, flat), 0),
+                                tf.reduce_mean(tf.reshape(variance, flat), 0), keep=flag)
+        if flag is not None:
+            mean = flag * self.moving_means[index] + (1.0 - flag) * mean
+            variance = flag * self.moving_variances[index] + (1.0 - flag) * variance
+        out = self._normalize(grouped, index, mean, variance)
+        return tf.reshape(out, tf.shape(x))
+
+    def _apply_assignment(self, x, training, route):
+        """Per-image routing: each image normalised by the set `assignment` names."""
+        assignment = tf.cast(route.assignment, tf.int32)
+        used = sorted(set(route.sets)) if route.sets != (MAIN,) else range(self.num_sets)
+        flag = self._moving_flag(route) if training else True
+        bshape = [-1] + [1] * (len(x.shape) - 1)
+        out = tf.zeros_like(x)
+        for index in used:
+            self._check_set(index)
+            mask = tf.reshape(tf.cast(tf.equal(assignment, index), tf.float32), bshape)
+            moving = (self.moving_means[index], self.moving_variances[index])
+            if flag is True:
+                mean, variance = moving
+            else:
+                axes = list(range(len(x.shape) - 1))
+                per_image = float(math.prod(x.shape[1:-1]))
+                count = tf.reduce_sum(mask) * per_image
+                safe = tf.maximum(count, 1.0)
+                mean = tf.reduce_sum(x * mask, axis=axes) / safe
+                variance = tf.reduce_sum(tf.square(x - mean) * mask, axis=axes) / safe
+                empty = tf.cast(tf.equal(count, 0.0), tf.float32)
+                if all(route.update_stats):
+                    keep = empty if flag is None else tf.maximum(empty, flag)
+                    self._update_moving(index, mean, variance, keep=keep)
+                if flag is not None:
+                    mean = flag * moving[0] + (1.0 - flag) * mean
+                    variance = flag * moving[1] + (1.0 - flag) * variance
+            out += mask * self._normalize(x, index, mean, variance)
+        return out
 
     def call(self, inputs, training=None, route=None):
         route = route if route is not None else current_route()
         training = bool(training)
         x = tf.cast(inputs, tf.float32)
-        if len(route.sets) == 1:
-            out = self._apply_set(x, route.sets[0], training, route.update_stats)
+        if route.assignment is not None:
+            out = self._apply_assignment(x, training, route)
+        elif len(route.sets) == 1:
+            out = self._apply_set(x, route.sets[0], training, route, route.groups[0],
+                                  route.update_stats[0])
         else:
             sizes = list(route.sizes) if route.sizes is not None else len(route.sets)
             parts = tf.split(x, sizes, axis=0)
             out = tf.concat([
-                self._apply_set(part, index, training, route.update_stats)
-                for part, index in zip(parts, route.sets)], axis=0)
+                self._apply_set(part, index, training, route, groups, update)
+                for part, index, groups, update in zip(parts, route.sets, route.groups,
+                                                       route.update_stats)], axis=0)
         return tf.cast(out, inputs.dtype)
 
     def compute_output_shape(self, input_shape):
@@ -251,6 +372,19 @@ class SplitBatchNorm(keras.layers.Layer):
             "beta_initializer": keras.initializers.serialize(self.beta_initializer),
         })
         return config
+
+
+def bn_sets_of_variables(model):
+    """{id(variable): set index} for the gamma and beta of every SplitBatchNorm set;
+    variables outside a SplitBatchNorm are not in the map."""
+    out = {}
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, SplitBatchNorm):
+            for index in range(layer.num_sets):
+                for var in (layer.gammas[index], layer.betas[index]):
+                    if var is not None:
+                        out[id(var)] = index
+    return out
 
 
 def sync_moving_statistics(model):

@@ -148,10 +148,21 @@ def _block(x, prefix, width, strides, beta, alpha, activation, drop_rate, transi
     return keras.layers.Add(name=prefix + "out")([y, shortcut])
 
 
+def scaled_widths(width_multiplier=1.0):
+    """(stem filters, stage widths) scaled by `width_multiplier` (at least 8 each)."""
+    if not width_multiplier > 0:
+        raise ValueError(f"width_multiplier must be > 0, got {width_multiplier}")
+
+    def scale(c):
+        return max(8, int(round(c * width_multiplier)))
+
+    return scale(STEM_FILTERS), tuple(scale(w) for w in STAGE_WIDTHS)
+
+
 def nf_resnet(model_name, num_classes=1000, image_size=None, preprocessing="imagenet",
               activation="relu", alpha=0.2, drop_path_rate=0.0, dropout_rate=0.0,
               small_stem=None, include_top=True, name=None, norm=None,
-              compensate_avgpool_var=True):
+              compensate_avgpool_var=True, width_multiplier=1.0):
     """Builds a functional NF-ResNet taking float RGB in [0, 255].
 
     Args:
@@ -181,6 +192,7 @@ def nf_resnet(model_name, num_classes=1000, image_size=None, preprocessing="imag
     """
     if norm is not None:
         raise ValueError("NF-ResNets have no normalisation layers; norm must be None")
+    stem_filters, stage_widths = scaled_widths(width_multiplier)
     base, cifar = _parse_name(model_name)
     activation_gamma(activation)  # ValueError on unknown names
     small = cifar if small_stem is None else bool(small_stem)
@@ -192,9 +204,9 @@ def nf_resnet(model_name, num_classes=1000, image_size=None, preprocessing="imag
                          name="images")
     x = InputNormalization(preprocessing, name="input_normalization")(inputs)
     if small:
-        x = _conv(STEM_FILTERS, 3, "stem_conv")(x)
+        x = _conv(stem_filters, 3, "stem_conv")(x)
     else:
-        x = _conv(STEM_FILTERS, 7, "stem_conv", strides=2)(x)
+        x = _conv(stem_filters, 7, "stem_conv", strides=2)(x)
         x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
 
     betas = block_betas(base, alpha)
@@ -202,7 +214,7 @@ def nf_resnet(model_name, num_classes=1000, image_size=None, preprocessing="imag
     for index, (stage, block, beta) in enumerate(betas):
         drop_rate = drop_path_rate * index / max(total - 1, 1)
         strides = 2 if (block == 1 and stage > 1) else 1
-        x = _block(x, f"stage{stage}_block{block}_", STAGE_WIDTHS[stage - 1], strides,
+        x = _block(x, f"stage{stage}_block{block}_", stage_widths[stage - 1], strides,
                    beta, alpha, activation, drop_rate, transition=block == 1,
                    compensate_avgpool_var=compensate_avgpool_var)
 

@@ -139,12 +139,23 @@ def _base_name(name):
     return name[:-len(CIFAR_SUFFIX)] if name.endswith(CIFAR_SUFFIX) else name
 
 
-def block_specs(model_name):
+def scaled_widths(width_multiplier=1.0):
+    """(stem filters, stage widths) scaled by `width_multiplier` (at least 8 each)."""
+    if not width_multiplier > 0:
+        raise ValueError(f"width_multiplier must be > 0, got {width_multiplier}")
+
+    def scale(c):
+        return max(8, int(round(c * width_multiplier)))
+
+    return scale(STEM_FILTERS), tuple(scale(w) for w in STAGE_WIDTHS)
+
+
+def block_specs(model_name, width_multiplier=1.0):
     """Every residual block of the network, in order (pure, no TensorFlow)."""
     params = resnet_params(model_name)
     specs = []
-    in_filters = STEM_FILTERS
-    for stage, (width, repeats) in enumerate(zip(STAGE_WIDTHS, params.blocks)):
+    in_filters, widths = scaled_widths(width_multiplier)
+    for stage, (width, repeats) in enumerate(zip(widths, params.blocks)):
         out_filters = width * params.expansion
         for repeat in range(repeats):
             stride = 2 if stage > 0 and repeat == 0 else 1
@@ -223,7 +234,7 @@ def _residual_block(x, spec, norm, zero_init_last_bn):
 
 def resnet(model_name, num_classes=1000, image_size=None, norm=None,
            preprocessing="imagenet", small_stem=None, zero_init_last_bn=False,
-           dropout_rate=0.0, include_top=True, name=None):
+           dropout_rate=0.0, include_top=True, name=None, width_multiplier=1.0):
     """Builds a functional ResNet taking float RGB in [0, 255].
 
     Args:
@@ -242,11 +253,14 @@ def resnet(model_name, num_classes=1000, image_size=None, norm=None,
       dropout_rate: dropout before the classifier (0 adds no layer).
       include_top: with False the model ends at the last stage's feature map.
       name: Keras model name (None: the canonical model name).
+      width_multiplier: scales the stem and every stage width (rounded, at least 8
+        channels), for small experiments; 1 is the published network.
 
     Returns:
       A `keras.Model` whose output is the LOGITS (no softmax).
     """
     model_name = canonical_name(model_name)
+    stem_filters = scaled_widths(width_multiplier)[0]
     if small_stem is None:
         small_stem = model_name.endswith(CIFAR_SUFFIX)
     if image_size is None:
@@ -260,16 +274,16 @@ def resnet(model_name, num_classes=1000, image_size=None, norm=None,
                          name="images")
     x = InputNormalization(preprocessing, name="input_normalization")(inputs)
     if small_stem:
-        x = _conv(x, STEM_FILTERS, 3, "stem_conv")
+        x = _conv(x, stem_filters, 3, "stem_conv")
     else:
-        x = _conv(x, STEM_FILTERS, 7, "stem_conv", stride=2)
+        x = _conv(x, stem_filters, 7, "stem_conv", stride=2)
     x = norm("stem_bn")(x)
     x = keras.layers.Activation("relu", name="stem_relu")(x)
     if not small_stem:
         x = keras.layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
         x = keras.layers.MaxPooling2D(3, strides=2, padding="valid", name="stem_pool")(x)
 
-    specs = block_specs(model_name)
+    specs = block_specs(model_name, width_multiplier)
     for spec in specs:
         x = _residual_block(x, spec, norm, zero_init_last_bn)
 

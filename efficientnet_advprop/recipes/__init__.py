@@ -1,21 +1,36 @@
-"""Training recipes: one module per method, each saying how a batch becomes a loss."""
+"""Training recipes: one module per method, each saying how a batch becomes gradients."""
 
-from efficientnet_advprop.recipes.adversarial_training import (MadryAdversarialTraining,
+from efficientnet_advprop.recipes.adversarial_training import (FriendlyAdversarialTraining,
+                                                               MadryAdversarialTraining,
                                                                StandardAdversarialTraining)
 from efficientnet_advprop.recipes.advprop import AdvProp
-from efficientnet_advprop.recipes.base import Recipe, RecipeOutput, cross_entropy
+from efficientnet_advprop.recipes.base import (SHARED, Recipe, RecipeGradients, RecipeOutput,
+                                               StepContext, cross_entropy, kl_divergence)
+from efficientnet_advprop.recipes.fast_advprop import FastAdvProp
+from efficientnet_advprop.recipes.fine_grained_advprop import FineGrainedAdvProp
+from efficientnet_advprop.recipes.mbn_at import (MixtureBNAdversarialTraining, alp_penalty,
+                                                 consistent_bn_start_step)
+from efficientnet_advprop.recipes.nofrost import NoFrost, NoFrostStar
+from efficientnet_advprop.recipes.trades import Trades, TradesFat, trades_loss
 from efficientnet_advprop.recipes.vanilla import Vanilla
 
-RECIPES = {cls.name: cls for cls in
-           (Vanilla, AdvProp, StandardAdversarialTraining, MadryAdversarialTraining)}
+# In the order of the --recipe help: the method, then the baselines it is compared with.
+RECIPES = {cls.name: cls for cls in (
+    Vanilla, AdvProp, FineGrainedAdvProp, MadryAdversarialTraining,
+    StandardAdversarialTraining, Trades, FriendlyAdversarialTraining, TradesFat,
+    FastAdvProp, MixtureBNAdversarialTraining, NoFrost, NoFrostStar)}
 
 
 def make_recipe(name, num_classes, **options):
     """Builds the recipe `name` (a key of RECIPES) with its options."""
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(sorted(RECIPES))}")
+        raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
     return RECIPES[name](num_classes, **options)
 
 
-__all__ = ["RECIPES", "AdvProp", "MadryAdversarialTraining", "Recipe", "RecipeOutput",
-           "StandardAdversarialTraining", "Vanilla", "cross_entropy", "make_recipe"]
+__all__ = ["RECIPES", "SHARED", "AdvProp", "FastAdvProp", "FineGrainedAdvProp",
+           "FriendlyAdversarialTraining", "MadryAdversarialTraining",
+           "MixtureBNAdversarialTraining", "NoFrost", "NoFrostStar", "Recipe",
+           "RecipeGradients", "RecipeOutput", "StandardAdversarialTraining", "StepContext",
+           "Trades", "TradesFat", "Vanilla", "alp_penalty", "consistent_bn_start_step",
+           "cross_entropy", "kl_divergence", "make_recipe", "trades_loss"]

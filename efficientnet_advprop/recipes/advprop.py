@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from efficientnet_advprop.attacks import AttackConfig, attack_model
 from efficientnet_advprop.layers.split_batch_norm import AUX, MAIN, bn_route
-from efficientnet_advprop.recipes.base import Recipe, RecipeOutput, batch_metrics
+from efficientnet_advprop.recipes.base import Recipe, RecipeOutput, as_context, batch_metrics
 
 
 class AdvProp(Recipe):
@@ -26,9 +26,9 @@ class AdvProp(Recipe):
         # Default: PGD1 (eps 1, one step), what the paper prefers for small models.
         self.attack = attack or AttackConfig(epsilon=1.0)
 
-    def compute(self, model, images, labels, seed):
+    def compute(self, model, images, labels, ctx):
         adv = attack_model(model, images, labels, self.attack, bn_set=AUX,
-                           num_classes=self.num_classes, seed=seed)
+                           num_classes=self.num_classes, seed=as_context(ctx).seed)
         batch = tf.shape(images)[0]
         joint = tf.concat([tf.cast(images, adv.dtype), adv], axis=0)
         with bn_route([MAIN, AUX]):

@@ -1,9 +1,20 @@
-"""What every recipe shares: the loss, the metric convention and the recipe contract.
+"""What every recipe shares: the contract with the loop, the losses and the metrics.
 
-A recipe says how one replica's batch becomes a loss. It returns the *sum* of weighted
-per-sample losses over its local batch (the loop divides by the global batch size, so
-gradients are the same under any number of replicas) and metrics as (sum, count) pairs
-that the loop sums over replicas before dividing.
+A recipe says how one replica's batch becomes gradients. Most recipes only describe a
+loss (`compute`) and inherit `gradients`, which differentiates it; recipes that need
+the backward pass themselves (Fast AdvProp reuses one backward for the parameter and
+the input gradient) override `gradients`.
+
+Conventions:
+- Losses are *sums* of weighted per-sample losses over the replica's local batch. The
+  loop divides each parameter's gradient by the global number of (weighted) samples
+  that produced it: by default the global batch size for every parameter; a recipe can
+  return `sample_weights` per parameter group ("shared" weights, BN set k) instead --
+  Fast AdvProp's "update-speed synchronisation". Either way the result does not depend
+  on the number of replicas.
+- Metrics are (sum, count) pairs that the loop sums over replicas before dividing.
+- Randomness comes from `ctx.seed` (different on every replica) or `ctx.shared_seed`
+  (equal on every replica, for decisions the replicas must agree on).
 """
 
 import dataclasses
@@ -12,66 +23,161 @@ import tensorflow as tf
 
 from efficientnet_advprop.layers.split_batch_norm import MAIN
 
+SHARED = "shared"  # key of sample_weights for every parameter outside a BN set
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What a replica knows about the current step besides its batch.
+
+    Attributes:
+      seed: int64 [2], different on every replica and step.
+      shared_seed: int64 [2], the same on every replica (different per step).
+      step: int64 scalar, the global step being computed (0-based).
+      num_replicas: replicas in sync (a Python int).
+      source_tags: int32 [B] per-image data-source tags from the input pipeline
+        (0 = plain clean image, 1 = AutoAugment/RandAugment image), or None.
+      compile: fn -> fn; wraps the pieces a recipe wants XLA-compiled when the loop
+        runs with jit_compile but cannot compile the whole step (identity otherwise).
+    """
+
+    seed: tf.Tensor
+    shared_seed: tf.Tensor = None
+    step: tf.Tensor = None
+    num_replicas: int = 1
+    source_tags: tf.Tensor = None
+    compile: object = None
+
+    def __post_init__(self):
+        if self.shared_seed is None:
+            self.shared_seed = self.seed
+        if self.step is None:
+            self.step = tf.constant(0, tf.int64)
+        if self.compile is None:
+            self.compile = lambda fn: fn
+
+    def fold(self, tag, shared=False):
+        """A seed for one random decision of this step, independent of other tags."""
+        base = self.shared_seed if shared else self.seed
+        return tf.random.experimental.stateless_fold_in(tf.cast(base, tf.int64), tag)
+
+
+def as_context(ctx):
+    """Accepts a StepContext or a bare seed tensor (tests, notebooks)."""
+    return ctx if isinstance(ctx, StepContext) else StepContext(seed=ctx)
+
 
 @dataclasses.dataclass
 class RecipeOutput:
+    """A recipe's loss for one replica.
+
+    loss_sum: sum over the local batch of weighted per-sample losses (float32 scalar).
+    metrics: name -> (sum, count).
+    sample_weights: None (divide every gradient by the global batch size) or
+      {SHARED: n, set_index: n_k, ...}: local weighted sample counts per parameter group.
+    """
+
     loss_sum: tf.Tensor
-    metrics: dict  # name -> (sum, count)
+    metrics: dict
+    sample_weights: dict = None
+
+
+@dataclasses.dataclass
+class RecipeGradients:
+    """Gradients of a replica's loss *sum* (aligned with the variables asked for)."""
+
+    grads: list
+    loss_sum: tf.Tensor
+    metrics: dict
+    sample_weights: dict = None
 
 
 def cross_entropy(labels, logits, num_classes, label_smoothing=0.0):
     """Per-sample softmax cross-entropy with the official label smoothing.
 
-    Smoothed target = onehot * (1 - s) + s / num_classes (tf.compat.v1.losses
+    `labels` are int class ids [B] or soft targets [B, num_classes] (Mixup/CutMix).
+    Smoothed target = target * (1 - s) + s / num_classes (tf.compat.v1.losses
     .softmax_cross_entropy semantics), computed in float32.
     """
-    onehot = tf.one_hot(tf.cast(labels, tf.int32), num_classes, dtype=tf.float32)
+    target = soft_targets(labels, num_classes)
     if label_smoothing:
-        onehot = onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
-    return tf.nn.softmax_cross_entropy_with_logits(labels=onehot,
+        target = target * (1.0 - label_smoothing) + label_smoothing / num_classes
+    return tf.nn.softmax_cross_entropy_with_logits(labels=target,
                                                    logits=tf.cast(logits, tf.float32))
+
+
+def soft_targets(labels, num_classes):
+    if len(labels.shape) == 2:
+        return tf.cast(labels, tf.float32)
+    return tf.one_hot(tf.cast(labels, tf.int32), num_classes, dtype=tf.float32)
+
+
+def hard_labels(labels):
+    """Class ids from int labels or soft targets (the largest share)."""
+    if len(labels.shape) == 2:
+        return tf.argmax(labels, axis=-1, output_type=tf.int32)
+    return tf.cast(labels, tf.int32)
+
+
+def kl_divergence(p_logits, q_logits):
+    """Per-sample KL(softmax(p) || softmax(q)), summed over classes, in float32."""
+    p_log = tf.nn.log_softmax(tf.cast(p_logits, tf.float32))
+    q_log = tf.nn.log_softmax(tf.cast(q_logits, tf.float32))
+    return tf.reduce_sum(tf.exp(p_log) * (p_log - q_log), axis=-1)
 
 
 def count_correct(labels, logits):
     predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    return tf.reduce_sum(tf.cast(tf.equal(predictions, tf.cast(labels, tf.int32)),
-                                 tf.float32))
+    return tf.reduce_sum(tf.cast(tf.equal(predictions, hard_labels(labels)), tf.float32))
 
 
 def batch_metrics(prefix, labels, logits, per_sample_loss):
-    count = tf.cast(tf.shape(labels)[0], tf.float32)
+    count = tf.cast(tf.shape(logits)[0], tf.float32)
     return {f"loss/{prefix}": (tf.reduce_sum(per_sample_loss), count),
             f"accuracy/{prefix}": (count_correct(labels, logits), count)}
 
 
 class Recipe:
-    """Base class. Subclasses set `name` and `num_aux` and implement `compute`.
+    """Base class. Subclasses set `name` and `num_aux` and implement `compute` (or
+    `gradients`).
 
     Attributes:
       name: the --recipe name.
       num_aux: auxiliary BN sets the model must have.
       attack: the AttackConfig used to make training examples, or None.
-      attack_bn_set: the BN set the attack runs through.
+      attack_bn_set: the BN set the attack runs through (and the set that normalises
+        adversarial images; evaluation reports it next to the main set).
+      needs_source_tags: the input pipeline must tag each image with its source.
     """
 
     name = "recipe"
     num_aux = 0
     attack = None
     attack_bn_set = MAIN
+    needs_source_tags = False
 
     def __init__(self, num_classes, label_smoothing=0.1):
         self.num_classes = int(num_classes)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = float(label_smoothing)
 
     def loss(self, labels, logits):
         return cross_entropy(labels, logits, self.num_classes, self.label_smoothing)
 
-    def compute(self, model, images, labels, seed):
-        """-> RecipeOutput for one replica's batch; `seed` is an int64 [2] tensor."""
+    def compute(self, model, images, labels, ctx):
+        """-> RecipeOutput for one replica's batch; `ctx` is a StepContext."""
         raise NotImplementedError
 
+    def gradients(self, model, variables, images, labels, ctx):
+        """-> RecipeGradients of the loss sum with respect to `variables`."""
+        with tf.GradientTape() as tape:
+            out = self.compute(model, images, labels, ctx)
+        grads = tape.gradient(out.loss_sum, variables)
+        return RecipeGradients(list(grads), out.loss_sum, out.metrics, out.sample_weights)
+
     def passes_per_image(self):
-        """Forward+backward passes per clean image, the cost model of Fast AdvProp."""
+        """Forward+backward passes per image drawn, the cost model of Fast AdvProp."""
         return 1.0
 
     def describe(self):

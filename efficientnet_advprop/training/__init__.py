@@ -4,11 +4,11 @@ from efficientnet_advprop.training.distribute import STRATEGIES, make_strategy
 from efficientnet_advprop.training.ema import ExponentialMovingAverage
 from efficientnet_advprop.training.optimizers import OPTIMIZERS, TF1RMSprop, make_optimizer
 from efficientnet_advprop.training.schedules import (WarmupCosineDecay, WarmupExponentialDecay,
-                                                     scaled_learning_rate)
+                                                     WarmupStepDecay, scaled_learning_rate)
 from efficientnet_advprop.training.trainer import (TrainConfig, Trainer, TrainingError,
                                                    set_global_seed)
 
 __all__ = ["OPTIMIZERS", "STRATEGIES", "ExponentialMovingAverage", "TF1RMSprop",
            "TrainConfig", "Trainer", "TrainingError", "WarmupCosineDecay",
-           "WarmupExponentialDecay", "make_optimizer", "make_strategy",
+           "WarmupExponentialDecay", "WarmupStepDecay", "make_optimizer", "make_strategy",
            "scaled_learning_rate", "set_global_seed"]

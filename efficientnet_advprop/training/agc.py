@@ -75,8 +75,14 @@ def is_classifier_variable(model, layer_name=CLASSIFIER_LAYER):
 
     Variables are matched by identity (and by their Keras ``path`` as a fallback), so
     the predicate also works on the variables a tf.distribute strategy hands out.
+    Models without a layer of that name (user models) have their last layer with
+    weights taken as the classifier.
     """
-    layer = model.get_layer(layer_name)
+    names = [layer.name for layer in model.layers]
+    if layer_name in names:
+        layer = model.get_layer(layer_name)
+    else:
+        layer = [layer for layer in model.layers if layer.weights][-1]
     ids = {id(v) for v in layer.weights}
     paths = {getattr(v, "path", None) for v in layer.weights} - {None}
 

@@ -59,6 +59,34 @@ class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
                 "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
 
 
+@keras.saving.register_keras_serializable(package="efficientnet_advprop")
+class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Step decay of the ResNet recipes: peak * factor ** (milestones passed), with an
+    optional linear warm-up. `milestones` are step counts (Fast AdvProp: epochs
+    30/60/90/100 of 105; Xie & Yuille: 35/70/95 of 110, x0.1)."""
+
+    def __init__(self, peak_learning_rate, milestones, decay_factor=0.1, warmup_steps=0):
+        self.peak_learning_rate = float(peak_learning_rate)
+        self.milestones = [int(m) for m in milestones]
+        if self.milestones != sorted(self.milestones):
+            raise ValueError(f"learning-rate milestones must increase, got {milestones}")
+        self.decay_factor = float(decay_factor)
+        self.warmup_steps = int(warmup_steps)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        passed = tf.zeros([], tf.float32)
+        for milestone in self.milestones:
+            passed += tf.cast(step >= milestone, tf.float32)
+        lr = self.peak_learning_rate * tf.pow(self.decay_factor, passed)
+        return _linear_warmup(lr, step, self.peak_learning_rate, self.warmup_steps)
+
+    def get_config(self):
+        return {"peak_learning_rate": self.peak_learning_rate,
+                "milestones": self.milestones, "decay_factor": self.decay_factor,
+                "warmup_steps": self.warmup_steps}
+
+
 def _linear_warmup(lr, step, peak, warmup_steps):
     """`lr`, replaced by the ramp peak * step / warmup_steps before warmup_steps."""
     if warmup_steps <= 0:

@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import sys
+import time
 
 import keras
 import numpy as np
@@ -22,13 +23,16 @@ import tensorflow as tf
 
 from efficientnet_advprop.attacks import attack_model
 from efficientnet_advprop.layers.split_batch_norm import (MAIN, SplitBatchNorm,
+                                                          bn_sets_of_variables,
                                                           sync_moving_statistics)
+from efficientnet_advprop.recipes.base import SHARED, StepContext
 from efficientnet_advprop.training.agc import adaptive_clip_gradients, is_classifier_variable
 from efficientnet_advprop.training.ema import ExponentialMovingAverage
 from efficientnet_advprop.training.optimizers import make_optimizer
 from efficientnet_advprop.training.progress import Progress
 from efficientnet_advprop.training.schedules import (WarmupCosineDecay,
                                                      WarmupExponentialDecay,
+                                                     WarmupStepDecay,
                                                      scaled_learning_rate)
 
 NORM_LAYERS = (SplitBatchNorm, keras.layers.BatchNormalization,
@@ -53,11 +57,14 @@ class TrainConfig:
     steps_per_epoch: int
     optimizer: str = "rmsprop"
     base_learning_rate: float = 0.016
-    lr_schedule: str = "exponential"  # or "cosine"
+    lr_schedule: str = "exponential"  # or "cosine", "step"
     lr_warmup_epochs: float = 5.0
     lr_decay_epochs: float = 2.4
     lr_decay_factor: float = 0.97
+    lr_milestones: tuple = ()  # epochs, for the "step" schedule
+    lr_batch_size: int = None  # images the linear scaling rule counts (default: batch)
     momentum: float = 0.9
+    nesterov: bool = False
     rmsprop_decay: float = 0.9
     rmsprop_epsilon: float = 1e-3
     weight_decay: float = 1e-5
@@ -73,10 +80,15 @@ class TrainConfig:
     log_every_seconds: float = 10.0
 
     def learning_rate_schedule(self):
-        peak = scaled_learning_rate(self.base_learning_rate, self.global_batch_size)
+        peak = scaled_learning_rate(self.base_learning_rate,
+                                    self.lr_batch_size or self.global_batch_size)
         warmup = int(self.lr_warmup_epochs * self.steps_per_epoch)
         if self.lr_schedule == "cosine":
             return WarmupCosineDecay(peak, self.train_steps, warmup)
+        if self.lr_schedule == "step":
+            return WarmupStepDecay(
+                peak, [int(round(m * self.steps_per_epoch)) for m in self.lr_milestones],
+                self.lr_decay_factor, warmup)
         if self.lr_schedule != "exponential":
             raise ValueError(f"unknown lr schedule {self.lr_schedule!r}")
         return WarmupExponentialDecay(
@@ -168,7 +180,7 @@ class Trainer:
             self.optimizer = make_optimizer(
                 config.optimizer, self.schedule,
                 rmsprop_decay=config.rmsprop_decay, momentum=config.momentum,
-                rmsprop_epsilon=config.rmsprop_epsilon)
+                rmsprop_epsilon=config.rmsprop_epsilon, nesterov=config.nesterov)
             self.optimizer.build(self.model.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
             self.ema = (ExponentialMovingAverage(averaged_variables(self.model),
@@ -195,11 +207,23 @@ class Trainer:
         # With XLA the replica's forward/attack/backward is one compiled cluster; the
         # optimizer update (which all-reduces) stays outside it. Without XLA the
         # function is inlined: a nested tf.function cannot hold the cross-replica
-        # sync of synchronised BN under MirroredStrategy.
-        self._grad_fn = (tf.function(self._gradients, jit_compile=True)
-                         if config.jit_compile else self._gradients)
+        # sync of synchronised BN under MirroredStrategy. A recipe that exchanges
+        # images between replicas (Fast AdvProp's shuffle BN) cannot be one cluster
+        # under MirroredStrategy either (XLA there has no collectives): it compiles
+        # its pieces through ctx.compile instead.
+        whole = config.jit_compile and not (
+            getattr(recipe, "exchanges_across_replicas", False) and self.num_replicas > 1)
+        self._grad_fn = (tf.function(self._gradients, jit_compile=True) if whole
+                         else self._gradients)
+        self._piece_compiler = (
+            (lambda fn: tf.function(fn, jit_compile=True))
+            if config.jit_compile and not whole else None)
+        sets = bn_sets_of_variables(self.model)
+        self._groups = [sets.get(id(v), SHARED) for v in self.model.trainable_variables]
         self._train_step = tf.function(self._distributed_step)
         self._writer = None
+        self.images_per_second = None  # training throughput of the last train() call,
+        # after its first (tracing) step
 
     # ----------------------------------------------------------------- checkpoints
     def restore(self):
@@ -225,57 +249,72 @@ class Trainer:
         return self.manager.save(checkpoint_number=int(self.step.numpy()))
 
     # ------------------------------------------------------------------ the step
-    def _gradients(self, images, labels, seed):
-        """Replica gradients of the recipe loss (+ the L2 term unless AGC is on)."""
+    def _gradients(self, images, labels, seed, shared_seed, step, source_tags):
+        """Replica gradients of the recipe loss, each divided by the global number of
+        (weighted) samples that produced it; weight decay comes later."""
+        ctx = StepContext(seed=seed, shared_seed=shared_seed, step=step,
+                          num_replicas=self.num_replicas, source_tags=source_tags,
+                          compile=self._piece_compiler)
         variables = self.model.trainable_variables
-        with tf.GradientTape() as tape:
-            out = self.recipe.compute(self.model, images, labels, seed)
-            loss = out.loss_sum / self.config.global_batch_size
-            with_l2 = not self.config.agc_clip  # with AGC the L2 term comes after clipping
-            if self.config.weight_decay and self.decayed_variables and with_l2:
-                l2 = tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32)))
-                               for v in self.decayed_variables])
-                loss += 0.5 * self.config.weight_decay * l2 / self.num_replicas
-        grads = tape.gradient(loss, variables)
-        return grads, loss, out.metrics
+        out = self.recipe.gradients(self.model, variables, images, labels, ctx)
+        global_batch = float(self.config.global_batch_size)
+        if out.sample_weights is None:
+            divisors = [global_batch] * len(variables)
+        else:
+            weights = {k: tf.cast(v, tf.float32) * float(self.num_replicas)
+                       for k, v in out.sample_weights.items()}
+            divisors = [tf.maximum(weights.get(group, weights[SHARED]), 1e-6)
+                        for group in self._groups]
+        grads = [None if g is None else g / tf.cast(d, g.dtype)
+                 for g, d in zip(out.grads, divisors)]
+        return grads, out.loss_sum / global_batch, out.metrics
 
-    def _clip_then_decay(self, grads):
-        """AGC on the global gradient, then the L2 gradient (Brock et al. 2021 order).
+    def _finalize(self, grads):
+        """Adds the L2 gradient (after AGC on the global gradient when it is on) and
+        scales for the optimizer's sum over replicas.
 
         AGC is not linear, so it must see the gradient summed over replicas: the sum is
         all-reduced here, clipped, and handed to the optimizer divided by the replica
         count (the optimizer's own all-reduce then restores the global value).
+        Without AGC, each replica adds wd * w / replicas (the gradient of the official
+        0.5 * wd * ||w||^2 term, shared out over the replicas).
         """
         variables = self.model.trainable_variables
-        context = tf.distribute.get_replica_context()
-        if self.num_replicas > 1:
-            grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-        grads = adaptive_clip_gradients(grads, variables, clip=self.config.agc_clip,
-                                        eps=self.config.agc_eps,
-                                        exclude=self._agc_excluded)
         decayed = {id(v) for v in self.decayed_variables}
-        out = []
-        for g, v in zip(grads, variables):
-            if g is not None and self.config.weight_decay and id(v) in decayed:
-                g = g + self.config.weight_decay * tf.cast(v, g.dtype)
-            out.append(None if g is None else g / self.num_replicas)
-        return out
-
-    def _replica_step(self, images, labels, seed):
-        context = tf.distribute.get_replica_context()
-        seed = tf.random.experimental.stateless_fold_in(
-            seed, tf.cast(context.replica_id_in_sync_group, tf.int64))
-        grads, loss, metrics = self._grad_fn(images, labels, seed)
+        wd = self.config.weight_decay
         if self.config.agc_clip:
-            grads = self._clip_then_decay(list(grads))
+            if self.num_replicas > 1:
+                context = tf.distribute.get_replica_context()
+                grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+            grads = adaptive_clip_gradients(grads, variables, clip=self.config.agc_clip,
+                                            eps=self.config.agc_eps,
+                                            exclude=self._agc_excluded)
+            scale = 1.0 / self.num_replicas
+            return [None if g is None else
+                    (g + wd * tf.cast(v, g.dtype) if wd and id(v) in decayed else g) * scale
+                    for g, v in zip(grads, variables)]
+        return [None if g is None else
+                (g + wd / self.num_replicas * tf.cast(v, g.dtype)
+                 if wd and id(v) in decayed else g)
+                for g, v in zip(grads, variables)]
+
+    def _replica_step(self, images, labels, seed, step, source_tags):
+        context = tf.distribute.get_replica_context()
+        replica_seed = tf.random.experimental.stateless_fold_in(
+            seed, tf.cast(context.replica_id_in_sync_group, tf.int64))
+        grads, loss, metrics = self._grad_fn(images, labels, replica_seed, seed, step,
+                                             source_tags)
+        grads = self._finalize(list(grads))
         pairs = [(g, v) for g, v in zip(grads, self.model.trainable_variables)
                  if g is not None]
         self.optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
         return loss, metrics
 
-    def _distributed_step(self, images, labels):
+    def _distributed_step(self, images, labels, source_tags=None):
         seed = tf.stack([tf.constant(self.config.seed, tf.int64), self.step])
-        loss, metrics = self.strategy.run(self._replica_step, args=(images, labels, seed))
+        step = tf.identity(self.step)
+        loss, metrics = self.strategy.run(self._replica_step,
+                                          args=(images, labels, seed, step, source_tags))
         total_loss = self.strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
         reduced = {name: (self.strategy.reduce(tf.distribute.ReduceOp.SUM, s, axis=None),
                           self.strategy.reduce(tf.distribute.ReduceOp.SUM, c, axis=None))
@@ -294,7 +333,8 @@ class Trainer:
 
         Args:
           dataset_fn: (input_context, start_step) -> per-replica batched dataset of
-            (images, labels); called through distribute_datasets_from_function.
+            (images, labels) or (images, labels, source_tags); called through
+            distribute_datasets_from_function.
           sample_images: optional (images, labels) numpy batch whose adversarial
             versions are written as TensorBoard images at each checkpoint.
           on_checkpoint: optional callback(trainer) after each checkpoint.
@@ -318,10 +358,11 @@ class Trainer:
         last = {}
         step = start
         while step < config.train_steps:
-            images, labels = next(iterator)
-            loss, metrics = self._train_step(images, labels)
+            loss, metrics = self._train_step(*next(iterator))
             step += 1
             loss = float(loss)
+            if step == start + 1:  # the first step traces (and compiles): not timed
+                timed_from = time.perf_counter()
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"loss is {loss} at step {step}; stopped without saving. The last "
@@ -354,6 +395,10 @@ class Trainer:
                   and step % config.image_summary_every_steps == 0):
                 self.write_adversarial_samples(*sample_images, step=step)
         writer.flush()
+        timed_steps = step - start - 1
+        if timed_steps > 0:
+            self.images_per_second = (timed_steps * config.global_batch_size
+                                      / (time.perf_counter() - timed_from))
         return last
 
     def _summary_writer(self):

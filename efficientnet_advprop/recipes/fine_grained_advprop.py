@@ -1,0 +1,65 @@
+"""Fine-grained AdvProp (Xie et al., CVPR 2020, §5.4): one BN set per data source.
+
+Three BN sets: the main set for clean images without AutoAugment (source tag 0), the
+first auxiliary set for clean images with AutoAugment/RandAugment (tag 1), and the
+second auxiliary set for adversarial images. The input pipeline tags every image
+(make_dataset(..., source_tags=True) with an `auto_augment_fraction` below 1); the
+attack runs through the adversarial set, from each image as it was drawn.
+
+  loss = sum CE(clean, its source's BN) + sum CE(adv, adversarial BN), one update.
+
+The clean images are routed per image by their tag inside one forward (masked batch
+statistics per set, static shapes, so it compiles with XLA). At test time only the
+main set is used; `strip_auxiliary_bn` keeps it alone.
+"""
+
+import tensorflow as tf
+
+from efficientnet_advprop.attacks import AttackConfig, attack_model
+from efficientnet_advprop.recipes.base import Recipe, RecipeOutput, as_context, batch_metrics
+from efficientnet_advprop.layers.split_batch_norm import bn_route
+
+AUGMENTED_SET = 1
+ADVERSARIAL_SET = 2
+
+
+class FineGrainedAdvProp(Recipe):
+    name = "fine_grained_advprop"
+    num_aux = 2
+    attack_bn_set = ADVERSARIAL_SET
+    needs_source_tags = True
+
+    def __init__(self, num_classes, attack=None, label_smoothing=0.1):
+        super().__init__(num_classes, label_smoothing)
+        self.attack = attack or AttackConfig(epsilon=1.0)
+
+    def compute(self, model, images, labels, ctx):
+        ctx = as_context(ctx)
+        if ctx.source_tags is None:
+            raise ValueError("fine_grained_advprop needs per-image source tags from the "
+                             "input pipeline (train with --auto_augment)")
+        adv = attack_model(model, images, labels, self.attack, bn_set=ADVERSARIAL_SET,
+                           num_classes=self.num_classes, seed=ctx.seed)
+        batch = images.shape[0]
+        tags = tf.clip_by_value(tf.cast(ctx.source_tags, tf.int32), 0, AUGMENTED_SET)
+        assignment = tf.concat([tags, tf.fill([batch], ADVERSARIAL_SET)], axis=0)
+        joint = tf.concat([images, tf.cast(adv, images.dtype)], axis=0)
+        with bn_route(assignment=assignment):
+            logits = model(joint, training=True)
+        clean_logits, adv_logits = logits[:batch], logits[batch:]
+        clean_loss = self.loss(labels, clean_logits)
+        adv_loss = self.loss(labels, adv_logits)
+        metrics = batch_metrics("clean", labels, clean_logits, clean_loss)
+        metrics.update(batch_metrics("adversarial", labels, adv_logits, adv_loss))
+        augmented = tf.cast(tf.equal(tags, AUGMENTED_SET), tf.float32)
+        metrics["fraction/augmented"] = (tf.reduce_sum(augmented), tf.cast(batch, tf.float32))
+        return RecipeOutput(loss_sum=tf.reduce_sum(clean_loss) + tf.reduce_sum(adv_loss),
+                            metrics=metrics)
+
+    def passes_per_image(self):
+        return self.attack.cost + 2.0
+
+    def describe(self):
+        a = self.attack
+        return (f"fine_grained_advprop (BN sets: clean, AutoAugment, adversarial; "
+                f"{a.attacker} eps {a.epsilon:g}, {a.iterations} iter)")

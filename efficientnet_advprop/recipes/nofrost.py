@@ -1,0 +1,103 @@
+"""NoFrost and NoFrost* (Wang et al., "Removing Batch Normalization Boosts Adversarial
+Training", ICML 2022).
+
+NoFrost is standard adversarial training of a normalizer-free network (NF-ResNet):
+  1. x_adv = untargeted PGD-10, eps 8, step 1, uniform random start, model in
+     inference mode (the attack never changes anything in the model).
+  2. loss = (1 - lambda) * CE(f(x), y) + lambda * CE(f(x_adv), y), lambda = 0.5, with the
+     clean and the adversarial images in *separate* forward passes (with a BN model
+     that means separate batch statistics; with an NF model it is only how the batch is
+     computed).
+AGC and the optimiser (SGD Nesterov, cosine) are the loop's business: see the
+"nofrost" preset of main.py.
+
+NoFrost* adds an augmented view for out-of-distribution robustness: the loss is the
+mean of CE over the clean, the augmented and the adversarial views, where the
+augmented view is DeepAugment-style for the first half of the batch and texture-
+debiased augmentation (TDA) for the second half ("half each").
+"""
+
+import tensorflow as tf
+
+from efficientnet_advprop.attacks import AttackConfig, attack_model
+from efficientnet_advprop.layers.split_batch_norm import MAIN, bn_route
+from efficientnet_advprop.recipes.base import Recipe, RecipeOutput, as_context, batch_metrics
+
+NOFROST_ATTACK = AttackConfig(attacker="pgd", epsilon=8.0, step_size=1.0, num_iter=10)
+
+
+class NoFrost(Recipe):
+    name = "nofrost"
+
+    def __init__(self, num_classes, attack=None, label_smoothing=0.1, adv_weight=0.5):
+        super().__init__(num_classes, label_smoothing)
+        if not 0.0 <= adv_weight <= 1.0:
+            raise ValueError(f"adversarial loss weight (lambda) must be in [0, 1], got "
+                             f"{adv_weight}")
+        self.attack = attack or NOFROST_ATTACK
+        self.adv_weight = float(adv_weight)
+
+    def _forward(self, model, images, labels, prefix, metrics):
+        with bn_route(MAIN):
+            logits = model(images, training=True)
+        per_sample = self.loss(labels, logits)
+        metrics.update(batch_metrics(prefix, labels, logits, per_sample))
+        return tf.reduce_sum(per_sample)
+
+    def compute(self, model, images, labels, ctx):
+        ctx = as_context(ctx)
+        adv = attack_model(model, images, labels, self.attack, bn_set=MAIN,
+                           num_classes=self.num_classes, seed=ctx.fold(0))
+        metrics = {}
+        clean = self._forward(model, images, labels, "clean", metrics)
+        robust = self._forward(model, tf.cast(adv, images.dtype), labels, "adversarial",
+                               metrics)
+        return RecipeOutput(loss_sum=(1.0 - self.adv_weight) * clean
+                            + self.adv_weight * robust, metrics=metrics)
+
+    def passes_per_image(self):
+        return self.attack.cost + 2.0
+
+    def describe(self):
+        a = self.attack
+        return (f"{self.name} (lambda {self.adv_weight:g}, PGD-{a.iterations} eps "
+                f"{a.epsilon:g} step {a.step_size:g}, separate forwards)")
+
+
+def augmented_view(images, seed):
+    """NoFrost*'s augmented view: DeepAugment-style on the first half of the batch,
+    texture-debiased augmentation on the second half."""
+    from efficientnet_advprop.data.deepaugment import deep_augment
+    from efficientnet_advprop.data.tda import texture_debiased_augment
+
+    images = tf.cast(images, tf.float32)
+    half = images.shape[0] // 2
+    deep = deep_augment(images[:half], tf.random.experimental.stateless_fold_in(seed, 0))
+    tda = texture_debiased_augment(images[half:],
+                                   tf.random.experimental.stateless_fold_in(seed, 1))
+    return tf.concat([deep, tda], axis=0)
+
+
+class NoFrostStar(NoFrost):
+    name = "nofrost_star"
+
+    def compute(self, model, images, labels, ctx):
+        ctx = as_context(ctx)
+        adv = attack_model(model, images, labels, self.attack, bn_set=MAIN,
+                           num_classes=self.num_classes, seed=ctx.fold(0))
+        augmented = augmented_view(images, ctx.fold(1))
+        metrics = {}
+        total = (self._forward(model, images, labels, "clean", metrics)
+                 + self._forward(model, tf.cast(augmented, images.dtype), labels,
+                                 "augmented", metrics)
+                 + self._forward(model, tf.cast(adv, images.dtype), labels, "adversarial",
+                                 metrics))
+        return RecipeOutput(loss_sum=total / 3.0, metrics=metrics)
+
+    def passes_per_image(self):
+        return self.attack.cost + 3.0
+
+    def describe(self):
+        a = self.attack
+        return (f"nofrost_star (mean of clean, DeepAugment/TDA and PGD-{a.iterations} "
+                f"eps {a.epsilon:g} views, separate forwards)")

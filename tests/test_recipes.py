@@ -1,0 +1,325 @@
+"""Training recipes: the follow-up papers' pieces against hand-computed values, and every
+recipe through the loop (MirroredStrategy on 2 logical CPUs; XLA)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from efficientnet_advprop.attacks import AttackConfig, linf_attack, random_targets
+from efficientnet_advprop.layers import AUX, MAIN, InputNormalization, SplitBatchNorm, bn_route
+from efficientnet_advprop.recipes import (RECIPES, SHARED, StepContext, alp_penalty,
+                                          consistent_bn_start_step, make_recipe, trades_loss)
+from efficientnet_advprop.recipes.fast_advprop import (FastAdvProp, ghost_group_size,
+                                                       regroup_permutation)
+from efficientnet_advprop.training import TrainConfig, Trainer
+
+NUM_CLASSES = 10
+
+
+def micro_model(num_aux=1):
+    """conv-SplitBN-relu x2 -> pool -> dense: enough BN structure for every recipe and
+    fast to trace and compile."""
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((16, 16, 3))
+    h = InputNormalization("advprop")(inputs)
+    for i, filters in enumerate((8, 8)):
+        h = keras.layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False,
+                                name=f"conv{i}")(h)
+        h = SplitBatchNorm(num_aux=num_aux, name=f"bn{i}")(h)
+        h = keras.layers.ReLU()(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inputs, keras.layers.Dense(NUM_CLASSES, name="logits")(h))
+
+
+def _batch(n=10, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 255, (n, 16, 16, 3)).astype("float32")
+    labels = rng.integers(0, NUM_CLASSES, n).astype("int32")
+    return images, labels
+
+
+def _ctx(step=0, tags=None):
+    return StepContext(seed=tf.constant([7, step], tf.int64), step=tf.constant(step, tf.int64),
+                       source_tags=tags)
+
+
+# --------------------------------------------------------------------- Fast AdvProp
+def test_fast_advprop_split_and_budget():
+    recipe = FastAdvProp(NUM_CLASSES)
+    assert recipe.split(320) == (256, 64)  # the reference: 320 drawn per 256 clean
+    assert recipe.budget_factor == pytest.approx(1.2)
+    assert 105 / recipe.budget_factor == pytest.approx(87.5)  # the paper's 105 -> 88
+    assert recipe.sample_weights(256, 64) == {SHARED: 320.0, MAIN: 256.0, AUX: 64.0}
+    with pytest.raises(ValueError, match="p_adv"):
+        FastAdvProp(NUM_CLASSES, adv_fraction=1.0)
+    with pytest.raises(ValueError, match="untargeted"):
+        FastAdvProp(NUM_CLASSES, attack=AttackConfig(epsilon=1.0, targeted=True))
+    with pytest.raises(ValueError, match="both must be >= 1"):
+        recipe.split(2)
+
+
+@pytest.mark.parametrize("num, size", [(64, 8), (16, 4), (12, 3), (18, 3), (4, 2)])
+def test_shuffle_bn_one_device_never_regroups_images_together(num, size):
+    assert ghost_group_size(num) == size
+    for seed in range(5):
+        perm = regroup_permutation(num, size, tf.constant([seed, 1], tf.int64)).numpy()
+        assert sorted(perm) == list(range(num))  # every image exactly once
+        old_group = perm // size  # noisy-pass group of the image at each new position
+        for new in range(num // size):
+            members = old_group[new * size:(new + 1) * size]
+            assert len(set(members)) == size, (seed, perm)  # no two from one old group
+    with pytest.raises(ValueError, match="size"):
+        ghost_group_size(8, requested=4)
+
+
+def test_shuffle_bn_across_two_replicas_uses_every_image_once(two_device_strategy):
+    recipe = FastAdvProp(NUM_CLASSES)
+    num_adv = 6
+    shared = tf.constant([3, 4], tf.int64)
+
+    def replica_fn():
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        ids = tf.cast(tf.range(num_adv) + 100 * replica, tf.float32)
+        images = tf.reshape(ids, [num_adv, 1, 1, 1]) * tf.ones([num_adv, 2, 2, 3])
+        labels = tf.range(num_adv) + 100 * replica
+        ctx = StepContext(seed=tf.stack([tf.cast(replica, tf.int64), 9]), shared_seed=shared,
+                          num_replicas=2)
+        return recipe.shuffle(images, labels, num_adv, num_adv, ctx)
+
+    images, labels = two_device_strategy.run(tf.function(replica_fn))
+    got_labels = np.concatenate([t.numpy() for t in
+                                 two_device_strategy.experimental_local_results(labels)])
+    got_images = np.concatenate([t.numpy()[:, 0, 0, 0] for t in
+                                 two_device_strategy.experimental_local_results(images)])
+    expected = sorted(list(range(num_adv)) + list(range(100, 100 + num_adv)))
+    assert sorted(got_labels.tolist()) == expected
+    np.testing.assert_array_equal(got_images, got_labels)  # labels travel with images
+    first = two_device_strategy.experimental_local_results(labels)[0].numpy()
+    assert not np.array_equal(np.sort(first), np.arange(num_adv))  # really exchanged
+
+
+def test_update_speed_sync_divides_each_group_by_its_weighted_samples(tmp_path):
+    recipe = FastAdvProp(NUM_CLASSES, label_smoothing=0.0)
+    config = TrainConfig(model_dir=str(tmp_path), train_steps=1, global_batch_size=10,
+                         steps_per_epoch=1, optimizer="sgd", weight_decay=0.0,
+                         moving_average_decay=0.0)
+    trainer = Trainer(tf.distribute.get_strategy(), micro_model, recipe, config)
+    model = trainer.model
+    images, labels = _batch(10)
+    seed, step = tf.constant([7, 0], tf.int64), tf.constant(0, tf.int64)
+    normalised, _, _ = trainer._gradients(images, labels, seed, seed, step, None)
+    raw = recipe.gradients(model, model.trainable_variables, images, labels,
+                           StepContext(seed=seed, step=step))
+    num_clean, num_adv = 8, 2
+    weights = {SHARED: num_clean + 2 * 0.5 * num_adv, MAIN: num_clean, AUX: 2 * 0.5 * num_adv}
+    bn = {id(v): k for layer in model._flatten_layers() if isinstance(layer, SplitBatchNorm)
+          for k in range(2) for v in (layer.gammas[k], layer.betas[k])}
+    groups_seen = set()
+    for var, g_norm, g_raw in zip(model.trainable_variables, normalised, raw.grads):
+        group = bn.get(id(var), SHARED)
+        groups_seen.add(group)
+        np.testing.assert_allclose(g_norm.numpy(), g_raw.numpy() / weights[group],
+                                   rtol=1e-5, atol=1e-8)
+    assert groups_seen == {SHARED, MAIN, AUX}
+    # Independently: the main BN only sees the clean share, so its gradient is the mean
+    # over the 8 clean images of a forward of those images alone.
+    with tf.GradientTape() as tape:
+        with bn_route(MAIN):
+            logits = model(images[:num_clean], training=True)
+        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=labels[:num_clean], logits=logits))
+    main_vars = [v for v in model.trainable_variables if bn.get(id(v)) == MAIN]
+    direct = tape.gradient(loss, main_vars)
+    by_id = {id(v): g for v, g in zip(model.trainable_variables, normalised)}
+    for var, g in zip(main_vars, direct):
+        np.testing.assert_allclose(by_id[id(var)].numpy(), g.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_fast_advprop_adversarial_images_stay_in_the_ball():
+    model = micro_model()
+    recipe = FastAdvProp(NUM_CLASSES, attack=AttackConfig(epsilon=2.0, step_size=1.0,
+                                                          num_iter=2))
+    images, labels = _batch(10)
+    captured = {}
+    original = recipe.shuffle
+
+    def spy(x_adv, adv_labels, num_adv, group, ctx):
+        captured["x"], captured["labels"] = x_adv, adv_labels
+        return original(x_adv, adv_labels, num_adv, group, ctx)
+
+    recipe.shuffle = spy
+    out = recipe.gradients(model, model.trainable_variables, images, labels, _ctx())
+    x_adv = captured["x"].numpy()
+    np.testing.assert_array_equal(captured["labels"].numpy(), labels[8:])
+    assert np.abs(x_adv - images[8:]).max() <= 2.0 + 1e-4
+    assert x_adv.min() >= 0 and x_adv.max() <= 255
+    assert np.abs(x_adv - images[8:]).max() > 0.5
+    assert set(out.metrics) >= {"loss/clean", "loss/noisy", "loss/adversarial"}
+    assert all(g is not None for g in out.grads)
+
+
+# ----------------------------------------------------------------------- losses
+def test_trades_loss_matches_hand_computation():
+    clean = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]], np.float32)
+    adv = np.array([[1.0, 1.0, -1.0], [0.0, 2.0, 0.0]], np.float32)
+    labels = np.array([0, 2])
+
+    def softmax(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    p, q = softmax(clean), softmax(adv)
+    ce = -np.log(p[np.arange(2), labels])
+    kl = (p * (np.log(p) - np.log(q))).sum(-1)
+    got = trades_loss(labels, clean, adv, beta=6.0, num_classes=3).numpy()
+    np.testing.assert_allclose(got, ce + 6.0 * kl, rtol=1e-5)
+    assert kl[0] > 0 and kl[1] > 0
+
+
+def test_alp_penalty_matches_hand_computation():
+    clean = np.array([[1.0, 2.0, 3.0, 4.0]], np.float32)
+    adv = np.array([[1.0, 0.0, 3.0, 8.0]], np.float32)
+    # mean over logits of the squared differences: (0 + 4 + 0 + 16) / 4 = 5
+    np.testing.assert_allclose(alp_penalty(clean, adv).numpy(), [5.0])
+
+
+# ---------------------------------------------------------------------- attacks
+def test_targeted_attacker_never_picks_the_true_class():
+    labels = tf.constant(np.arange(5000) % NUM_CLASSES, tf.int32)
+    for s in range(4):
+        targets = random_targets(labels, NUM_CLASSES, tf.constant([s, 2], tf.int64)).numpy()
+        assert not np.any(targets == labels.numpy())
+        assert set(np.unique(targets)) == set(range(NUM_CLASSES))  # every other class
+
+
+def test_clean_start_probability_is_a_per_image_uniform_coin():
+    images = tf.fill([2000, 2, 2, 3], 100.0)
+    flat = lambda x: tf.zeros([tf.shape(x)[0], NUM_CLASSES]) * tf.reduce_sum(x)  # noqa
+    starts = {}
+    for prob in (0.0, 0.2, 1.0):
+        x = linf_attack(flat, images, tf.zeros([2000], tf.int32), epsilon=8.0, step_size=1.0,
+                        num_iter=1, seed=tf.constant([1, 2], tf.int64), clean_start_prob=prob)
+        unchanged = np.all(x.numpy() == 100.0, axis=(1, 2, 3))
+        starts[prob] = unchanged.mean()
+    assert starts[0.0] == 0.0 and starts[1.0] == 1.0
+    assert 0.17 < starts[0.2] < 0.23
+
+
+def test_fat_early_stop_freezes_misclassified_images():
+    w = tf.constant(np.eye(2, dtype=np.float32))
+
+    def logits_fn(x):  # class = which of the two pixel values is larger
+        return tf.matmul(tf.reshape(x, [-1, 2]), w)
+
+    images = tf.constant([[[[100.0], [110.0]]], [[[110.0], [100.0]]]])  # [2, 1, 2, 1]
+    labels = tf.constant([0, 0])  # image 0 is misclassified already, image 1 correct
+    for tau, moved0 in ((0, False), (1, True)):
+        x = linf_attack(logits_fn, images, labels, epsilon=8.0, step_size=1.0, num_iter=4,
+                        random_start=False, early_stop_tau=tau).numpy()
+        assert (np.abs(x[0] - images[0].numpy()).max() > 0) == moved0
+        np.testing.assert_allclose(np.abs(x[1] - images[1].numpy()).max(), 4.0)
+
+
+# ------------------------------------------------------------------ consistent BN
+def test_consistent_bn_switches_at_the_right_step():
+    start = consistent_bn_start_step(train_steps=100, steps_per_epoch=10, last_epochs=2)
+    assert start == 80 and consistent_bn_start_step(100, 10, 0) is None
+    recipe = make_recipe("mbn_at", NUM_CLASSES, consistent_bn_from_step=start)
+    layer = SplitBatchNorm(num_aux=1, momentum=0.5)
+    x = tf.random.stateless_normal([8, 4, 4, 3], seed=[1, 1]) * 3.0 + 2.0
+    layer(x)
+    inference = layer(x, training=False).numpy()
+    for step, consistent in ((79, False), (80, True), (95, True)):
+        before = layer.moving_mean.numpy().copy()
+        flag = recipe._moving_stats_flag(_ctx(step))
+        with bn_route(MAIN, use_moving_stats=flag):
+            out = layer(x, training=True).numpy()
+        if consistent:
+            np.testing.assert_allclose(out, inference, rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(layer.moving_mean.numpy(), before)
+        else:
+            assert np.abs(out - inference).max() > 0.1
+            assert np.abs(layer.moving_mean.numpy() - before).max() > 0.1
+            inference = layer(x, training=False).numpy()
+
+
+# ----------------------------------------------------------- per-image BN routing
+def test_per_image_assignment_equals_routing_each_source_alone():
+    layer = SplitBatchNorm(num_aux=2)
+    x = tf.random.stateless_normal([6, 4, 4, 2], seed=[2, 2])
+    layer(x)
+    for k in range(3):  # distinct affine parameters per set
+        layer.gammas[k].assign([1.0 + k, 2.0 - 0.5 * k])
+        layer.betas[k].assign([0.1 * k, -0.2 * k])
+    tags = tf.constant([0, 2, 1, 0, 2, 1])
+    with bn_route(assignment=tags, update_stats=False):
+        mixed = layer(x, training=True).numpy()
+    for k in range(3):
+        idx = np.where(tags.numpy() == k)[0]
+        with bn_route(k, update_stats=False):
+            alone = layer(tf.gather(x, idx), training=True).numpy()
+        np.testing.assert_allclose(mixed[idx], alone, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------- every recipe, the loop
+def _recipe(name):
+    small = AttackConfig(epsilon=2.0, step_size=1.0, num_iter=2)
+    options = {"label_smoothing": 0.1}
+    if name != "vanilla":
+        options["attack"] = small
+    if name == "mbn_at":
+        options.update(attack=AttackConfig(epsilon=4.0, num_iter=2, targeted=True,
+                                           clean_start_prob=0.2), alp_weight=0.5,
+                       consistent_bn_from_step=1)
+    return make_recipe(name, NUM_CLASSES, **options)
+
+
+def _step(strategy, name, tmp_path, jit):
+    recipe = _recipe(name)
+    config = TrainConfig(model_dir=str(tmp_path), train_steps=1, global_batch_size=20,
+                         steps_per_epoch=1, optimizer="momentum", base_learning_rate=0.1,
+                         lr_warmup_epochs=0, moving_average_decay=0.9, jit_compile=jit)
+    trainer = Trainer(strategy, lambda: micro_model(max(1, recipe.num_aux)), recipe, config)
+    images, labels = _batch(20)
+    tags = (np.arange(20) % 2).astype("int32")
+
+    def dataset_fn(ctx, start):
+        per = ctx.get_per_replica_batch_size(20)
+        parts = (images, labels, tags) if recipe.needs_source_tags else (images, labels)
+        ds = tf.data.Dataset.from_tensor_slices(parts).shard(ctx.num_input_pipelines,
+                                                             ctx.input_pipeline_id)
+        return ds.batch(per, drop_remainder=True).repeat()
+
+    before = [v.numpy().copy() for v in trainer.model.trainable_variables]
+    metrics = trainer.train(dataset_fn)
+    after = [v.numpy() for v in trainer.model.trainable_variables]
+    assert int(trainer.step.numpy()) == 1
+    assert all(np.isfinite(v).all() for v in after)
+    assert any(np.abs(a - b).max() > 0 for a, b in zip(after, before))
+    assert any(k.startswith("accuracy/") for k in metrics)
+    return trainer
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_every_recipe_trains_a_step_on_two_replicas(name, tmp_path, two_device_strategy):
+    _step(two_device_strategy, name, tmp_path, jit=False)
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_every_recipe_compiles_with_xla(name, tmp_path):
+    _step(tf.distribute.get_strategy(), name, tmp_path, jit=True)
+
+
+def test_fast_advprop_compiles_its_pieces_with_xla_on_two_replicas(tmp_path,
+                                                                   two_device_strategy):
+    trainer = _step(two_device_strategy, "fast_advprop", tmp_path, jit=True)
+    assert trainer._piece_compiler is not None  # the exchange stays outside XLA
+
+
+def test_fine_grained_advprop_refuses_untagged_batches():
+    recipe = make_recipe("fine_grained_advprop", NUM_CLASSES)
+    model = micro_model(num_aux=2)
+    images, labels = _batch(4)
+    with pytest.raises(ValueError, match="source tags"):
+        recipe.compute(model, images, labels, _ctx())
