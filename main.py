@@ -97,6 +97,9 @@ flags.DEFINE_integer("num_label_classes", None, "Classes (default: the dataset's
 flags.DEFINE_integer("num_train_images", None, "Training images (default: the dataset's).")
 flags.DEFINE_integer("num_eval_images", None, "Held-out images to evaluate "
                      "(default: all).")
+flags.DEFINE_integer("holdout_shards", None, "TFRecord data: evaluate on the first N "
+                     "train-* files and train on the rest (the official option, for "
+                     "users without the validation set).")
 
 # ---------------------------------------------------------------- optimisation
 flags.DEFINE_integer("train_batch_size", 2048, "Global training batch size.")
@@ -392,7 +395,8 @@ def run():
 
     validate_flags()
     try:
-        info = data.resolve_dataset(FLAGS.dataset, FLAGS.data_dir)
+        info = data.resolve_dataset(FLAGS.dataset, FLAGS.data_dir,
+                                    holdout_shards=FLAGS.holdout_shards)
     except ValueError as e:
         raise UsageError(str(e)) from None
     recipe_name = "advprop" if FLAGS.advprop else (FLAGS.recipe or "vanilla")

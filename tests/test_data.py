@@ -293,14 +293,19 @@ def test_distribute_datasets_from_function(two_device_strategy):
             batch_size=ctx.get_per_replica_batch_size(16),
             image_size=32,
             is_training=True,
-            augmentation="cifar",
+            augmentation="none",
             input_context=ctx,
         )
 
-    dist = two_device_strategy.distribute_datasets_from_function(fn)
-    x, y = next(iter(dist))
-    xs = two_device_strategy.experimental_local_results(x)
-    assert len(xs) == 2 and xs[0].shape == (8, 32, 32, 3)
+    dist = iter(two_device_strategy.distribute_datasets_from_function(fn))
+    seen = []
+    for _ in range(5):  # 80 examples of one epoch: every replica gets its own
+        x, y = next(dist)
+        xs = two_device_strategy.experimental_local_results(x)
+        assert len(xs) == 2 and xs[0].shape == (8, 32, 32, 3)
+        for replica in xs:
+            seen += [image.tobytes() for image in replica.numpy()]
+    assert len(seen) == 80 and len(set(seen)) == 80
 
 
 # ---------------------------------------------------------------------------

@@ -56,6 +56,7 @@ def test_advprop_run_trains_evaluates_checkpoints_exports_and_resumes(tmp_path):
     (["--recipe=advprop", "--normalizer=group_norm"], "routes auxiliary batch norms"),
     (["--recipe=mbn_at", "--clean_fraction=0", "--alp_weight=0.5"], "needs clean images"),
     (["--lr_schedule=step"], "needs --lr_milestones"),
+    (["--holdout_shards=5"], "--holdout_shards=5: must be less than the 2 train-*"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path, args, message):
     result = run_main(*args, f"--model_dir={tmp_path / 'm'}", cwd=tmp_path)

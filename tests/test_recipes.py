@@ -244,7 +244,27 @@ def test_consistent_bn_switches_at_the_right_step():
             inference = layer(x, training=False).numpy()
 
 
-# ----------------------------------------------------------- per-image BN routing
+# ----------------------------------------------------------- ghost and per-image BN
+def test_ghost_groups_normalise_each_group_with_its_own_statistics():
+    layer = SplitBatchNorm(num_aux=1, momentum=0.0)
+    x = tf.random.stateless_normal([6, 3, 3, 2], seed=[4, 4]) * 2.0 + 1.0
+    layer(x)
+    with bn_route(AUX, groups=3):
+        grouped = layer(x, training=True).numpy()
+    means = []
+    for g in range(3):
+        with bn_route(AUX, update_stats=False):
+            alone = layer(x[2 * g:2 * g + 2], training=True).numpy()
+        np.testing.assert_allclose(grouped[2 * g:2 * g + 2], alone, rtol=1e-5, atol=1e-5)
+        means.append(tf.reduce_mean(x[2 * g:2 * g + 2], axis=[0, 1, 2]).numpy())
+    # momentum 0: the moving mean is the mean over groups of the group means
+    np.testing.assert_allclose(layer.moving_means[AUX].numpy(), np.mean(means, 0), rtol=1e-5)
+    with pytest.raises(ValueError, match="ghost BN groups"):
+        with bn_route(AUX, groups=4):
+            layer(x, training=True)
+
+
+
 def test_per_image_assignment_equals_routing_each_source_alone():
     layer = SplitBatchNorm(num_aux=2)
     x = tf.random.stateless_normal([6, 4, 4, 2], seed=[2, 2])
@@ -311,6 +331,7 @@ def test_every_recipe_compiles_with_xla(name, tmp_path):
     _step(tf.distribute.get_strategy(), name, tmp_path, jit=True)
 
 
+@pytest.mark.slow  # about 40 s: XLA compiles the two passes separately
 def test_fast_advprop_compiles_its_pieces_with_xla_on_two_replicas(tmp_path,
                                                                    two_device_strategy):
     trainer = _step(two_device_strategy, "fast_advprop", tmp_path, jit=True)
@@ -323,3 +344,74 @@ def test_fine_grained_advprop_refuses_untagged_batches():
     images, labels = _batch(4)
     with pytest.raises(ValueError, match="source tags"):
         recipe.compute(model, images, labels, _ctx())
+
+
+def test_fast_advprop_mixes_only_the_clean_share():
+    model = micro_model()
+    recipe = FastAdvProp(NUM_CLASSES, mixup_alpha=0.4, cutmix_alpha=1.0)
+    images, labels = _batch(10)
+    seen = {}
+    original_mix, original_shuffle = recipe._mix, recipe.shuffle
+
+    def mix_spy(clean, clean_labels, seed):
+        seen["clean_in"] = clean
+        seen["clean"] = original_mix(clean, clean_labels, seed)
+        return seen["clean"]
+
+    def shuffle_spy(x_adv, adv_labels, *args):
+        seen["adv_labels"] = adv_labels
+        return original_shuffle(x_adv, adv_labels, *args)
+
+    recipe._mix, recipe.shuffle = mix_spy, shuffle_spy
+    recipe.gradients(model, model.trainable_variables, images, labels, _ctx())
+    mixed_images, soft = seen["clean"]
+    assert seen["clean_in"].shape[0] == 8 and soft.shape == (8, NUM_CLASSES)
+    np.testing.assert_allclose(soft.numpy().sum(-1), 1.0, rtol=1e-5)
+    assert not np.allclose(mixed_images.numpy(), images[:8])  # the clean share is mixed
+    np.testing.assert_array_equal(seen["adv_labels"].numpy(), labels[8:])  # hard, unmixed
+
+
+def test_nofrost_star_augments_half_deepaugment_half_tda():
+    from efficientnet_advprop.data.deepaugment import deep_augment
+    from efficientnet_advprop.data.tda import texture_debiased_augment
+    from efficientnet_advprop.recipes.nofrost import augmented_view
+
+    images, _ = _batch(6)
+    seed = tf.constant([5, 6], tf.int64)
+    view = augmented_view(images, seed).numpy()
+    fold = tf.random.experimental.stateless_fold_in
+    np.testing.assert_allclose(view[:3], deep_augment(images[:3], fold(seed, 0)).numpy())
+    np.testing.assert_allclose(view[3:],
+                               texture_debiased_augment(images[3:], fold(seed, 1)).numpy())
+    assert np.abs(view - images).mean() > 1.0
+
+
+def test_step_schedule_decays_at_each_milestone():
+    from efficientnet_advprop.training import WarmupStepDecay
+
+    schedule = WarmupStepDecay(0.1, milestones=[30, 60], decay_factor=0.1, warmup_steps=10)
+    assert float(schedule(5)) == pytest.approx(0.05)
+    assert float(schedule(29)) == pytest.approx(0.1)
+    assert float(schedule(30)) == pytest.approx(0.01)
+    assert float(schedule(60)) == pytest.approx(0.001)
+    with pytest.raises(ValueError, match="increase"):
+        WarmupStepDecay(0.1, milestones=[60, 30])
+
+
+def test_mbn_at_group_norm_variant_trains_without_batch_norm(tmp_path):
+    from efficientnet_advprop import build_model
+
+    recipe = make_recipe("mbn_at", NUM_CLASSES, mixture_bn=False, attack=AttackConfig(
+        epsilon=4.0, num_iter=1, targeted=True, clean_start_prob=0.2))
+    assert recipe.num_aux == 0 and recipe.attack_bn_set == MAIN
+    config = TrainConfig(model_dir=str(tmp_path), train_steps=1, global_batch_size=8,
+                         steps_per_epoch=1, optimizer="momentum", moving_average_decay=0.0)
+    trainer = Trainer(tf.distribute.get_strategy(), lambda: build_model(
+        "resnet-18-cifar", NUM_CLASSES, normalizer="group_norm", width_multiplier=0.125),
+        recipe, config)
+    assert not any(isinstance(layer, (SplitBatchNorm, keras.layers.BatchNormalization))
+                   for layer in trainer.model._flatten_layers())
+    images, labels = _batch(8)
+    images = tf.image.resize(images, [32, 32])
+    loss, metrics = trainer._train_step(images, tf.constant(labels))
+    assert np.isfinite(float(loss)) and "loss/adversarial" in metrics

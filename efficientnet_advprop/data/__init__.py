@@ -2,13 +2,14 @@
 
 Public API::
 
-  info = resolve_dataset(dataset=None, data_dir=None)   # -> DatasetInfo
+  info = resolve_dataset(dataset=None, data_dir=None,
+                         holdout_shards=None)          # -> DatasetInfo
   ds = make_dataset(info, data_dir, "train", batch_size=..., image_size=...,
                     is_training=True, seed=0, start_step=0,
                     augmentation="inception", input_context=None,
                     auto_augment=None, randaugment_layers=2,
                     randaugment_magnitude=10, auto_augment_fraction=1.0,
-                    source_tags=False)
+                    source_tags=False, holdout_shards=None)
   image = distort_image_with_autoaugment(image, seed)            # policy v0
   image = distort_image_with_randaugment(image, 2, 10, seed)
 
@@ -17,7 +18,8 @@ Datasets:
 * ``embedded`` (default): 15,000 train / 2,000 validation CIFAR-10 images
   shipped in ``efficientnet_advprop/data/embedded`` (official TFRecord layout).
 * ``imagenet``: official ImageNet TFRecord layout (``train-*``,
-  ``validation-*``) in ``data_dir``.
+  ``validation-*``) in ``data_dir``; ``scripts/build_tfrecords.py`` converts an
+  image folder or a prepared TFDS split to it.
 * ``folder``: ``data_dir/train/<class>/*`` (+ ``validation/<class>/*``).
 * ``tfds:NAME[:TRAIN_SPLIT[:EVAL_SPLIT]]``: a prepared TFDS dataset.
 
@@ -39,6 +41,13 @@ Training images can additionally be augmented with AutoAugment policy v0 or
 RandAugment (``auto_augment``; :mod:`efficientnet_advprop.data.autoaugment`),
 on all of them or on a random, per-example share (``auto_augment_fraction``);
 ``source_tags=True`` adds a per-image int32 tag (0 clean, 1 augmented).
+
+Holdout shards (TFRecord layouts only, as the official EfficientNet
+``--holdout_shards``): ``resolve_dataset(..., holdout_shards=N)`` makes the
+first N ``train-*`` files (sorted) the eval split and trains on the other
+train-* files only; ``validation-*`` files are not read.  The returned
+DatasetInfo carries N (and the matching num_train/num_eval), and make_dataset
+uses it.
 """
 
 import dataclasses
@@ -85,43 +94,83 @@ class DatasetInfo:
     num_eval: int
     image_size: int  # native/suggested image size
     class_names: tuple = ()
+    # > 0: the last holdout_shards train-* files are the eval split (TFRecord only).
+    holdout_shards: int = 0
 
 
 # ---------------------------------------------------------------------------
 # resolve_dataset
 # ---------------------------------------------------------------------------
-def _tfrecord_info(name, data_dir, default_size=224):
+def _count(infos, default):
+    """Records in [(path, compression, count or None)]; default when too big to scan."""
+    if not infos:
+        return 0
+    if all(c is not None for _, _, c in infos):
+        return sum(c for _, _, c in infos)
+    total = sum(tf.io.gfile.stat(p).length for p, _, _ in infos)
+    if total > _COUNT_LIMIT_BYTES:
+        return default
+    return sum(c if c is not None else tfrecord.count_records(p, comp) for p, comp, c in infos)
+
+
+def _tfrecord_info(name, data_dir, default_size=224, holdout_shards=0):
     meta = tfrecord.read_metadata(data_dir) or {}
     class_names = tuple(meta.get("class_names", ()))
     num_classes = int(
         meta.get("num_classes", len(class_names) or tfrecord.IMAGENET_NUM_CLASSES)
     )
-
-    def size(split, default):
-        n = tfrecord.split_size(data_dir, split)
-        if n is not None:
-            return n
-        files = tfrecord.list_files(data_dir, split)
-        if not files:
-            return 0
-        total = sum(tf.io.gfile.stat(f).length for f in files)
-        if total > _COUNT_LIMIT_BYTES:
-            return default
-        return sum(tfrecord.count_records(f, tfrecord.detect_compression(f)) for f in files)
-
+    train = tfrecord.split_file_infos(data_dir, "train", holdout_shards)
+    evals = tfrecord.split_file_infos(data_dir, "eval", holdout_shards)
+    if holdout_shards:
+        # Unscannable (> 2 GiB, no metadata): assume ImageNet's train size, split
+        # between the held-out and the training files by their number.
+        num_files = len(train) + len(evals)
+        num_eval = _count(evals, None)
+        if num_eval is None:
+            num_eval = round(tfrecord.IMAGENET_NUM_TRAIN * len(evals) / num_files)
+        num_train = _count(train, None)
+        if num_train is None:
+            num_train = tfrecord.IMAGENET_NUM_TRAIN - num_eval
+    else:
+        num_train = _count(train, tfrecord.IMAGENET_NUM_TRAIN)
+        num_eval = _count(evals, tfrecord.IMAGENET_NUM_EVAL)
     return DatasetInfo(
         name=name,
         num_classes=num_classes,
-        num_train=size("train", tfrecord.IMAGENET_NUM_TRAIN),
-        num_eval=size("eval", tfrecord.IMAGENET_NUM_EVAL),
+        num_train=num_train,
+        num_eval=num_eval,
         image_size=int(meta.get("image_size", default_size)),
         class_names=class_names,
+        holdout_shards=int(holdout_shards),
     )
 
 
-def _embedded_info():
-    info = _tfrecord_info("embedded", EMBEDDED_DIR)
+def _embedded_info(holdout_shards=0):
+    info = _tfrecord_info("embedded", EMBEDDED_DIR, holdout_shards=holdout_shards)
     return dataclasses.replace(info, image_size=32)
+
+
+def _check_holdout_shards(holdout_shards):
+    """None/0 -> 0; a positive int -> itself; anything else -> ValueError."""
+    if holdout_shards is None:
+        return 0
+    try:
+        n = int(holdout_shards)
+    except (TypeError, ValueError):
+        n = None
+    if isinstance(holdout_shards, bool) or n is None or n != holdout_shards:
+        raise ValueError(f"--holdout_shards={holdout_shards}: expected an integer")
+    if n < 0:
+        raise ValueError(f"--holdout_shards={holdout_shards}: must be >= 0")
+    return n
+
+
+def _no_holdout(dataset, holdout_shards):
+    if holdout_shards:
+        raise ValueError(
+            f"--holdout_shards={holdout_shards}: only for TFRecord data "
+            f"(--dataset=imagenet or embedded), not --dataset={dataset}"
+        )
 
 
 def _check_dir(data_dir, dataset):
@@ -143,7 +192,7 @@ def _folder_info(data_dir):
     )
 
 
-def resolve_dataset(dataset=None, data_dir=None) -> DatasetInfo:
+def resolve_dataset(dataset=None, data_dir=None, holdout_shards=None) -> DatasetInfo:
     """Describes the dataset selected by --dataset / --data_dir.
 
     dataset None and data_dir None: the embedded default.  dataset None with a
@@ -151,7 +200,16 @@ def resolve_dataset(dataset=None, data_dir=None) -> DatasetInfo:
     when it has train/<class>/ folders.  Otherwise "tfds:NAME[...]",
     "imagenet", "folder" or "embedded".  Raises ValueError (one line naming the
     flag/path) on problems.
+
+    holdout_shards: None/0, or N >= 1 for TFRecord data ("imagenet",
+    "embedded"): the first N train-* files (sorted by name) become the eval
+    split, the other train-* files the training split, and validation-* files
+    are ignored (the official EfficientNet ``--holdout_shards``).  num_train /
+    num_eval then count those files, and the returned info carries N, which
+    make_dataset applies.  N must leave at least one train-* file; other
+    datasets raise ValueError.
     """
+    holdout_shards = _check_holdout_shards(holdout_shards)
     if dataset is not None:
         dataset = str(dataset).strip()
     if data_dir is not None:
@@ -160,18 +218,19 @@ def resolve_dataset(dataset=None, data_dir=None) -> DatasetInfo:
             data_dir = None
     if not dataset:
         if data_dir is None:
-            return _embedded_info()
+            return _embedded_info(holdout_shards)
         _check_dir(data_dir, "(auto)")
         if tfrecord.list_files(data_dir, "train") or tfrecord.list_files(data_dir, "eval"):
-            return _tfrecord_info("imagenet", data_dir)
+            return _tfrecord_info("imagenet", data_dir, holdout_shards=holdout_shards)
         if "://" not in data_dir and image_folder.has_layout(data_dir):
+            _no_holdout("folder", holdout_shards)
             return _folder_info(data_dir)
         raise ValueError(
             f"--data_dir={data_dir}: no train-* TFRecord files or "
             "train/ class folders found"
         )
     if dataset == "embedded":
-        return _embedded_info()
+        return _embedded_info(holdout_shards)
     if dataset == "imagenet":
         _check_dir(data_dir, dataset)
         if not (
@@ -181,11 +240,13 @@ def resolve_dataset(dataset=None, data_dir=None) -> DatasetInfo:
                 f"--data_dir={data_dir}: no train-* or validation-* "
                 "TFRecord files found (--dataset=imagenet)"
             )
-        return _tfrecord_info("imagenet", data_dir)
+        return _tfrecord_info("imagenet", data_dir, holdout_shards=holdout_shards)
     if dataset == "folder":
+        _no_holdout(dataset, holdout_shards)
         _check_dir(data_dir, dataset)
         return _folder_info(data_dir)
     if dataset.startswith("tfds:"):
+        _no_holdout(dataset, holdout_shards)
         num_classes, num_train, num_eval, image_size, names = tfds_reader.describe(
             dataset, data_dir
         )
@@ -204,13 +265,16 @@ def _epoch_seed(seed, epoch):
     return tf.random.experimental.stateless_fold_in(base, tf.cast(epoch, tf.int64))
 
 
-def _source(info, data_dir, split, input_context, is_training, cache):
+def _source(info, data_dir, split, input_context, is_training, cache, holdout_shards=0):
     kwargs = dict(input_context=input_context, is_training=is_training, cache=cache)
     if info.name == "embedded":
-        return tfrecord.make_source(EMBEDDED_DIR, split, **kwargs)
+        return tfrecord.make_source(
+            EMBEDDED_DIR, split, holdout_shards=holdout_shards, **kwargs
+        )
     if info.name == "imagenet":
         _check_dir(data_dir, info.name)
-        return tfrecord.make_source(data_dir, split, **kwargs)
+        return tfrecord.make_source(data_dir, split, holdout_shards=holdout_shards, **kwargs)
+    _no_holdout(info.name, holdout_shards)
     if info.name == "folder":
         _check_dir(data_dir, info.name)
         return image_folder.make_source(data_dir, split, **kwargs)
@@ -349,6 +413,7 @@ def make_dataset(
     randaugment_magnitude=10,
     auto_augment_fraction=1.0,
     source_tags=False,
+    holdout_shards=None,
 ) -> tf.data.Dataset:
     """Batched (images float32 [B,H,W,3] in [0,255], labels int32 [B]) dataset.
 
@@ -387,6 +452,13 @@ def make_dataset(
         ``auto_augment`` (a stateless coin per example from the run seed, epoch
         and index); the others are exactly the images of ``auto_augment=None``.
       source_tags: also yield the per-image source tags (eval: all 0).
+      holdout_shards: None: use ``info.holdout_shards`` (set by
+        ``resolve_dataset(..., holdout_shards=N)``, the way to use it, since
+        the info's num_train/num_eval then match).  N >= 1 (TFRecord data
+        only): "train" reads all train-* files but the first N, "eval" reads
+        exactly the first N train-* files (one pass, file order); 0: no
+        holdout.  A value that contradicts a nonzero ``info.holdout_shards``
+        is a ValueError.
     """
     if split in ("validation", "test"):
         split = "eval"
@@ -408,10 +480,21 @@ def make_dataset(
         )
     if int(start_step) < 0:
         raise ValueError(f"start_step={start_step}: must be >= 0")
-    if split == "eval" and info.num_eval == 0:
+    info_holdout = int(getattr(info, "holdout_shards", 0) or 0)
+    if holdout_shards is None:
+        holdout_shards = info_holdout
+    holdout_shards = _check_holdout_shards(holdout_shards)
+    if info_holdout and holdout_shards != info_holdout:
+        raise ValueError(
+            f"holdout_shards={holdout_shards} contradicts the dataset info's "
+            f"holdout_shards={info_holdout} (set it in resolve_dataset only)"
+        )
+    if split == "eval" and info.num_eval == 0 and not holdout_shards:
         raise ValueError(f"--dataset={info.name}: no eval split available")
 
-    source = _source(info, data_dir, split, input_context, is_training, cache)
+    source = _source(
+        info, data_dir, split, input_context, is_training, cache, holdout_shards
+    )
     if is_training:
         ds = _train_dataset(
             source,

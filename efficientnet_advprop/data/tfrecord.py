@@ -7,7 +7,13 @@ Layout: ``data_dir/train-*`` and ``data_dir/validation-*`` shard files (e.g.
 * ``image/class/label``: int64 label in 1..num_classes (1-based; the reader
   subtracts 1),
 * optionally ``image/class/text``, ``image/height``, ``image/width``,
-  ``image/format``.
+  ``image/format``, ``image/filename``.
+
+Holdout shards (the official EfficientNet ``--holdout_shards`` option): with
+``holdout_shards=N`` the last N ``train-*`` files (in sorted order) are the
+eval split and training reads only the others, so a train-only copy of a
+dataset can still be evaluated on images it never trains on; ``validation-*``
+files are then ignored.
 
 Files written by :func:`write_tfrecords` may be GZIP-compressed and come with
 a ``dataset_info.json`` holding per-file record counts, the compression and
@@ -101,9 +107,33 @@ def _file_infos(data_dir, split):
     return out
 
 
-def split_size(data_dir, split):
+def split_file_infos(data_dir, split, holdout_shards=0):
+    """[(path, compression, count or None)] of ``split``'s shard files.
+
+    ``holdout_shards=N`` (N >= 1): "eval"/"validation" is the first N train-*
+    files (by name) and "train" the others, as the official EfficientNet input
+    pipeline's holdout option does.  Raises ValueError unless at least one
+    train-* file is left for training.
+    """
+    holdout_shards = int(holdout_shards or 0)
+    if holdout_shards < 0:
+        raise ValueError(f"--holdout_shards={holdout_shards}: must be >= 0")
+    if not holdout_shards:
+        return _file_infos(data_dir, split)
+    infos = _file_infos(data_dir, "train")
+    if holdout_shards >= len(infos):
+        raise ValueError(
+            f"--holdout_shards={holdout_shards}: must be less than the "
+            f"{len(infos)} train-* TFRecord files in --data_dir={data_dir}"
+        )
+    if SPLIT_PREFIX.get(split, split) == "train":
+        return infos[holdout_shards:]
+    return infos[:holdout_shards]
+
+
+def split_size(data_dir, split, holdout_shards=0):
     """Exact size of ``split`` when known from metadata, else None."""
-    infos = _file_infos(data_dir, split)
+    infos = split_file_infos(data_dir, split, holdout_shards)
     if infos and all(c is not None for _, _, c in infos):
         return sum(c for _, _, c in infos)
     return None
@@ -165,9 +195,21 @@ def _identity_element(key, label):
     return key, label
 
 
-def make_source(data_dir, split, *, input_context=None, is_training=False, cache=False):
-    """Builds the :class:`Source` of one pipeline's part of ``split``."""
-    infos = _file_infos(data_dir, split)
+def make_source(
+    data_dir,
+    split,
+    *,
+    input_context=None,
+    is_training=False,
+    cache=False,
+    holdout_shards=0,
+):
+    """Builds the :class:`Source` of one pipeline's part of ``split``.
+
+    ``holdout_shards=N``: the split is taken from the train-* files as
+    described in :func:`split_file_infos` (last N files = eval).
+    """
+    infos = split_file_infos(data_dir, split, holdout_shards)
     if not infos:
         raise ValueError(
             f"--data_dir={data_dir}: no {SPLIT_PREFIX.get(split, split)}-* "
@@ -260,6 +302,7 @@ def make_example(
     width=None,
     image_format="JPEG",
     label_offset=1,
+    filename=None,
 ):
     """tf.train.Example in the official layout (stores label + label_offset)."""
     feature = {
@@ -275,6 +318,10 @@ def make_example(
         feature["image/height"] = _int64_feature(height)
     if width is not None:
         feature["image/width"] = _int64_feature(width)
+    if filename is not None:
+        feature["image/filename"] = _bytes_feature(
+            filename.encode() if isinstance(filename, str) else bytes(filename)
+        )
     return tf.train.Example(features=tf.train.Features(feature=feature))
 
 
@@ -292,7 +339,8 @@ def write_tfrecords(
 
     Args:
       examples_iter: iterable of dicts with keys "image" (encoded bytes) and
-        "label" (0-based int) and optional "text", "height", "width", "format";
+        "label" (0-based int) and optional "text", "height", "width", "format",
+        "filename";
         or tuples (image_bytes, label[, text]).
       output_dir: directory (created if needed).
       split: "train" or "validation" ("eval" is an alias of "validation").
@@ -335,6 +383,7 @@ def write_tfrecords(
                 width=ex.get("width"),
                 image_format=ex.get("format", "JPEG"),
                 label_offset=label_offset,
+                filename=ex.get("filename"),
             )
             # deterministic=True: stable map-field order -> byte-reproducible files.
             writers[i % num_shards].write(proto.SerializeToString(deterministic=True))

@@ -41,13 +41,14 @@ from efficientnet_advprop.layers.preprocessing import InputNormalization
 from efficientnet_advprop.layers.stochastic_depth import StochasticDepth
 from efficientnet_advprop.layers.weight_standardization import (
     WeightStandardizedConv2D, activation_gamma)
+from efficientnet_advprop.models.resnet import scaled_widths
 
 NF_RESNET_SPECS = {
     "nf-resnet-26": (2, 2, 2, 2),
     "nf-resnet-50": (3, 4, 6, 3),
     "nf-resnet-101": (3, 4, 23, 3),
 }
-STAGE_WIDTHS = (64, 128, 256, 512)
+STAGE_WIDTHS = (64, 128, 256, 512)  # the same as ResNet's (scaled_widths)
 STEM_FILTERS = 64
 EXPANSION = 4
 CIFAR_SUFFIX = "-cifar"
@@ -148,17 +149,6 @@ def _block(x, prefix, width, strides, beta, alpha, activation, drop_rate, transi
     return keras.layers.Add(name=prefix + "out")([y, shortcut])
 
 
-def scaled_widths(width_multiplier=1.0):
-    """(stem filters, stage widths) scaled by `width_multiplier` (at least 8 each)."""
-    if not width_multiplier > 0:
-        raise ValueError(f"width_multiplier must be > 0, got {width_multiplier}")
-
-    def scale(c):
-        return max(8, int(round(c * width_multiplier)))
-
-    return scale(STEM_FILTERS), tuple(scale(w) for w in STAGE_WIDTHS)
-
-
 def nf_resnet(model_name, num_classes=1000, image_size=None, preprocessing="imagenet",
               activation="relu", alpha=0.2, drop_path_rate=0.0, dropout_rate=0.0,
               small_stem=None, include_top=True, name=None, norm=None,
@@ -192,7 +182,7 @@ def nf_resnet(model_name, num_classes=1000, image_size=None, preprocessing="imag
     """
     if norm is not None:
         raise ValueError("NF-ResNets have no normalisation layers; norm must be None")
-    stem_filters, stage_widths = scaled_widths(width_multiplier)
+    stem_filters, stage_widths = scaled_widths(width_multiplier)  # as ResNet's
     base, cifar = _parse_name(model_name)
     activation_gamma(activation)  # ValueError on unknown names
     small = cifar if small_stem is None else bool(small_stem)

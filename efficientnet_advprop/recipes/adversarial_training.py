@@ -46,11 +46,7 @@ class StandardAdversarialTraining(Recipe):
         batch = tf.shape(images)[0]
         with bn_route(MAIN):  # one BN set for the mixed batch: the shared-BN baseline
             logits = model(tf.concat([tf.cast(images, adv.dtype), adv], 0), training=True)
-        clean_logits, adv_logits = logits[:batch], logits[batch:]
-        clean_loss = self.loss(labels, clean_logits)
-        adv_loss = self.loss(labels, adv_logits)
-        metrics = batch_metrics("clean", labels, clean_logits, clean_loss)
-        metrics.update(batch_metrics("adversarial", labels, adv_logits, adv_loss))
+        clean_loss, adv_loss, metrics = self.joint_losses(labels, logits, batch)
         return RecipeOutput(
             loss_sum=(self.clean_weight * tf.reduce_sum(clean_loss)
                       + self.adv_weight * tf.reduce_sum(adv_loss)),

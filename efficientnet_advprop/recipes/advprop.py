@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from efficientnet_advprop.attacks import AttackConfig, attack_model
 from efficientnet_advprop.layers.split_batch_norm import AUX, MAIN, bn_route
-from efficientnet_advprop.recipes.base import Recipe, RecipeOutput, as_context, batch_metrics
+from efficientnet_advprop.recipes.base import Recipe, RecipeOutput, as_context
 
 
 class AdvProp(Recipe):
@@ -33,11 +33,7 @@ class AdvProp(Recipe):
         joint = tf.concat([tf.cast(images, adv.dtype), adv], axis=0)
         with bn_route([MAIN, AUX]):
             logits = model(joint, training=True)
-        clean_logits, adv_logits = logits[:batch], logits[batch:]
-        clean_loss = self.loss(labels, clean_logits)
-        adv_loss = self.loss(labels, adv_logits)
-        metrics = batch_metrics("clean", labels, clean_logits, clean_loss)
-        metrics.update(batch_metrics("adversarial", labels, adv_logits, adv_loss))
+        clean_loss, adv_loss, metrics = self.joint_losses(labels, logits, batch)
         return RecipeOutput(loss_sum=tf.reduce_sum(clean_loss) + tf.reduce_sum(adv_loss),
                             metrics=metrics)
 

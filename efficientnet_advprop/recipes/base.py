@@ -165,6 +165,18 @@ class Recipe:
     def loss(self, labels, logits):
         return cross_entropy(labels, logits, self.num_classes, self.label_smoothing)
 
+    def joint_losses(self, labels, logits, num_clean, clean_labels=None):
+        """Per-sample losses and metrics of one forward of [clean; adversarial] images:
+        the first `num_clean` logits are clean (labels `clean_labels`, default
+        `labels`), the rest adversarial (labels `labels`)."""
+        clean_labels = labels if clean_labels is None else clean_labels
+        clean_logits, adv_logits = logits[:num_clean], logits[num_clean:]
+        clean_loss = self.loss(clean_labels, clean_logits)
+        adv_loss = self.loss(labels, adv_logits)
+        metrics = batch_metrics("clean", clean_labels, clean_logits, clean_loss)
+        metrics.update(batch_metrics("adversarial", labels, adv_logits, adv_loss))
+        return clean_loss, adv_loss, metrics
+
     def compute(self, model, images, labels, ctx):
         """-> RecipeOutput for one replica's batch; `ctx` is a StepContext."""
         raise NotImplementedError

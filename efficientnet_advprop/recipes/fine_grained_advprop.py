@@ -16,8 +16,8 @@ main set is used; `strip_auxiliary_bn` keeps it alone.
 import tensorflow as tf
 
 from efficientnet_advprop.attacks import AttackConfig, attack_model
-from efficientnet_advprop.recipes.base import Recipe, RecipeOutput, as_context, batch_metrics
 from efficientnet_advprop.layers.split_batch_norm import bn_route
+from efficientnet_advprop.recipes.base import Recipe, RecipeOutput, as_context
 
 AUGMENTED_SET = 1
 ADVERSARIAL_SET = 2
@@ -46,11 +46,7 @@ class FineGrainedAdvProp(Recipe):
         joint = tf.concat([images, tf.cast(adv, images.dtype)], axis=0)
         with bn_route(assignment=assignment):
             logits = model(joint, training=True)
-        clean_logits, adv_logits = logits[:batch], logits[batch:]
-        clean_loss = self.loss(labels, clean_logits)
-        adv_loss = self.loss(labels, adv_logits)
-        metrics = batch_metrics("clean", labels, clean_logits, clean_loss)
-        metrics.update(batch_metrics("adversarial", labels, adv_logits, adv_loss))
+        clean_loss, adv_loss, metrics = self.joint_losses(labels, logits, batch)
         augmented = tf.cast(tf.equal(tags, AUGMENTED_SET), tf.float32)
         metrics["fraction/augmented"] = (tf.reduce_sum(augmented), tf.cast(batch, tf.float32))
         return RecipeOutput(loss_sum=tf.reduce_sum(clean_loss) + tf.reduce_sum(adv_loss),

@@ -102,15 +102,12 @@ class MixtureBNAdversarialTraining(Recipe):
         route = ([MAIN, AUX], [num_clean, batch]) if self.mixture_bn else (MAIN, None)
         with bn_route(*route, use_moving_stats=moving):
             logits = model(joint, training=True)
-        clean_logits, adv_logits = logits[:num_clean], logits[num_clean:]
-        clean_loss = self.loss(labels[:num_clean], clean_logits)
-        adv_loss = self.loss(labels, adv_logits)
+        clean_loss, adv_loss, metrics = self.joint_losses(labels, logits, num_clean,
+                                                          clean_labels=labels[:num_clean])
         loss_sum = (self.clean_weight * tf.reduce_sum(clean_loss)
                     + (1.0 - self.clean_weight) * tf.reduce_sum(adv_loss))
-        metrics = batch_metrics("clean", labels[:num_clean], clean_logits, clean_loss)
-        metrics.update(batch_metrics("adversarial", labels, adv_logits, adv_loss))
         if self.alp_weight:
-            alp = alp_penalty(clean_logits, adv_logits[:num_clean])
+            alp = alp_penalty(logits[:num_clean], logits[num_clean:2 * num_clean])
             loss_sum += self.alp_weight * tf.reduce_sum(alp)
             metrics["loss/alp"] = (tf.reduce_sum(alp), tf.cast(num_clean, tf.float32))
         return RecipeOutput(loss_sum=loss_sum, metrics=metrics)
