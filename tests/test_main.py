@@ -20,7 +20,9 @@ def run_main(*args, cwd, timeout=600):
 
 def test_advprop_run_trains_evaluates_checkpoints_exports_and_resumes(tmp_path):
     model_dir, export_dir = tmp_path / "model", tmp_path / "export"
-    common = ["--advprop", "--model=efficientnet-b0", f"--model_dir={model_dir}",
+    # A narrow ResNet keeps the two runs short; the flags are the README command's.
+    common = ["--advprop", "--model=resnet-18-cifar", "--width_multiplier=0.125",
+              f"--model_dir={model_dir}",
               "--num_eval_images=100", "--eval_attack_iterations=2",
               "--checkpoint_every_steps=2", "--summary_every_steps=1"]
     first = run_main(*common, "--train_steps=2", cwd=tmp_path)

@@ -125,6 +125,8 @@ def test_advprop_step_two_replicas_agrees_with_single_device(tmp_path, cifar_sma
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-4, rtol=1e-3)
 
 
+@pytest.mark.slow  # ~40 s of XLA compilation; test_recipes compiles every recipe on a
+# micro model in the fast suite
 def test_advprop_train_step_compiles_with_xla(tmp_path, cifar_small):
     x, y = _arrays(cifar_small, 8)
     set_global_seed(0)
