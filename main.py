@@ -634,7 +634,8 @@ def main(argv):
     if len(argv) > 1:
         print(f"main.py: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         sys.exit(2)
-    from efficientnet_advprop.training import TrainingError  # after absl handled --help
+    # after absl handled --help
+    from efficientnet_advprop.training import InputDataError, TrainingError
 
     try:
         run()
@@ -644,9 +645,39 @@ def main(argv):
     except (FileNotFoundError, FileExistsError) as e:
         print(f"main.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except InputDataError as e:
+        print(f"main.py: error: --data_dir={_data_name()}: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 -- only undecodable input is answered here
+        if not _is_bad_input_data(e):
+            raise
+        from efficientnet_advprop.training.trainer import op_error_reason
+
+        print(f"main.py: error: --data_dir={_data_name()}: an image or record cannot be "
+              f"read ({op_error_reason(e)})", file=sys.stderr)
+        sys.exit(2)
     except TrainingError as e:
         print(f"main.py: training stopped: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def _data_name():
+    return FLAGS.data_dir or FLAGS.dataset or "(embedded)"
+
+
+_BAD_DATA_MARKERS = ("image file format", "decode", "corrupted record", "truncated",
+                     "Invalid JPEG", "Premature end")
+
+
+def _is_bad_input_data(error):
+    """An input-pipeline failure caused by the data itself (not by a program bug)."""
+    import tensorflow as tf
+
+    if isinstance(error, tf.errors.DataLossError):
+        return True
+    message = getattr(error, "message", "") or str(error)
+    return (isinstance(error, tf.errors.InvalidArgumentError)
+            and any(marker in message for marker in _BAD_DATA_MARKERS))
 
 
 def parse_flags(argv):

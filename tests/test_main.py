@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import tensorflow as tf
 
 from conftest import REPO_ROOT
 
@@ -93,3 +94,28 @@ def test_fast_advprop_run_calibrates_the_budget_and_reports_both_bn_sets(tmp_pat
     # 0.012 epochs of 375 steps = 4.5 -> / 1.2 = 3.75 -> 4 steps (vanilla would take 5)
     assert out["step"] == 4
     assert {"clean_accuracy", "aux_bn_clean_accuracy", "aux_bn_pgd1_eps1_accuracy"} <= set(out)
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "tfrecord"])
+def test_corrupt_input_data_is_one_line_and_exit_status_2(tmp_path, kind):
+    data_dir = tmp_path / "data"
+    if kind == "jpeg":  # one class of undecodable files next to a good one
+        for label in ("cat", "dog"):
+            (data_dir / "train" / label).mkdir(parents=True)
+        for i in range(8):
+            (data_dir / "train" / "cat" / f"{i}.jpg").write_bytes(b"not a jpeg")
+            (data_dir / "train" / "dog" / f"{i}.jpg").write_bytes(
+                tf.io.encode_jpeg(tf.zeros([32, 32, 3], tf.uint8)).numpy())
+    else:  # a TFRecord shard whose bytes are garbage
+        data_dir.mkdir()
+        (data_dir / "train-00000-of-00001").write_bytes(b"\x00garbage" * 100)
+        (data_dir / "validation-00000-of-00001").write_bytes(b"\x00garbage" * 100)
+    result = run_main("--data_dir=" + str(data_dir), "--model=resnet-18-cifar",
+                      "--width_multiplier=0.125", "--train_steps=2", "--train_batch_size=4",
+                      "--image_size=32", "--num_label_classes=2",
+                      f"--model_dir={tmp_path / 'm'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    assert lines[-1].startswith("main.py: error:"), result.stderr[-2000:]
+    assert str(data_dir) in lines[-1]  # names the data (the directory or the bad file)
+    assert "Traceback" not in result.stderr

@@ -241,3 +241,22 @@ def test_initialize_from_loads_weights_and_restarts_the_ema(tmp_path):
         np.testing.assert_array_equal(np.asarray(var), shadow.numpy())
     trainer.save()
     assert trainer.initialize_from(lambda m: 1 / 0) is None  # a checkpoint exists: resume
+
+
+def test_undecodable_input_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path):
+    from efficientnet_advprop.training import InputDataError
+
+    good = tf.io.encode_jpeg(tf.zeros([32, 32, 3], tf.uint8)).numpy()
+    blobs = [good] * 16 + [b"not a jpeg"] * 8  # batches 1-2 decode, batch 3 does not
+
+    def dataset_fn(ctx, start_step):
+        ds = tf.data.Dataset.from_tensor_slices((blobs, [0] * 24)).skip(8 * start_step)
+        ds = ds.map(lambda b, y: (tf.cast(tf.io.decode_jpeg(b, channels=3), tf.float32), y))
+        return ds.batch(8, drop_remainder=True)
+
+    trainer = Trainer(tf.distribute.get_strategy(), lambda: tiny_model(num_aux=0),
+                      make_recipe("vanilla", 10),
+                      _config(tmp_path, train_steps=5, checkpoint_every_steps=1))
+    with pytest.raises(InputDataError, match=r"before step 3 \(.*ckpt-2"):
+        trainer.train(dataset_fn)
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-2")

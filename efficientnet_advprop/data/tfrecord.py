@@ -80,14 +80,17 @@ def count_records(path, compression=""):
         ds = tf.data.TFRecordDataset(path, compression_type=compression)
         return int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
     n = 0
+    size = tf.io.gfile.stat(path).length
     with tf.io.gfile.GFile(path, "rb") as f:
         while True:
             header = f.read(12)
             if not header:
                 return n
-            if len(header) < 12:
-                raise ValueError(f"{path}: truncated TFRecord file")
-            (length,) = struct.unpack("<Q", header[:8])
+            (length,) = struct.unpack("<Q", header[:8]) if len(header) == 12 else (-1,)
+            end = f.tell() + length + 4
+            if length < 0 or end > size:
+                raise ValueError(f"{path}: truncated or corrupt TFRecord file (record {n} "
+                                 "runs past the end of the file)")
             f.seek(length + 4, 1)
             n += 1
 

@@ -14,6 +14,7 @@ slots, EMA shadows and the step.
 import dataclasses
 import math
 import os
+import re
 import sys
 import time
 
@@ -41,6 +42,16 @@ NORM_LAYERS = (SplitBatchNorm, keras.layers.BatchNormalization,
 
 class TrainingError(RuntimeError):
     """Training cannot go on (for example the loss stopped being finite)."""
+
+
+class InputDataError(TrainingError):
+    """The input pipeline failed (an undecodable image, a corrupt record)."""
+
+
+def op_error_reason(error):
+    """The first line of a TensorFlow error, without its {{function_node ...}} prefix."""
+    message = (getattr(error, "message", "") or str(error)).strip().splitlines()[0]
+    return re.sub(r"\{\{[^}]*\}\}\s*", "", message)
 
 
 @dataclasses.dataclass
@@ -358,7 +369,15 @@ class Trainer:
         last = {}
         step = start
         while step < config.train_steps:
-            loss, metrics = self._train_step(*next(iterator))
+            try:
+                batch = next(iterator)
+            except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+                reason = op_error_reason(e)
+                raise InputDataError(
+                    f"the input pipeline failed before step {step + 1} ({reason}); the "
+                    f"last good checkpoint is {self.manager.latest_checkpoint or 'none'}"
+                ) from None
+            loss, metrics = self._train_step(*batch)
             step += 1
             loss = float(loss)
             if step == start + 1:  # the first step traces (and compiles): not timed
