@@ -263,6 +263,13 @@ class SplitBatchNorm(keras.layers.Layer):
                            (self.moving_variances[index], variance)):
             var.assign_sub((var - value) * decay)
 
+    def _consistent(self, index, mean, variance, flag):
+        """The batch statistics, or the moving ones where `flag` (consistent BN) is 1."""
+        if flag is None:
+            return mean, variance
+        return (flag * self.moving_means[index] + (1.0 - flag) * mean,
+                flag * self.moving_variances[index] + (1.0 - flag) * variance)
+
     @staticmethod
     def _moving_flag(route):
         """None (batch statistics), True, or a float 0/1 scalar tensor."""
@@ -282,9 +289,7 @@ class SplitBatchNorm(keras.layers.Layer):
         mean, variance = self._moments(x)
         if update:
             self._update_moving(index, mean, variance, keep=flag)
-        if flag is not None:
-            mean = flag * moving[0] + (1.0 - flag) * mean
-            variance = flag * moving[1] + (1.0 - flag) * variance
+        mean, variance = self._consistent(index, mean, variance, flag)
         return self._normalize(x, index, mean, variance)
 
     def _apply_ghost(self, x, index, flag, groups, update):
@@ -302,9 +307,7 @@ class SplitBatchNorm(keras.layers.Layer):
             flat = [-1, x.shape[-1]]
             self._update_moving(index, tf.reduce_mean(tf.reshape(mean, flat), 0),
                                 tf.reduce_mean(tf.reshape(variance, flat), 0), keep=flag)
-        if flag is not None:
-            mean = flag * self.moving_means[index] + (1.0 - flag) * mean
-            variance = flag * self.moving_variances[index] + (1.0 - flag) * variance
+        mean, variance = self._consistent(index, mean, variance, flag)
         out = self._normalize(grouped, index, mean, variance)
         return tf.reshape(out, tf.shape(x))
 
@@ -332,9 +335,7 @@ class SplitBatchNorm(keras.layers.Layer):
                 if all(route.update_stats):
                     keep = empty if flag is None else tf.maximum(empty, flag)
                     self._update_moving(index, mean, variance, keep=keep)
-                if flag is not None:
-                    mean = flag * moving[0] + (1.0 - flag) * mean
-                    variance = flag * moving[1] + (1.0 - flag) * variance
+                mean, variance = self._consistent(index, mean, variance, flag)
             out += mask * self._normalize(x, index, mean, variance)
         return out
 
