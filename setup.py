@@ -12,6 +12,15 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["efficientnet_advprop", "efficientnet_advprop.*"]),
     package_data={"efficientnet_advprop.data": ["embedded/*", "embedded/README.md"]},
+    # ImageNet-C AlexNet errors and the ImageNet-A/R class subsets (third_party/README.md);
+    # evaluation.distribution_shift finds them in the checkout or under sys.prefix/share.
+    data_files=[
+        ("share/efficientnet_advprop/third_party/imagenet_c",
+         ["third_party/imagenet_c/alexnet_errors.json", "third_party/imagenet_c/NOTICE"]),
+        ("share/efficientnet_advprop/third_party/imagenet_a_r",
+         ["third_party/imagenet_a_r/imagenet_a.json", "third_party/imagenet_a_r/imagenet_r.json",
+          "third_party/imagenet_a_r/LICENSE"]),
+    ],
     include_package_data=True,
     install_requires=[
         # Tested with TF 2.21.0 / Keras 3.15.1 / TFDS 4.9.10 (README, "Versions").
@@ -21,6 +30,7 @@ setup(
         "tensorboard",  # tf.summary needs it; TF 2.21 no longer depends on it
         "absl-py>=1.0",
         "numpy",
+        "matplotlib",  # the robustness report's plots
     ],
     extras_require={"test": ["pytest>=7"]},
     py_modules=["main"],

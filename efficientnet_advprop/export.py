@@ -96,3 +96,15 @@ def export_saved_model(model, export_dir, *, metadata=None, eval_crop="inception
     with open(os.path.join(export_dir, "efficientnet_advprop.json"), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
     return clean
+
+
+def load_export_metadata(export_dir):
+    """The efficientnet_advprop.json written next to a SavedModel by `export_saved_model`."""
+    path = os.path.join(export_dir, "efficientnet_advprop.json")
+    if not os.path.isdir(export_dir):
+        raise FileNotFoundError(f"{export_dir} is not a directory")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: not a SavedModel exported by "
+                                "efficientnet_advprop")
+    with open(path) as f:
+        return json.load(f)

@@ -18,6 +18,19 @@ def eval_attack_config(epsilon, num_iter=10, step_size=None, attacker="pgd"):
                         num_iter=num_iter, bn_mode="inference")
 
 
+def main_logits_fn(model, bn_set=MAIN):
+    """x in [0, 255] -> float32 logits of `model` in inference mode through `bn_set`.
+
+    Under a mixed-precision policy, call (and trace) it inside
+    `attacks.float32_compute(model)` so attacks see float32 gradients.
+    """
+    def logits_fn(x):
+        with bn_route(bn_set):
+            return tf.cast(model(x, training=False), tf.float32)
+
+    return logits_fn
+
+
 def evaluate(model, dataset, *, strategy=None, attack=None, bn_set=MAIN, seed=0,
              num_classes=None):
     """Top-1 accuracy on clean images and, with `attack`, on its adversarial images.

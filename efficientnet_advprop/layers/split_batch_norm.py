@@ -23,6 +23,8 @@ Which set a call uses is chosen by a *route*, set for a whole model call with th
         logits = model(x, training=True)
     with bn_route(MAIN, use_moving_stats=flag):  # "consistent BN" when flag is True
         logits = model(x, training=True)
+    with bn_route(mix=(MAIN, AUX), mix_weight=g):  # inference: (1-g) main + g aux
+        logits = model(x, training=False)      # in every layer (or `mix_layers`)
 
 Set 0 is the main BN, sets 1..N the auxiliary ones. Without a route the main BN is used,
 so a model with auxiliary sets behaves like a plain network at inference.
@@ -30,8 +32,9 @@ so a model with auxiliary sets behaves like a plain network at inference.
 Distribution
 ------------
 Batch statistics are per replica by default (as the official GPU code); pass
-``synchronized=True`` to all-reduce them over the replicas of the current replica
-context. Moving statistics are ``ON_READ`` variables with ``MEAN`` aggregation: each
+``synchronized=True`` to average them over the replicas of the current replica
+context, all of them or consecutive groups of ``sync_group_size`` replicas (the
+official TPU code syncs in groups; see `official_sync_group_size`). Moving statistics are ``ON_READ`` variables with ``MEAN`` aggregation: each
 replica updates its own copy without any cross-replica traffic (so the update compiles
 with XLA), and every read from cross-replica context -- checkpoints, exports, EMA,
 `sync_moving_statistics` -- sees the mean over replicas. Keras' own BatchNormalization
@@ -40,6 +43,7 @@ uses aggregation ``NONE`` and silently keeps one replica's copy instead.
 
 import contextlib
 import math
+import numbers
 import threading
 
 import keras
@@ -70,10 +74,18 @@ class BNRoute:
       use_moving_stats: in training mode, normalise with the moving statistics instead
         of batch statistics and leave them unchanged ("consistent BN", Xie & Yuille
         2020). A Python bool or a scalar bool tensor (switched inside the graph).
+      mix: inference only: a pair of sets (a, b); each routed layer outputs
+        (1 - mix_weight) * BN_a(x) + mix_weight * BN_b(x), both with moving statistics
+        (the per-layer MBN interpolation of mixture-BN adversarial training).
+      mix_weight: the weight g of set b, a float or a scalar tensor (so a sweep over g
+        needs no retrace).
+      mix_layers: None (every SplitBatchNorm mixes) or a collection of layer names that
+        mix; the others use set a alone.
     """
 
     def __init__(self, sets=MAIN, sizes=None, update_stats=True, groups=1,
-                 assignment=None, use_moving_stats=False):
+                 assignment=None, use_moving_stats=False, mix=None, mix_weight=0.0,
+                 mix_layers=None):
         if isinstance(sets, int):
             sets = (sets,)
         sets = tuple(int(s) for s in sets)
@@ -104,6 +116,16 @@ class BNRoute:
         self.groups = groups
         self.assignment = assignment
         self.use_moving_stats = use_moving_stats
+        if mix is not None:
+            mix = tuple(int(m) for m in mix)
+            if len(mix) != 2 or min(mix) < 0:
+                raise ValueError(f"BN route mix must be a pair of set indices, got {mix}")
+            if assignment is not None or len(sets) != 1:
+                raise ValueError("a BN route mixes two sets for the whole batch; it takes "
+                                 "no segments or per-image assignment")
+        self.mix = mix
+        self.mix_weight = mix_weight
+        self.mix_layers = None if mix_layers is None else frozenset(mix_layers)
 
     def __repr__(self):
         return (f"BNRoute(sets={self.sets}, sizes={self.sizes}, "
@@ -122,12 +144,13 @@ def current_route():
 
 @contextlib.contextmanager
 def bn_route(sets=MAIN, sizes=None, update_stats=True, *, groups=1, assignment=None,
-             use_moving_stats=False):
+             use_moving_stats=False, mix=None, mix_weight=0.0, mix_layers=None):
     """Routes every SplitBatchNorm called inside the block; see the module docstring
     and `BNRoute` for the arguments."""
     route = sets if isinstance(sets, BNRoute) else BNRoute(
         sets, sizes, update_stats, groups=groups, assignment=assignment,
-        use_moving_stats=use_moving_stats)
+        use_moving_stats=use_moving_stats, mix=mix, mix_weight=mix_weight,
+        mix_layers=mix_layers)
     stack = getattr(_route_state, "stack", None)
     if stack is None:
         stack = _route_state.stack = []
@@ -159,16 +182,29 @@ class SplitBatchNorm(keras.layers.Layer):
       momentum, epsilon: as in `keras.layers.BatchNormalization` (moving = momentum *
         moving + (1 - momentum) * batch; variance is the biased batch variance).
       center, scale: whether each set has beta / gamma.
-      synchronized: all-reduce batch moments over replicas in replica context.
+      synchronized: average the batch moments over replicas in replica context.
+      sync_group_size: with `synchronized`, the replicas are cut into consecutive
+        groups of this many (replica ids 0..k-1, k..2k-1, ...) and each image is
+        normalised with its group's moments; None: one group of all replicas. It must
+        divide the number of replicas in sync (1 = per-replica statistics).
       gamma_initializer, beta_initializer: initialisers of every set's gamma, beta.
     """
 
     def __init__(self, num_aux=1, momentum=0.99, epsilon=1e-3, center=True,
                  scale=True, synchronized=False, gamma_initializer="ones",
-                 beta_initializer="zeros", **kwargs):
+                 beta_initializer="zeros", sync_group_size=None, **kwargs):
         super().__init__(**kwargs)
         if num_aux < 0:
             raise ValueError(f"num_aux must be >= 0, got {num_aux}")
+        if sync_group_size is not None:
+            if (isinstance(sync_group_size, bool)
+                    or not isinstance(sync_group_size, numbers.Integral) or sync_group_size < 1):
+                raise ValueError(f"sync_group_size must be an integer >= 1 or None, got "
+                                 f"{sync_group_size!r}")
+            if not synchronized:
+                raise ValueError("sync_group_size needs synchronized=True")
+            sync_group_size = int(sync_group_size)
+        self.sync_group_size = sync_group_size
         self.num_aux = int(num_aux)
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
@@ -227,14 +263,30 @@ class SplitBatchNorm(keras.layers.Layer):
     def moving_variance(self):
         return self.moving_variances[MAIN]
 
+    def _sync_group_size(self, ctx):
+        """Replicas per synchronisation group in `ctx` (1: no cross-replica sync)."""
+        replicas = ctx.num_replicas_in_sync if ctx is not None else 1
+        if not self.synchronized or replicas == 1:
+            return 1
+        group = self.sync_group_size or replicas
+        if replicas % group:
+            raise ValueError(f"{self.name}: sync_group_size={group} does not divide the "
+                             f"{replicas} replicas in sync")
+        return group
+
     def _moments(self, x):
         axes = list(range(len(x.shape) - 1))
         ctx = tf.distribute.get_replica_context()
-        if self.synchronized and ctx is not None and ctx.num_replicas_in_sync > 1:
-            # Equal per-replica batches: the mean of local E[x], E[x^2] is global.
-            mean = tf.reduce_mean(x, axis=axes)
-            mean_sq = tf.reduce_mean(tf.square(x), axis=axes)
-            mean, mean_sq = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, [mean, mean_sq])
+        group = self._sync_group_size(ctx)
+        if group > 1:
+            # Equal per-replica batches: the mean of local E[x], E[x^2] over a group is
+            # the group's; the variance follows as E[x^2] - E[x]^2 (as the official
+            # TpuBatchNormalization).
+            channels = x.shape[-1]
+            local = tf.concat([tf.reduce_mean(x, axis=axes),
+                               tf.reduce_mean(tf.square(x), axis=axes)], axis=0)
+            moments = grouped_replica_mean(ctx, local, group)
+            mean, mean_sq = moments[:channels], moments[channels:]
             return mean, tf.maximum(mean_sq - tf.square(mean), 0.0)
         return tf.nn.moments(x, axes=axes)  # two-pass: no cancellation in float32
 
@@ -339,11 +391,32 @@ class SplitBatchNorm(keras.layers.Layer):
             out += mask * self._normalize(x, index, mean, variance)
         return out
 
+    def _apply_mix(self, x, training, route):
+        """(1 - g) BN_a(x) + g BN_b(x) with moving statistics (inference only)."""
+        if training:
+            raise ValueError(f"{self.name}: a mixing BN route is for inference "
+                             "(training=False)")
+        first, second = route.mix
+        if route.mix_layers is not None and self.name not in route.mix_layers:
+            second = first
+        for index in (first, second):
+            self._check_set(index)
+        out = self._normalize(x, first, self.moving_means[first],
+                              self.moving_variances[first])
+        if second == first:
+            return out
+        other = self._normalize(x, second, self.moving_means[second],
+                                self.moving_variances[second])
+        weight = tf.cast(route.mix_weight, tf.float32)
+        return out + weight * (other - out)
+
     def call(self, inputs, training=None, route=None):
         route = route if route is not None else current_route()
         training = bool(training)
         x = tf.cast(inputs, tf.float32)
-        if route.assignment is not None:
+        if route.mix is not None:
+            out = self._apply_mix(x, training, route)
+        elif route.assignment is not None:
             out = self._apply_assignment(x, training, route)
         elif len(route.sets) == 1:
             out = self._apply_set(x, route.sets[0], training, route, route.groups[0],
@@ -369,10 +442,57 @@ class SplitBatchNorm(keras.layers.Layer):
             "center": self.center,
             "scale": self.scale,
             "synchronized": self.synchronized,
+            "sync_group_size": self.sync_group_size,
             "gamma_initializer": keras.initializers.serialize(self.gamma_initializer),
             "beta_initializer": keras.initializers.serialize(self.beta_initializer),
         })
         return config
+
+
+def official_sync_group_size(num_replicas):
+    """Replicas per cross-replica BN group in the official EfficientNet TPU code.
+
+    `TpuBatchNormalization` (tensorflow/tpu models/official/efficientnet/utils.py) does
+    not synchronise at all on 8 replicas or fewer (a v2-8/v3-8: 1 is returned here),
+    and beyond that averages the moments over groups of max(8, replicas // 8)
+    consecutive replicas, so a large pod has at most 8 groups.
+    """
+    if num_replicas <= 8:
+        return 1
+    return max(8, num_replicas // 8)
+
+
+def group_scatter(values, replica_id, num_groups, group_size):
+    """[num_groups, N]: `values` [N] in the row of `replica_id`'s group, zeros elsewhere.
+
+    Summing these over all replicas gives every group's sum in its row.
+    """
+    group = tf.cast(replica_id, tf.int32) // group_size
+    onehot = tf.one_hot(group, num_groups, dtype=values.dtype)
+    return onehot[:, None] * values[None, :]
+
+
+def group_pick(summed, replica_id, group_size):
+    """The mean of `replica_id`'s group from the all-reduced `group_scatter` rows."""
+    group = tf.cast(replica_id, tf.int32) // group_size
+    return tf.gather(summed, group) / float(group_size)
+
+
+def grouped_replica_mean(ctx, values, group_size):
+    """Mean of `values` [N] over the `group_size` consecutive replicas (by replica id)
+    that include this one; `ctx` is the replica context.
+
+    One all-reduce (SUM) of a [replicas / group_size, N] tensor in which each replica
+    fills its group's row: it works under every tf.distribute strategy, moves
+    replicas / group_size times the data of a global all-reduce (an all-gather of the
+    per-replica values would move `replicas` times), and its gradient is again an
+    all-reduce. With one group it is the plain all-reduce mean.
+    """
+    replicas = ctx.num_replicas_in_sync
+    scattered = group_scatter(values, ctx.replica_id_in_sync_group,
+                              replicas // group_size, group_size)
+    summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, scattered)
+    return group_pick(summed, ctx.replica_id_in_sync_group, group_size)
 
 
 def bn_sets_of_variables(model):

@@ -1,0 +1,123 @@
+"""The robustness suite end to end: library call, report files, and main.py's
+--mode=eval_robustness on a checkpoint and on an exported SavedModel."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from conftest import REPO_ROOT  # noqa: F401  (puts tests/ helpers on the path)
+from efficientnet_advprop.evaluation import RobustnessConfig, evaluate_robustness, write_report
+from test_main import run_main
+
+SMALL = dict(epsilon=8.0, pgd_iterations=3, apgd_iterations=4, mi_fgsm_iterations=3,
+             cw_iterations=3, square_queries=12, curve_iterations=(1, 2, 4),
+             corruptions=("gaussian_noise", "contrast"), severities=(1, 5),
+             thickness_points=8, mbn_gammas=(0.0, 1.0))
+
+
+def _check_invariants(result):
+    clean = result["clean_accuracy"]
+    accs = {k: v["accuracy"] for k, v in result.get("attacks", {}).items()}
+    assert all(a <= clean + 1e-9 for a in accs.values()), (clean, accs)
+    if accs:
+        assert result["worst_case_accuracy"] <= min(accs.values()) + 1e-9
+    curve = result.get("iteration_curve")
+    if curve:
+        assert all(b <= a + 1e-9 for a, b in zip(curve["accuracy"], curve["accuracy"][1:]))
+        assert curve["accuracy"][0] <= clean + 1e-9
+    aa = result.get("autoattack")
+    if aa:
+        ensemble = accs[f"autoattack-{aa['version']}"]
+        assert all(ensemble <= m + 1e-9 for m in aa["member_accuracy"].values())
+
+
+def test_suite_on_a_trained_model_is_reproducible_and_consistent(trained_linear_model,
+                                                                 cifar_small, tmp_path):
+    _, (x, y) = cifar_small
+    # 40 images in batches of 16: the short last batch is padded and the padding dropped.
+    ds = tf.data.Dataset.from_tensor_slices((x[:40], y[:40])).batch(16)
+    config = RobustnessConfig(attacks=("pgd", "pgd-targeted", "apgd-ce", "mi-fgsm", "cw",
+                                       "square", "autoattack"), **SMALL)
+    first = evaluate_robustness(trained_linear_model, ds, config, num_classes=10,
+                                show_progress=False)
+    second = evaluate_robustness(trained_linear_model, ds, config, num_classes=10,
+                                 show_progress=False)
+    assert first["num_images"] == 40
+    direct = np.argmax(trained_linear_model(x[:40].astype("float32")).numpy(), -1) == y[:40]
+    assert first["clean_accuracy"] == pytest.approx(direct.mean())
+    _check_invariants(first)
+    drop = {"seconds"}
+    assert {k: v for k, v in first.items() if k not in drop} == {
+        k: v for k, v in second.items() if k not in drop}
+    assert first["attacks"]["pgd3"]["accuracy"] < first["clean_accuracy"]
+    errors = first["corruptions"]["errors"]
+    assert set(errors) == {"gaussian_noise", "contrast"}
+    assert all(0.0 <= e <= 1.0 for values in errors.values() for e in values)
+    assert first["properties"]["boundary_thickness"] >= 0.0
+    assert "mbn" not in first and "bn_statistics" not in first  # no auxiliary BNs
+
+    paths = write_report(first, str(tmp_path / "report"))
+    names = {os.path.basename(p) for p in paths}
+    assert {"robustness.json", "robustness.md", "attack_iterations.png",
+            "corruptions.png"} <= names
+    assert json.loads((tmp_path / "report" / "robustness.json").read_text())[
+        "clean_accuracy"] == first["clean_accuracy"]
+    md = (tmp_path / "report" / "robustness.md").read_text()
+    assert "| pgd3 |" in md and "![attack_iterations.png]" in md
+    with Image.open(tmp_path / "report" / "attack_iterations.png") as image:
+        assert image.size[0] > 300 and image.size[1] > 200
+
+
+def test_config_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown attack"):
+        RobustnessConfig(attacks=("pgd", "fab"))
+    with pytest.raises(ValueError, match="severities"):
+        RobustnessConfig(severities=(0,))
+    with pytest.raises(ValueError, match="epsilon"):
+        RobustnessConfig(epsilon=0)
+
+
+@pytest.mark.slow
+def test_main_eval_robustness_on_checkpoint_and_saved_model(tmp_path):
+    model_dir, export_dir = tmp_path / "model", tmp_path / "export"
+    train = run_main("--advprop", "--model=resnet-18-cifar", "--width_multiplier=0.125",
+                     f"--model_dir={model_dir}", "--train_steps=3", "--mode=train",
+                     f"--export_dir={export_dir}", cwd=tmp_path)
+    assert train.returncode == 0, train.stderr[-3000:]
+    small = ["--num_eval_images=32", "--eval_batch_size=16", "--eval_epsilon=4",
+             "--eval_attack_iterations=2", "--apgd_iterations=3", "--square_queries=5",
+             "--curve_iterations=1,3", "--corruptions=gaussian_noise,fog",
+             "--corruption_severities=1,5", "--mbn_gammas=0,0.5,1"]
+    common = ["--advprop", "--model=resnet-18-cifar", "--width_multiplier=0.125"]
+    ckpt = run_main(*common, f"--model_dir={model_dir}", "--mode=eval_robustness", *small,
+                    cwd=tmp_path)
+    assert ckpt.returncode == 0, ckpt.stderr[-3000:]
+    report = model_dir / "robustness"
+    result = json.loads((report / "robustness.json").read_text())
+    _check_invariants(result)
+    assert result["num_images"] == 32 and result["epsilon"] == 4.0
+    assert set(result["mbn"]["modes"]) == {"main", "aux", "logits", "layers",
+                                           "random_layers"}
+    assert len(result["bn_statistics"]["layers"]) > 5
+    for name in ("attack_iterations.png", "mbn_frontier.png", "bn_statistics.png",
+                 "corruptions.png", "robustness.md"):
+        assert (report / name).exists(), name
+
+    saved = run_main(f"--saved_model_dir={export_dir}", "--mode=eval_robustness", *small,
+                     f"--eval_dir={tmp_path / 'sm'}", cwd=tmp_path)
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    from_export = json.loads((tmp_path / "sm" / "robustness.json").read_text())
+    # The export holds the EMA weights of the main BN set: same clean accuracy.
+    assert from_export["clean_accuracy"] == pytest.approx(result["clean_accuracy"])
+    assert "mbn" not in from_export
+
+    bad = run_main(f"--saved_model_dir={tmp_path / 'nowhere'}", "--mode=eval_robustness",
+                   cwd=tmp_path)
+    assert bad.returncode == 2 and "--saved_model_dir=" in bad.stderr.strip().splitlines()[-1]
+    bad = run_main(*common, f"--model_dir={model_dir}", "--mode=eval_robustness",
+                   "--robustness_attacks=pgd,fab", cwd=tmp_path)
+    assert bad.returncode == 2 and "fab" in bad.stderr.strip().splitlines()[-1]
