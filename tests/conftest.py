@@ -17,6 +17,16 @@ SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data",
                            "cifar10-train-jpeg.tar.gz")
 
 
+def run_main(*args, cwd, timeout=600):
+    """Runs main.py in a fresh process; returns the CompletedProcess (text output)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "main.py"), *args],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
 @pytest.fixture(scope="session")
 def two_device_strategy():
     # One strategy per process, as in real use: two MirroredStrategy objects hand out

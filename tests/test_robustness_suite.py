@@ -9,9 +9,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import REPO_ROOT  # noqa: F401  (puts tests/ helpers on the path)
+from conftest import run_main
 from efficientnet_advprop.evaluation import RobustnessConfig, evaluate_robustness, write_report
-from test_main import run_main
 
 SMALL = dict(epsilon=8.0, pgd_iterations=3, apgd_iterations=4, mi_fgsm_iterations=3,
              cw_iterations=3, square_queries=12, curve_iterations=(1, 2, 4),
@@ -121,3 +120,29 @@ def test_main_eval_robustness_on_checkpoint_and_saved_model(tmp_path):
     bad = run_main(*common, f"--model_dir={model_dir}", "--mode=eval_robustness",
                    "--robustness_attacks=pgd,fab", cwd=tmp_path)
     assert bad.returncode == 2 and "fab" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_main_eval_robustness_on_an_exported_model(tmp_path):
+    """The command-line path on a SavedModel exported in this process (fast)."""
+    from efficientnet_advprop.export import export_saved_model
+    from efficientnet_advprop.models import build_model
+
+    model = build_model("resnet-18-cifar", 10, image_size=32, width_multiplier=0.125,
+                        num_aux=1)
+    export_saved_model(model, str(tmp_path / "export"), eval_crop="cifar", metadata={
+        "model_name": "resnet-18-cifar", "num_classes": 10})
+    run = run_main(f"--saved_model_dir={tmp_path / 'export'}", "--mode=eval_robustness",
+                   "--num_eval_images=20", "--eval_batch_size=8", "--eval_epsilon=2",
+                   "--eval_attack_iterations=2", "--robustness_attacks=pgd,mi-fgsm",
+                   "--curve_iterations=1,2", "--corruptions=jpeg_compression",
+                   "--corruption_severities=3", "--robustness_properties=false",
+                   cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "export_robustness" / "robustness.json").read_text())
+    assert result["num_images"] == 20 and result["model"]["saved_model"].endswith("export")
+    assert set(result["attacks"]) == {"pgd2", "mi-fgsm2"}
+    _check_invariants(result)
+    assert "properties" not in result and "mbn" not in result
+    assert (tmp_path / "export_robustness" / "attack_iterations.png").exists()
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary["clean_accuracy"] == result["clean_accuracy"]

@@ -5,7 +5,8 @@ The plots use matplotlib's non-interactive Agg backend (no display needed):
   attack_iterations.png   accuracy vs PGD iterations (log axis), Xie & Yuille's curve
   mbn_frontier.png        clean vs robust accuracy over the MBN gamma sweep, per mode
   bn_statistics.png       per-layer running mean and variance, main vs auxiliary BN
-  corruptions.png         error vs severity for each corruption
+  corruptions.png         error vs severity for each corruption (line style: noise,
+                          blur, weather, digital)
 """
 
 import json
@@ -15,6 +16,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from efficientnet_advprop.data.corruptions import BLUR, DIGITAL, NOISE, WEATHER  # noqa: E402
 
 
 def _pct(value):
@@ -109,29 +112,37 @@ def markdown_report(result):
     return "\n".join(lines)
 
 
-def plot_iteration_curve(curve, path):
+def plot_iteration_curve(curve, path, clean_accuracy=None):
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(curve["iterations"], [100 * a for a in curve["accuracy"]], "o-")
+    ax.plot(curve["iterations"], [100 * a for a in curve["accuracy"]], "o-",
+            label="under attack")
+    if clean_accuracy is not None:
+        ax.axhline(100 * clean_accuracy, color="k", linestyle="--", linewidth=0.8,
+                   label="clean")
     ax.set_xscale("log")
     ax.set_xlabel("PGD iterations")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("accuracy on the true label (%)")
     kind = "targeted" if curve["targeted"] else "untargeted"
     ax.set_title(f"{kind} PGD, eps {curve['epsilon']:g}, step {curve['step_size']:g}")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, 100 * max([clean_accuracy or 0.0] + curve["accuracy"]) + 5)
     ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
     _save(fig, path)
 
 
 def plot_mbn_frontier(mbn, path):
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
     for mode, points in mbn["modes"].items():
         xs = [100 * p["clean_accuracy"] for p in points]
         ys = [100 * p["robust_accuracy"] for p in points]
-        ax.plot(xs, ys, "o-", label=mode)
-        if len(points) > 1:
-            for p, x, y in zip(points, xs, ys):
-                ax.annotate(f"{p['gamma']:g}", (x, y), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
+        if len(points) == 1:  # main / aux alone: a marker on top of the sweeps' ends
+            ax.plot(xs, ys, "*" if mode == "main" else "X", markersize=13, zorder=5,
+                    label=f"{mode} BN alone", markeredgecolor="k")
+            continue
+        ax.plot(xs, ys, "o-", label=mode, markersize=4)
+        for p, x, y in zip(points, xs, ys):
+            ax.annotate(f"{p['gamma']:g}", (x, y), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
     ax.set_xlabel("clean accuracy (%)")
     ax.set_ylabel(f"robust accuracy (%), {mbn['attack']}")
     ax.set_title("MBN accuracy-robustness frontier (labels: gamma)")
@@ -157,11 +168,16 @@ def plot_bn_statistics(records, path):
     _save(fig, path)
 
 
-def plot_corruptions(corr, path):
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, errors in corr["errors"].items():
-        ax.plot(corr["severities"], [100 * e for e in errors], marker=".", linewidth=1,
-                label=name)
+def plot_corruptions(corr, path, clean_accuracy=None):
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colours = plt.get_cmap("tab20").colors
+    style = {name: line for group, line in ((NOISE, "-"), (BLUR, "--"), (WEATHER, ":"),
+                                            (DIGITAL, "-.")) for name in group}
+    for i, (name, errors) in enumerate(corr["errors"].items()):
+        ax.plot(corr["severities"], [100 * e for e in errors], marker=".", linewidth=1.2,
+                color=colours[i % len(colours)], linestyle=style.get(name, "-"), label=name)
+    if clean_accuracy is not None:
+        ax.axhline(100 * (1 - clean_accuracy), color="k", linewidth=0.8, label="clean")
     ax.set_xlabel("severity")
     ax.set_ylabel("error (%)")
     ax.set_xticks(corr["severities"])
@@ -184,7 +200,8 @@ def write_report(result, eval_dir):
     plots = []
     if result.get("iteration_curve"):
         plots.append("attack_iterations.png")
-        plot_iteration_curve(result["iteration_curve"], os.path.join(eval_dir, plots[-1]))
+        plot_iteration_curve(result["iteration_curve"], os.path.join(eval_dir, plots[-1]),
+                             result.get("clean_accuracy"))
     if result.get("mbn"):
         plots.append("mbn_frontier.png")
         plot_mbn_frontier(result["mbn"], os.path.join(eval_dir, plots[-1]))
@@ -194,7 +211,8 @@ def write_report(result, eval_dir):
                            os.path.join(eval_dir, plots[-1]))
     if result.get("corruptions"):
         plots.append("corruptions.png")
-        plot_corruptions(result["corruptions"], os.path.join(eval_dir, plots[-1]))
+        plot_corruptions(result["corruptions"], os.path.join(eval_dir, plots[-1]),
+                         result.get("clean_accuracy"))
     result = dict(result, plots=plots)
     write_json(result, os.path.join(eval_dir, "robustness.json"))
     with open(os.path.join(eval_dir, "robustness.md"), "w") as f:
