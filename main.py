@@ -57,7 +57,8 @@ RECIPE_PRESETS = {
 flags.DEFINE_string("model_name", "efficientnet-b0", "Model: efficientnet-b0 .. b8, -l2, "
                     "resnet-18 .. resnet-638, nf-resnet-26/50/101 (-cifar: small stem).")
 flags.DEFINE_alias("model", "model_name")
-flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval"],
+flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval",
+                                              "eval_robustness"],
                   "What to do.")
 flags.DEFINE_string("data_dir", None,
                     "Data: official ImageNet TFRecord layout (train-*/validation-*), a "
@@ -100,6 +101,10 @@ flags.DEFINE_integer("num_eval_images", None, "Held-out images to evaluate "
 flags.DEFINE_integer("holdout_shards", None, "TFRecord data: evaluate on the first N "
                      "train-* files and train on the rest (the official option, for "
                      "users without the validation set).")
+flags.DEFINE_bool("skip_bad_records", False, "Training data: drop undecodable images, "
+                  "corrupt TFRecord records (and the unreadable rest of a damaged file) "
+                  "instead of stopping; the number dropped goes to stderr and the "
+                  "results JSON (skipped_records). Held-out data is never skipped.")
 
 # ---------------------------------------------------------------- optimisation
 flags.DEFINE_integer("train_batch_size", 2048, "Global training batch size.")
@@ -137,7 +142,14 @@ flags.DEFINE_float("drop_path_rate", None, "NF-ResNet stochastic depth rate of t
 flags.DEFINE_float("agc_clip", 0.0, "Adaptive gradient clipping threshold (Brock et al. "
                    "2021; 0.01 for NF-ResNets); 0 = off. Clips the global gradient "
                    "before weight decay; the classifier is excluded.")
-flags.DEFINE_bool("sync_batch_norm", False, "All-reduce BN batch statistics over replicas.")
+flags.DEFINE_bool("sync_batch_norm", None, "Average BN batch statistics over replicas "
+                  "(default: on for TPU, in --sync_batch_norm_group_size groups; off "
+                  "elsewhere).")
+flags.DEFINE_integer("sync_batch_norm_group_size", None, "Replicas per group that share "
+                     "BN batch statistics (consecutive replica ids; must divide the "
+                     "replicas; implies --sync_batch_norm). Default: all replicas; on "
+                     "TPU the official rule: no sync up to 8 replicas, then groups of "
+                     "max(8, replicas / 8).")
 flags.DEFINE_enum("normalizer", "split_batch_norm",
                   ["split_batch_norm", "group_norm", "instance_norm", "none"],
                   "Normalisation of EfficientNets and ResNets (group_norm: the GN "
@@ -192,6 +204,44 @@ flags.DEFINE_float("eval_epsilon", None, "Evaluation PGD radius (default: --epsi
 flags.DEFINE_integer("eval_attack_iterations", 10, "Evaluation PGD steps "
                      "(step 2.5 eps / n); 0 = clean accuracy only.")
 
+# ---------------------------------------------------------------- robustness suite
+# --mode=eval_robustness: attacks at --eval_epsilon (default --epsilon), PGD-N with
+# N = --eval_attack_iterations, on the checkpoint in --model_dir or --saved_model_dir.
+flags.DEFINE_string("saved_model_dir", None, "eval_robustness: evaluate this exported "
+                    "SavedModel instead of the checkpoint in --model_dir.")
+flags.DEFINE_string("eval_dir", None, "eval_robustness: where robustness.json/.md and the "
+                    "PNG plots go (default: <model_dir>/robustness, or "
+                    "<saved_model_dir>_robustness).")
+flags.DEFINE_list("robustness_attacks", "pgd,apgd-ce,apgd-dlr,mi-fgsm,cw,square,autoattack",
+                  "Attacks (pgd, pgd-targeted, apgd-ce, apgd-dlr, apgd-t, mi-fgsm, cw, "
+                  "square, autoattack; 'none' for none).")
+flags.DEFINE_integer("apgd_iterations", 100, "APGD iterations (AutoAttack: 100).")
+flags.DEFINE_integer("square_queries", 400, "Square attack queries (NoFrost: 400).")
+flags.DEFINE_enum("autoattack_version", "fast", ["fast", "standard"], "fast: APGD-CE + "
+                  "APGD-DLR; standard: + APGD-T and Square (5000 queries).")
+flags.DEFINE_list("curve_iterations", "10,20,50,100,200", "Accuracy-vs-iterations curve "
+                  "(one PGD run, running worst case); Xie & Yuille go to 2000; 'none' "
+                  "skips.")
+flags.DEFINE_bool("curve_targeted", True, "Curve attack towards a random wrong class.")
+flags.DEFINE_float("curve_epsilon", None, "Curve radius (default: the eval epsilon; "
+                   "Xie & Yuille: 16).")
+flags.DEFINE_float("curve_step_size", 1.0, "Curve attack step (Xie & Yuille: 1).")
+flags.DEFINE_list("mbn_modes", "main,aux,logits,layers,random_layers", "MBN inference "
+                  "modes for models with auxiliary BNs ('none' skips).")
+flags.DEFINE_list("mbn_gammas", "0,0.25,0.5,0.75,1", "MBN interpolation weights of the "
+                  "auxiliary set.")
+flags.DEFINE_float("mbn_layer_fraction", 0.5, "MBN random_layers: share of BN layers "
+                   "that mix.")
+flags.DEFINE_bool("robustness_properties", True, "Decision margin, boundary thickness, "
+                  "KL smoothness.")
+flags.DEFINE_list("corruptions", "all", "Common corruptions generated on the fly "
+                  "('all', 'none' or names).")
+flags.DEFINE_list("corruption_severities", "1,2,3,4,5", "Corruption severities.")
+flags.DEFINE_string("mce_baseline", None, "Normalise the mCE: 'alexnet' (ImageNet-C "
+                    "constants) or the robustness.json of a baseline run.")
+flags.DEFINE_list("shift_datasets", None, "Extra evaluation sets: imagenet_a, "
+                  "imagenet_r, imagenet_sketch (TFDS), stylized:PATH, folder:PATH.")
+
 # ---------------------------------------------------------------- hardware and logs
 flags.DEFINE_bool("use_tpu", False, "Train on a Cloud TPU (same as --strategy=tpu).")
 flags.DEFINE_string("tpu", None, "TPU name or address; 'local' on a TPU VM.")
@@ -200,7 +250,15 @@ flags.DEFINE_string("gcp_project", None, "GCP project of the TPU.")
 flags.DEFINE_enum("strategy", "auto", ["auto", "default", "one_device", "mirrored",
                                        "multi_worker", "tpu"], "tf.distribute strategy.")
 flags.DEFINE_bool("jit_compile", None, "XLA-compile the train step (default: on for "
-                  "TPU, off elsewhere; on a CPU it is slower).")
+                  "TPU and GPU, off on a CPU, where it measured slower).")
+flags.DEFINE_integer("iterations_per_loop", 1, "Train steps per tf.function call (the "
+                     "official TPU flag; on a TPU use many, e.g. the official 1251 = one "
+                     "ImageNet epoch at batch 1024). Checkpoint and summary steps still "
+                     "fall where they are set (a loop stops there).")
+flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16", "float16"],
+                  "Compute precision: bfloat16 (TPU, recent CPUs) or float16 with "
+                  "dynamic loss scaling (GPU); variables, BN statistics, losses and "
+                  "attacks stay float32.")
 flags.DEFINE_integer("checkpoint_every_steps", None, "Steps between checkpoints "
                      "(default: one epoch).")
 flags.DEFINE_integer("keep_checkpoints", 5, "Checkpoints kept.")
@@ -323,12 +381,21 @@ def validate_flags():
          or FLAGS.checkpoint_every_steps > 0, "must be > 0"),
         ("keep_checkpoints", FLAGS.keep_checkpoints > 0, "must be > 0"),
         ("summary_every_steps", FLAGS.summary_every_steps > 0, "must be > 0"),
+        ("iterations_per_loop", FLAGS.iterations_per_loop >= 1, "must be >= 1"),
+        ("sync_batch_norm_group_size", FLAGS.sync_batch_norm_group_size is None
+         or FLAGS.sync_batch_norm_group_size >= 1, "must be >= 1"),
     ]
     for name, ok, message in checks:
         if not ok:
             raise UsageError(f"--{name}={getattr(FLAGS, name)}: {message}")
     if FLAGS.advprop and FLAGS.recipe not in (None, "advprop"):
         raise UsageError(f"--advprop conflicts with --recipe={FLAGS.recipe}")
+    if FLAGS.sync_batch_norm_group_size is not None:
+        if FLAGS.sync_batch_norm is False:
+            raise UsageError("--sync_batch_norm_group_size needs --sync_batch_norm")
+        if FLAGS.normalizer != "split_batch_norm":
+            raise UsageError("--sync_batch_norm_group_size applies to "
+                             "--normalizer=split_batch_norm only")
     if FLAGS.lr_milestones:
         try:
             values = [float(m) for m in FLAGS.lr_milestones]
@@ -344,6 +411,52 @@ def validate_flags():
     if FLAGS.export_dir and os.path.isdir(FLAGS.export_dir) and os.listdir(FLAGS.export_dir):
         raise UsageError(f"--export_dir={FLAGS.export_dir} exists and is not empty; "
                          "choose a new directory")
+
+
+# XLA on a CPU, measured with scripts/benchmark.py --image_sizes=32 --batch_size=32
+# (efficientnet-b0, 2 cores, img/s without / with XLA): vanilla 98 / 34, AdvProp PGD-1
+# 56 / 14, PGD-5 34 / 9 -- about 3-4x slower, so it stays off there.
+JIT_ON_CPU = False
+
+
+def default_jit_compile(use_tpu):
+    """--jit_compile when unset: on for TPU (XLA is what it runs) and GPU, and on a
+    CPU only where it measured faster (JIT_ON_CPU)."""
+    import tensorflow as tf
+
+    return bool(use_tpu or tf.config.list_logical_devices("GPU") or JIT_ON_CPU)
+
+
+def sync_batch_norm_settings(use_tpu, replicas):
+    """-> (synchronized, replicas per group or None for all) of the BN layers.
+
+    Unset flags: on TPU, synchronised in the official TpuBatchNormalization groups
+    (`official_sync_group_size`); elsewhere per replica, or over all replicas with
+    --sync_batch_norm. A group size implies --sync_batch_norm.
+    """
+    from efficientnet_advprop.layers.split_batch_norm import official_sync_group_size
+
+    group = FLAGS.sync_batch_norm_group_size
+    sync = FLAGS.sync_batch_norm
+    if sync is None:
+        sync = use_tpu or group is not None
+    if not sync or FLAGS.normalizer != "split_batch_norm":
+        return False, None
+    if group is None and use_tpu:
+        group = official_sync_group_size(replicas)
+    if group is not None and replicas > 1 and replicas % group:
+        raise UsageError(f"--sync_batch_norm_group_size={group} does not divide the "
+                         f"{replicas} replicas")
+    return True, group
+
+
+def summary_every_steps(steps_per_epoch):
+    """TensorBoard interval: the flag, at most an epoch; with several steps per loop
+    and the flag unset, at least one loop (summaries would cut the loops short)."""
+    every = min(FLAGS.summary_every_steps, steps_per_epoch)
+    if not _set("summary_every_steps"):
+        every = max(every, FLAGS.iterations_per_loop)
+    return every
 
 
 def recipe_options(recipe_name):
@@ -396,7 +509,8 @@ def run():
     validate_flags()
     try:
         info = data.resolve_dataset(FLAGS.dataset, FLAGS.data_dir,
-                                    holdout_shards=FLAGS.holdout_shards)
+                                    holdout_shards=FLAGS.holdout_shards,
+                                    skip_bad_records=FLAGS.skip_bad_records)
     except ValueError as e:
         raise UsageError(str(e)) from None
     recipe_name = "advprop" if FLAGS.advprop else (FLAGS.recipe or "vanilla")
@@ -412,6 +526,8 @@ def run():
               f"{info.num_eval} held-out images); preset: {', '.join(applied)}",
               file=sys.stderr)
 
+    if FLAGS.mode == "eval_robustness" and FLAGS.saved_model_dir:
+        return run_saved_model_robustness(info)
     num_classes = FLAGS.num_label_classes or info.num_classes
     image_size = FLAGS.image_size or default_image_size(FLAGS.model_name)
     num_train = FLAGS.num_train_images or info.num_train
@@ -421,13 +537,17 @@ def run():
     model_dir = FLAGS.model_dir or os.path.join("runs", f"{FLAGS.model_name}-{recipe_name}")
     augmentation = FLAGS.augmentation or ("cifar" if image_size <= 64 else "inception")
     use_tpu = FLAGS.use_tpu or bool(FLAGS.tpu)
+    if use_tpu and FLAGS.precision == "float16":
+        raise UsageError("--precision=float16 is for GPUs; a TPU computes in bfloat16 "
+                         "(--precision=bfloat16)")
     strategy = make_strategy("tpu" if use_tpu else FLAGS.strategy, tpu=FLAGS.tpu,
                              tpu_zone=FLAGS.tpu_zone, gcp_project=FLAGS.gcp_project)
     replicas = strategy.num_replicas_in_sync
     if batch % replicas:
         raise UsageError(f"--train_batch_size={batch} is not divisible by the "
                          f"{replicas} replicas")
-    jit = FLAGS.jit_compile if FLAGS.jit_compile is not None else use_tpu
+    jit = FLAGS.jit_compile if FLAGS.jit_compile is not None else default_jit_compile(use_tpu)
+    sync_bn, sync_group = sync_batch_norm_settings(use_tpu, replicas)
     set_global_seed(FLAGS.seed)
 
     try:
@@ -492,7 +612,7 @@ def run():
         kwargs.update(normalizer=FLAGS.normalizer, num_aux=recipe.num_aux,
                       batch_norm_momentum=FLAGS.batch_norm_momentum,
                       batch_norm_epsilon=FLAGS.batch_norm_epsilon,
-                      synchronized=FLAGS.sync_batch_norm)
+                      synchronized=sync_bn, sync_group_size=sync_group)
         if name.startswith("efficientnet"):
             kwargs.update(dropout_rate=FLAGS.dropout_rate, survival_prob=(
                 FLAGS.survival_prob if FLAGS.survival_prob is not None else 0.8))
@@ -516,17 +636,21 @@ def run():
         rmsprop_decay=FLAGS.rmsprop_decay, rmsprop_epsilon=FLAGS.rmsprop_epsilon,
         weight_decay=FLAGS.weight_decay, agc_clip=FLAGS.agc_clip,
         moving_average_decay=FLAGS.moving_average_decay,
-        seed=FLAGS.seed, jit_compile=jit,
+        seed=FLAGS.seed, jit_compile=jit, iterations_per_loop=FLAGS.iterations_per_loop,
+        precision=FLAGS.precision,
         checkpoint_every_steps=FLAGS.checkpoint_every_steps or steps_per_epoch,
         keep_checkpoints=FLAGS.keep_checkpoints,
-        summary_every_steps=min(FLAGS.summary_every_steps, steps_per_epoch))
+        summary_every_steps=summary_every_steps(steps_per_epoch))
     os.makedirs(model_dir, exist_ok=True)
     trainer = Trainer(strategy, model_fn, recipe, config)
     print(f"{FLAGS.model_name} {recipe.describe()} | {info.name} {image_size}px | "
           f"batch {batch} x {train_steps} steps ({train_steps / steps_per_epoch:.2f} "
           f"epochs) | {strategy.num_replicas_in_sync} replica(s) "
-          f"{type(strategy).__name__} | jit {jit} | model_dir {model_dir}",
+          f"{type(strategy).__name__} | jit {jit} | {FLAGS.precision} | "
+          f"{FLAGS.iterations_per_loop} step(s)/call | BN sync "
+          f"{(sync_group or replicas) if sync_bn else 1} replica(s) | model_dir {model_dir}",
           file=sys.stderr)
+    skipped = data.make_skip_counter() if FLAGS.skip_bad_records else None
 
     def train_dataset(ctx, start_step):
         return data.make_dataset(
@@ -537,16 +661,11 @@ def run():
             randaugment_layers=FLAGS.randaugment_layers,
             randaugment_magnitude=FLAGS.randaugment_magnitude,
             auto_augment_fraction=auto_augment_fraction,
-            source_tags=recipe.needs_source_tags)
+            source_tags=recipe.needs_source_tags,
+            skip_bad_records=FLAGS.skip_bad_records, skip_counter=skipped)
 
     def eval_dataset():
-        ds = data.make_dataset(info, FLAGS.data_dir, "eval",
-                               batch_size=FLAGS.eval_batch_size, image_size=image_size,
-                               is_training=False, seed=FLAGS.seed,
-                               augmentation=augmentation)
-        if num_eval < info.num_eval:
-            ds = ds.unbatch().take(num_eval).batch(FLAGS.eval_batch_size)
-        return ds
+        return make_eval_dataset(info, image_size, augmentation, num_eval)
 
     if FLAGS.init_checkpoint:
         from efficientnet_advprop.models.init_checkpoint import init_from_checkpoint
@@ -568,12 +687,31 @@ def run():
     else:
         if trainer.restore() == 0:
             raise UsageError(f"--model_dir={model_dir}: no checkpoint to evaluate")
+    if FLAGS.mode == "eval_robustness":
+        from efficientnet_advprop.attacks import float32_compute
+        from efficientnet_advprop.evaluation import main_logits_fn
+
+        swap = trainer.ema.swapped() if trainer.ema else _null()
+        with swap, float32_compute(trainer.model):  # attacks are measured in float32
+            return run_robustness(
+                main_logits_fn(trainer.model), eval_dataset(), num_classes=num_classes,
+                model=trainer.model, eval_dir=FLAGS.eval_dir or os.path.join(
+                    model_dir, "robustness"), image_size=image_size,
+                augmentation=augmentation, metadata={
+                    "name": FLAGS.model_name, "recipe": recipe_name,
+                    "checkpoint": f"{model_dir} (step {int(trainer.step.numpy())}"
+                                  f"{', EMA weights' if trainer.ema else ''})",
+                    "dataset": info.name, "image_size": image_size}, num_images=num_eval)
 
     results = {"model_name": FLAGS.model_name, "recipe": recipe_name,
                "dataset": info.name, "image_size": image_size,
                "step": int(trainer.step.numpy())}
     if trainer.images_per_second:
         results["train_images_per_second"] = round(trainer.images_per_second, 2)
+    if skipped is not None:
+        results["skipped_records"] = int(skipped.numpy())
+        print(f"--skip_bad_records: dropped {results['skipped_records']} unreadable "
+              f"training records (each time one was read)", file=sys.stderr)
     if FLAGS.mode in ("eval", "train_and_eval"):
         eval_eps = FLAGS.eval_epsilon or FLAGS.epsilon
         eval_attack = (eval_attack_config(eval_eps, FLAGS.eval_attack_iterations)
@@ -620,6 +758,165 @@ def run():
               file=sys.stderr)
     print(json.dumps(results))
     return results
+
+
+def make_eval_dataset(info, image_size, augmentation, num_eval):
+    """The held-out set, eval preprocessing, `num_eval` images at most."""
+    from efficientnet_advprop import data
+
+    ds = data.make_dataset(info, FLAGS.data_dir, "eval", batch_size=FLAGS.eval_batch_size,
+                           image_size=image_size, is_training=False, seed=FLAGS.seed,
+                           augmentation=augmentation)
+    if num_eval < info.num_eval:
+        ds = ds.unbatch().take(num_eval).batch(FLAGS.eval_batch_size)
+    return ds
+
+
+def _flag_list(name, cast=str, choices=None, all_values=None):
+    """A list flag with 'none' (empty) and 'all' (every choice) as shorthands."""
+    values = [v.strip() for v in (getattr(FLAGS, name) or []) if v.strip()]
+    if values == ["none"]:
+        return ()
+    if values == ["all"] and all_values is not None:
+        return tuple(all_values)
+    try:
+        values = tuple(cast(v) for v in values)
+    except ValueError:
+        raise UsageError(f"--{name}={','.join(getattr(FLAGS, name))}: not a list of "
+                         f"{cast.__name__} values") from None
+    bad = [v for v in values if choices is not None and v not in choices]
+    if bad:
+        raise UsageError(f"--{name}: unknown value(s) {', '.join(map(str, bad))}; choose "
+                         f"from {', '.join(choices)}")
+    return values
+
+
+def robustness_config(num_classes):
+    from efficientnet_advprop.data.corruptions import CORRUPTIONS
+    from efficientnet_advprop.evaluation import ATTACK_NAMES, MBN_MODES, RobustnessConfig
+
+    baseline = FLAGS.mce_baseline
+    if baseline and baseline != "alexnet":
+        try:
+            with open(baseline) as f:
+                baseline = json.load(f)["corruptions"]["errors"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"--mce_baseline={FLAGS.mce_baseline}: not a robustness.json "
+                             f"with corruption errors ({e})") from None
+    elif baseline == "alexnet" and num_classes != 1000:
+        raise UsageError(f"--mce_baseline=alexnet: the AlexNet constants are for "
+                         f"1000-class ImageNet-C; this model has {num_classes} classes")
+    iterations = FLAGS.eval_attack_iterations or 10
+    try:
+        return RobustnessConfig(
+            epsilon=FLAGS.eval_epsilon or FLAGS.epsilon,
+            attacks=_flag_list("robustness_attacks", choices=ATTACK_NAMES),
+            pgd_iterations=iterations, apgd_iterations=FLAGS.apgd_iterations,
+            mi_fgsm_iterations=iterations, cw_iterations=iterations,
+            square_queries=FLAGS.square_queries,
+            autoattack_version=FLAGS.autoattack_version,
+            curve_iterations=_flag_list("curve_iterations", int),
+            curve_targeted=FLAGS.curve_targeted, curve_epsilon=FLAGS.curve_epsilon,
+            curve_step_size=FLAGS.curve_step_size,
+            mbn_modes=_flag_list("mbn_modes", choices=MBN_MODES),
+            mbn_gammas=_flag_list("mbn_gammas", float),
+            mbn_layer_fraction=FLAGS.mbn_layer_fraction,
+            properties=FLAGS.robustness_properties,
+            corruptions=_flag_list("corruptions", choices=CORRUPTIONS,
+                                   all_values=CORRUPTIONS),
+            severities=_flag_list("corruption_severities", int),
+            mce_baseline=baseline, seed=FLAGS.seed)
+    except ValueError as e:
+        raise UsageError(f"--mode=eval_robustness: {e}") from None
+
+
+def shift_datasets(image_size, augmentation, num_classes):
+    """{spec: (dataset, logit indices or None)} from --shift_datasets.
+
+    A spec is NAME or NAME:PATH; PATH is a folder of class subfolders (WordNet IDs for
+    the ImageNet variants) or a TFDS data directory. imagenet_a and imagenet_r keep
+    their 200 classes' logits.
+    """
+    from efficientnet_advprop.evaluation import distribution_shift as shift
+
+    out = {}
+    for spec in FLAGS.shift_datasets or ():
+        name, _, path = spec.partition(":")
+        try:
+            if name not in shift.SHIFT_DATASETS:
+                raise ValueError(f"unknown dataset; choose from "
+                                 f"{', '.join(shift.SHIFT_DATASETS)} (NAME or NAME:PATH)")
+            subset = name in ("imagenet_a", "imagenet_r")
+            if name != "folder" and num_classes != 1000:
+                raise ValueError(f"an ImageNet variant needs a 1000-class model, this one "
+                                 f"has {num_classes} classes")
+            ds = shift.shift_dataset(name, path or None, batch_size=FLAGS.eval_batch_size,
+                                     image_size=image_size, augmentation=augmentation,
+                                     subset=subset)
+        except (ValueError, OSError) as e:
+            raise UsageError(f"--shift_datasets={spec}: {e}") from None
+        if FLAGS.num_eval_images:
+            ds = ds.unbatch().take(FLAGS.num_eval_images).batch(FLAGS.eval_batch_size)
+        indices = {"imagenet_a": shift.imagenet_a_indices,
+                   "imagenet_r": shift.imagenet_r_indices}.get(name)
+        out[spec] = (ds, indices() if indices else None)
+    return out
+
+
+def run_robustness(logits_fn, dataset, *, num_classes, model, eval_dir, image_size,
+                   augmentation, metadata, num_images):
+    """--mode=eval_robustness: the suite, its report files, and the result dict."""
+    from efficientnet_advprop.evaluation import evaluate_robustness, write_report
+
+    config = robustness_config(num_classes)
+    shifts = shift_datasets(image_size, augmentation, num_classes)
+    print(f"robustness suite: eps {config.epsilon:g}, attacks "
+          f"{', '.join(config.attacks) or 'none'}, curve {list(config.curve_iterations)}, "
+          f"{len(config.corruptions)} corruptions x {len(config.severities)} severities "
+          f"-> {eval_dir}", file=sys.stderr)
+    result = evaluate_robustness(logits_fn, dataset, config, num_classes=num_classes,
+                                 model=model, shift_datasets=shifts, metadata=metadata,
+                                 num_batches=-(-num_images // FLAGS.eval_batch_size))
+    paths = write_report(result, eval_dir)
+    print("wrote " + ", ".join(paths), file=sys.stderr)
+    summary = {k: result[k] for k in ("clean_accuracy", "worst_case_accuracy")
+               if k in result}
+    summary.update({k: v["accuracy"] for k, v in result.get("attacks", {}).items()})
+    print(json.dumps(summary))
+    return result
+
+
+def run_saved_model_robustness(info):
+    """eval_robustness on an exported SavedModel (main BN set only, no BN statistics)."""
+    import tensorflow as tf
+
+    from efficientnet_advprop.export import load_export_metadata
+
+    path = FLAGS.saved_model_dir
+    try:
+        meta = load_export_metadata(path)
+        loaded = tf.saved_model.load(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--saved_model_dir={path}: {e}") from None
+    image_size = int(meta["image_size"])
+    num_classes = int(meta["num_classes"])
+    if info.num_classes and info.num_classes != num_classes:
+        raise UsageError(f"--saved_model_dir={path}: the model has {num_classes} classes, "
+                         f"the dataset {info.name} has {info.num_classes}")
+    augmentation = meta.get("jpeg_eval_crop", "inception")
+    num_eval = min(FLAGS.num_eval_images or info.num_eval, info.num_eval)
+
+    def logits_fn(x):
+        return loaded.serving_default(x)["logits"]
+
+    return run_robustness(
+        logits_fn, make_eval_dataset(info, image_size, augmentation, num_eval),
+        num_classes=num_classes, model=None,
+        eval_dir=FLAGS.eval_dir or path.rstrip("/") + "_robustness",
+        image_size=image_size, augmentation=augmentation, metadata={
+            "name": meta.get("model_name", "saved model"), "recipe": meta.get("recipe"),
+            "saved_model": path, "bn_set": meta.get("bn_set"), "dataset": info.name,
+            "image_size": image_size}, num_images=num_eval)
 
 
 class _null:

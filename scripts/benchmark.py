@@ -3,6 +3,9 @@
     python scripts/benchmark.py                          # b0 at 224 and 32 pixels
     python scripts/benchmark.py --image_sizes=32 --steps=20 --batch_size=64
     python scripts/benchmark.py --image_sizes=32 --configs=all   # every recipe
+    python scripts/benchmark.py --image_sizes=32 --configs=vanilla,advprop_pgd1 \
+        --jit_compile                       # XLA (main.py's default off on CPUs)
+    python scripts/benchmark.py --precision=bfloat16   # mixed precision
 
 Every configuration runs in the same Trainer loop (same optimizer, EMA, weight decay,
 tf.distribute default strategy) on in-memory random images, so the figures measure the
@@ -44,6 +47,8 @@ flags.DEFINE_integer("steps", 5, "Timed steps per configuration.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps first (tracing, allocation).")
 flags.DEFINE_integer("repeats", 3, "Interleaved timing rounds; the median is reported.")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the step.")
+flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16", "float16"],
+                  "Compute precision of the models (as main.py --precision).")
 flags.DEFINE_string("output", None, "Also write the results as JSON here.")
 
 
@@ -110,6 +115,7 @@ def build_config(name, image_size, model_dir):
     batch = FLAGS.batch_size
     config = TrainConfig(model_dir=model_dir, train_steps=10 ** 9, global_batch_size=batch,
                          steps_per_epoch=100, jit_compile=FLAGS.jit_compile,
+                         precision=FLAGS.precision,
                          checkpoint_every_steps=10 ** 9, summary_every_steps=10 ** 9)
     trainer = Trainer(tf.distribute.get_strategy(), model_fn, recipe, config)
     rng = np.random.default_rng(0)
@@ -163,7 +169,8 @@ def main(argv):
         results += time_resolution(size, configs)
     device = tf.config.list_logical_devices()[0].device_type
     print(f"\n{FLAGS.model_name}, batch {FLAGS.batch_size}, {device}, "
-          f"{os.cpu_count()} CPU cores, jit_compile={FLAGS.jit_compile}, median of "
+          f"{os.cpu_count()} CPU cores, jit_compile={FLAGS.jit_compile}, "
+          f"precision={FLAGS.precision}, median of "
           f"{FLAGS.repeats} rounds of {FLAGS.steps} steps\n")
     print("| config | pixels | img/s | s/step | / vanilla | / keras.apps | cost model | "
           "target |")

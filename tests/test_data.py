@@ -638,3 +638,93 @@ def test_resolve_dataset_errors(tmp_path):
             is_training=True,
             augmentation="autoaugment",
         )
+
+
+# ---------------------------------------------------------------------------
+# Skipping bad records.
+# ---------------------------------------------------------------------------
+def _good_images(items):
+    return {_decode(jpeg).tobytes() for jpeg, _, _ in items}
+
+
+def _record_offsets(path):
+    """Start of every record of an uncompressed TFRecord file."""
+    blob, offsets, at = open(path, "rb").read(), [], 0
+    while at < len(blob):
+        offsets.append(at)
+        at += 12 + int.from_bytes(blob[at : at + 8], "little") + 4
+    return offsets
+
+
+def _damaged_tfrecords(cifar_jpegs, d):
+    """Two train shards, no metadata. Shard 0: 10 good examples, one whose JPEG does
+    not decode and one record that is not an Example; shard 1: 10 good examples, the
+    payload of record 6 flipped (records 6-9 unreadable). Returns the good items."""
+    items = _items(cifar_jpegs, 2)
+    data.write_tfrecords(items, d, "train", 2)
+    os.remove(os.path.join(d, tfrecord.METADATA_FILE))
+    first, second = tfrecord.list_files(d, "train")
+    records = [r.numpy() for r in tf.data.TFRecordDataset(first)]
+    records += [
+        tfrecord.make_example(b"not a jpeg", 3).SerializeToString(),
+        b"not an Example proto",
+    ]
+    with tf.io.TFRecordWriter(first) as writer:
+        for record in records:
+            writer.write(record)
+    blob = bytearray(open(second, "rb").read())
+    blob[_record_offsets(second)[6] + 12 + 5] ^= 0xFF
+    open(second, "wb").write(bytes(blob))
+    return items[0::2] + items[1::2][:6]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_skip_bad_records_in_tfrecords(cifar_jpegs, tmp_path, monkeypatch, stream):
+    if stream:
+        monkeypatch.setattr(tfrecord, "MEMORY_LIMIT_BYTES", 0)
+    d = str(tmp_path)
+    good = _damaged_tfrecords(cifar_jpegs, d)
+    info = data.resolve_dataset(data_dir=d, skip_bad_records=True)
+    assert info.num_train == 22  # record headers; the payload damage is not seen yet
+    kw = dict(batch_size=4, image_size=32, is_training=True, seed=1, augmentation="none")
+    with pytest.raises(tf.errors.OpError):  # without the option the run stops
+        _batches(data.make_dataset(info, d, "train", **kw), 6)
+    counter = data.make_skip_counter()
+    ds = data.make_dataset(info, d, "train", skip_bad_records=True, skip_counter=counter,
+                           **kw)
+    # In memory the shards are read at once: the non-Example and the 4 unreadable
+    # records are counted then; streamed shards count as they are read.
+    assert int(counter.numpy()) == (0 if stream else 5)
+    batches = _batches(ds, 25)
+    allowed = _good_images(good)
+    assert all(image.tobytes() in allowed for x, _ in batches for image in x)
+    # Over 25 batches (> 5 epochs) the bad JPEG is met (and, streamed, every epoch
+    # also misses the non-Example and the 4 lost positions).
+    assert int(counter.numpy()) >= (20 if stream else 6)
+    again = data.make_dataset(info, d, "train", skip_bad_records=True, **kw)
+    _assert_same_batches(batches[:5], _batches(again, 5))  # still deterministic
+
+
+def test_skip_bad_records_in_an_image_folder(cifar_jpegs, tmp_path):
+    for cls in ("cat", "dog"):
+        os.makedirs(tmp_path / "train" / cls)
+        for name, jpeg in cifar_jpegs[cls][:10]:
+            (tmp_path / "train" / cls / name).write_bytes(jpeg)
+    for k in range(3):
+        (tmp_path / "train" / "cat" / f"zz_broken_{k}.jpg").write_bytes(b"not a jpeg")
+    info = data.resolve_dataset(data_dir=str(tmp_path), skip_bad_records=True)
+    kw = dict(batch_size=4, image_size=32, is_training=True, seed=2, augmentation="none")
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        _batches(data.make_dataset(info, str(tmp_path), "train", **kw), 10)
+    counter = data.make_skip_counter()
+    ds = data.make_dataset(info, str(tmp_path), "train", skip_bad_records=True,
+                           skip_counter=counter, **kw)
+    batches = _batches(ds, 20)
+    good = [(jpeg, 0, "cat") for _, jpeg in cifar_jpegs["cat"][:10]]
+    good += [(jpeg, 1, "dog") for _, jpeg in cifar_jpegs["dog"][:10]]
+    allowed = _good_images(good)
+    assert all(image.tobytes() in allowed for x, _ in batches for image in x)
+    assert int(counter.numpy()) >= 3
+    with pytest.raises(ValueError, match="training data only"):
+        data.make_dataset(info, str(tmp_path), "eval", batch_size=4, image_size=32,
+                          is_training=False, skip_bad_records=True)

@@ -6,7 +6,9 @@ import pytest
 import tensorflow as tf
 
 from efficientnet_advprop.layers import AUX, MAIN, SplitBatchNorm, bn_route
-from efficientnet_advprop.layers.split_batch_norm import (is_auxiliary_variable,
+from efficientnet_advprop.layers.split_batch_norm import (group_pick, group_scatter,
+                                                          is_auxiliary_variable,
+                                                          official_sync_group_size,
                                                           sync_moving_statistics)
 
 
@@ -132,11 +134,11 @@ def test_route_inside_tf_function_and_jit():
     assert not np.allclose(layer.moving_means[AUX].numpy(), 0.0)
 
 
-def _model(num_aux=1, synchronized=False):
+def _model(num_aux=1, synchronized=False, sync_group_size=None):
     inputs = keras.Input((4, 4, 3))
     x = keras.layers.Conv2D(6, 3, padding="same", use_bias=False, name="conv")(inputs)
     x = SplitBatchNorm(num_aux=num_aux, momentum=0.9, synchronized=synchronized,
-                       name="bn")(x)
+                       sync_group_size=sync_group_size, name="bn")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     return keras.Model(inputs, keras.layers.Dense(3, name="dense")(x))
 
@@ -195,8 +197,77 @@ def test_synchronized_statistics_match_single_device(two_device_strategy):
                                single.get_layer("bn").moving_mean.numpy(), atol=1e-5)
 
 
+def _run_on_replicas(strategy, model, x):
+    """Training-mode outputs of `model` on `x` split over the strategy's replicas."""
+    @tf.function
+    def step(batch):
+        def replica(b):
+            with bn_route(MAIN):
+                return model(b, training=True)
+        return strategy.run(replica, args=(batch,))
+
+    ds = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices(x).batch(len(x)))
+    return np.concatenate([t.numpy() for t in step(next(iter(ds))).values])
+
+
+def test_sync_group_of_one_is_per_replica_and_of_two_is_global(two_device_strategy):
+    strategy = two_device_strategy
+    x = _data(n=8, seed=6)
+    x[4:] = x[4:] * 3.0 + 5.0  # the replicas' halves have very different statistics
+    with strategy.scope():
+        per_group = {k: _model(synchronized=True, sync_group_size=k) for k in (1, 2)}
+        synchronized = _model(synchronized=True)
+    single = _model()
+    for model in (*per_group.values(), synchronized):
+        model.set_weights(single.get_weights())
+    with bn_route(MAIN):
+        halves = np.concatenate([single(x[:4], training=True).numpy(),
+                                 single(x[4:], training=True).numpy()])
+        whole = single(x, training=True).numpy()
+    assert not np.allclose(halves, whole, atol=1e-2)  # the two references differ
+    np.testing.assert_allclose(_run_on_replicas(strategy, per_group[1], x), halves,
+                               atol=1e-4)
+    two = _run_on_replicas(strategy, per_group[2], x)
+    np.testing.assert_allclose(two, whole, atol=1e-4)
+    np.testing.assert_allclose(two, _run_on_replicas(strategy, synchronized, x), atol=1e-5)
+
+
+def test_group_scatter_and_pick_average_consecutive_replicas():
+    # Four emulated replicas: the all-reduce is the sum of every replica's scatter.
+    rng = np.random.default_rng(7)
+    values = rng.normal(size=(4, 5)).astype("float32")
+    for group_size in (1, 2, 4):
+        groups = 4 // group_size
+        summed = sum(group_scatter(tf.constant(values[r]), r, groups, group_size)
+                     for r in range(4))
+        for r in range(4):
+            first = r // group_size * group_size
+            np.testing.assert_allclose(group_pick(summed, r, group_size).numpy(),
+                                       values[first:first + group_size].mean(axis=0),
+                                       rtol=1e-6, atol=1e-6)
+
+
+def test_official_tpu_group_size_rule():
+    # utils.TpuBatchNormalization: no sync up to 8 replicas, then max(8, replicas // 8).
+    assert [official_sync_group_size(n) for n in (1, 2, 8)] == [1, 1, 1]
+    assert [official_sync_group_size(n) for n in (16, 32, 64)] == [8, 8, 8]
+    assert [official_sync_group_size(n) for n in (128, 1024)] == [16, 128]
+
+
+def test_sync_group_size_is_checked(two_device_strategy):
+    with pytest.raises(ValueError, match="sync_group_size needs synchronized=True"):
+        SplitBatchNorm(sync_group_size=2)
+    with pytest.raises(ValueError, match="sync_group_size must be an integer >= 1"):
+        SplitBatchNorm(synchronized=True, sync_group_size=0)
+    with two_device_strategy.scope():
+        model = _model(synchronized=True, sync_group_size=3)
+    with pytest.raises(ValueError, match="sync_group_size=3 does not divide the 2 replicas"):
+        _run_on_replicas(two_device_strategy, model, _data(n=8))
+
+
 def test_keras_serialisation_round_trip(tmp_path):
-    model = _model(num_aux=2)
+    model = _model(num_aux=2, synchronized=True, sync_group_size=4)
     with bn_route(AUX):
         model(_data(shift=2.0), training=True)
     path = str(tmp_path / "m.keras")
@@ -204,6 +275,7 @@ def test_keras_serialisation_round_trip(tmp_path):
     loaded = keras.saving.load_model(path, safe_mode=True)
     layer = loaded.get_layer("bn")
     assert isinstance(layer, SplitBatchNorm) and layer.num_aux == 2
+    assert layer.synchronized and layer.sync_group_size == 4
     assert layer.get_config()["momentum"] == 0.9
     x = _data(seed=5)
     for route in (MAIN, AUX, 2):

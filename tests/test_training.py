@@ -172,13 +172,44 @@ def test_resumed_run_continues_at_the_right_step_with_the_same_state(tmp_path, c
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
 
 
-def test_non_finite_loss_stops_with_a_clear_error(tmp_path, cifar_small):
+@pytest.mark.parametrize("iterations_per_loop", [1, 3])
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path, cifar_small, iterations_per_loop):
     x, y = _arrays(cifar_small, 16)
-    x[:] = np.nan
+    x[8:] = np.nan  # the second batch
     trainer = Trainer(tf.distribute.get_strategy(), lambda: tiny_model(num_aux=0),
-                      make_recipe("vanilla", 10), _config(tmp_path, train_steps=3))
-    with pytest.raises(TrainingError, match="loss is nan at step 1"):
+                      make_recipe("vanilla", 10),
+                      _config(tmp_path, train_steps=3, summary_every_steps=100,
+                              iterations_per_loop=iterations_per_loop))
+    with pytest.raises(TrainingError, match="loss is nan at step 2;"):
         trainer.train(_dataset_fn(x, y))
+    assert trainer.manager.latest_checkpoint is None  # nothing saved
+
+
+def test_several_steps_per_call_give_the_same_run(tmp_path, cifar_small):
+    x, y = _arrays(cifar_small, 64)
+    # PGD's random start and dropout draw from the step: a loop must advance it per step.
+    recipe = lambda: make_recipe("advprop", 10, attack=AttackConfig(epsilon=2.0))  # noqa
+    model_fn = lambda: build_model(  # noqa: E731  (a narrow ResNet traces quickly)
+        "resnet-18-cifar", 10, width_multiplier=0.125, normalizer="split_batch_norm",
+        num_aux=1, dropout_rate=0.3)
+    runs = {}
+    for per_loop in (1, 3):
+        set_global_seed(0)
+        trainer = Trainer(tf.distribute.get_strategy(), model_fn, recipe(), _config(
+            tmp_path / str(per_loop), train_steps=6, iterations_per_loop=per_loop,
+            checkpoint_every_steps=4, summary_every_steps=100))
+        trainer.train(_dataset_fn(x, y))
+        runs[per_loop] = trainer
+    looped = runs[3]
+    # Loops of 3, 1 (cut at the checkpoint at 4) and 2 steps, one trace for all.
+    assert looped._train_loop.experimental_get_tracing_count() == 1
+    assert [c.rsplit("-", 1)[1] for c in looped.manager.checkpoints] == ["4", "6"]
+    assert int(looped.step.numpy()) == 6 and int(looped.optimizer.iterations.numpy()) == 6
+    for a, b, var in zip(runs[1].model.get_weights(), looped.model.get_weights(),
+                         looped.model.weights):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=var.path)
+    for a, b in zip(runs[1].ema.shadows, looped.ema.shadows):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_batch_not_divisible_by_replicas(tmp_path, two_device_strategy):
@@ -260,3 +291,64 @@ def test_undecodable_input_stops_with_a_clear_error_and_keeps_checkpoints(tmp_pa
     with pytest.raises(InputDataError, match=r"before step 3 \(.*ckpt-2"):
         trainer.train(dataset_fn)
     assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-2")
+
+
+def test_checkpoints_keep_the_latest_n_and_partial_writes_do_not_break_resume(
+        tmp_path, cifar_small):
+    import os
+
+    x, y = _arrays(cifar_small, 64)
+    model_dir = tmp_path / "run"
+
+    def trainer(steps):
+        return Trainer(tf.distribute.get_strategy(), lambda: tiny_model(num_aux=0),
+                       make_recipe("vanilla", 10),
+                       _config(model_dir, train_steps=steps, checkpoint_every_steps=1,
+                               keep_checkpoints=2, summary_every_steps=100))
+
+    first = trainer(4)
+    first.train(_dataset_fn(x, y))
+    on_disk = sorted(f for f in os.listdir(model_dir) if f.startswith("ckpt-"))
+    assert [f.split(".")[0] for f in on_disk if f.endswith(".index")] == ["ckpt-3", "ckpt-4"]
+    assert all(f.split(".")[0] in ("ckpt-3", "ckpt-4") for f in on_disk)
+    state = tf.train.get_checkpoint_state(str(model_dir))
+    assert [os.path.basename(p) for p in state.all_model_checkpoint_paths] == [
+        "ckpt-3", "ckpt-4"]
+    # What a kill in the middle of writing checkpoint 5 (or 6) could leave behind: the
+    # shard directory that TF writes first, a half-written data file and an index
+    # without data. None of them is in the `checkpoint` state file, written last.
+    (model_dir / "ckpt-5_temp").mkdir()
+    (model_dir / "ckpt-5_temp" / "part-00000-of-00001.data-00000-of-00001").write_bytes(
+        b"\x00" * 100)
+    (model_dir / "ckpt-5.data-00000-of-00001.tempstate1234").write_bytes(b"\x00" * 50)
+    (model_dir / "ckpt-6.index").write_bytes(b"half an index")
+    weights = first.model.get_weights()
+
+    second = trainer(5)
+    assert second.restore() == 4
+    for a, b in zip(weights, second.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    second.train(_dataset_fn(x, y))
+    assert int(second.step.numpy()) == 5
+    assert second.manager.latest_checkpoint.endswith("ckpt-5")
+    assert not os.path.exists(model_dir / "ckpt-5_temp")  # the new save replaced it
+    assert not os.path.exists(model_dir / "ckpt-3.index")  # still only 2 kept
+    assert trainer(5).restore() == 5
+
+
+@pytest.mark.slow  # ~45 s: the loop over a distributed iterator, grouped sync BN
+def test_several_steps_per_call_on_two_replicas(tmp_path, cifar_small, two_device_strategy):
+    x, y = _arrays(cifar_small, 64)
+    weights = {}
+    for per_loop in (1, 3):
+        set_global_seed(0)
+        trainer = Trainer(two_device_strategy, lambda: build_model(
+            "resnet-18-cifar", 10, width_multiplier=0.125, normalizer="split_batch_norm",
+            num_aux=0, synchronized=True, sync_group_size=2), make_recipe("vanilla", 10),
+            _config(tmp_path / str(per_loop), train_steps=4, iterations_per_loop=per_loop,
+                    summary_every_steps=100))
+        trainer.train(_dataset_fn(x, y))
+        assert int(trainer.step.numpy()) == 4
+        weights[per_loop] = trainer.model.get_weights()
+    for a, b in zip(weights[1], weights[3]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

@@ -3,13 +3,16 @@
 Public API::
 
   info = resolve_dataset(dataset=None, data_dir=None,
-                         holdout_shards=None)          # -> DatasetInfo
+                         holdout_shards=None,
+                         skip_bad_records=False)       # -> DatasetInfo
   ds = make_dataset(info, data_dir, "train", batch_size=..., image_size=...,
                     is_training=True, seed=0, start_step=0,
                     augmentation="inception", input_context=None,
                     auto_augment=None, randaugment_layers=2,
                     randaugment_magnitude=10, auto_augment_fraction=1.0,
-                    source_tags=False, holdout_shards=None)
+                    source_tags=False, holdout_shards=None,
+                    skip_bad_records=False, skip_counter=None)
+  counter = make_skip_counter()     # int64 variable for skip_counter
   image = distort_image_with_autoaugment(image, seed)            # policy v0
   image = distort_image_with_randaugment(image, 2, 10, seed)
 
@@ -48,6 +51,19 @@ first N ``train-*`` files (sorted) the eval split and trains on the other
 train-* files only; ``validation-*`` files are not read.  The returned
 DatasetInfo carries N (and the matching num_train/num_eval), and make_dataset
 uses it.
+
+Bad records (``skip_bad_records=True``, training split only): images that do
+not decode, records that are not ``tf.train.Example`` protos and the unreadable
+tail of a damaged TFRecord file are dropped instead of stopping the run (see
+:mod:`efficientnet_advprop.data.tfrecord` for damaged files).  The number
+dropped is added to ``skip_counter`` as the pipeline reads, read-ahead included,
+each time a bad record is read (once per epoch for an undecodable image).
+Each example keeps the augmentation seed of its (epoch, index), but the batches
+after a dropped image shift by one image, and a resumed run skips
+``start_step * batch`` records without knowing how many of them were dropped, so
+with bad records a resumed run may see a slightly different stream than an
+uninterrupted one.  Evaluation never skips: a bad held-out image stops the run
+(an accuracy over a silently smaller set would not compare with others).
 """
 
 import dataclasses
@@ -75,6 +91,7 @@ __all__ = [
     "DatasetInfo",
     "resolve_dataset",
     "make_dataset",
+    "make_skip_counter",
     "write_tfrecords",
     "EMBEDDED_DIR",
     "AUGMENTATIONS",
@@ -101,8 +118,9 @@ class DatasetInfo:
 # ---------------------------------------------------------------------------
 # resolve_dataset
 # ---------------------------------------------------------------------------
-def _count(infos, default):
-    """Records in [(path, compression, count or None)]; default when too big to scan."""
+def _count(infos, default, tolerant=False):
+    """Records in [(path, compression, count or None)]; default when too big to scan.
+    `tolerant`: a truncated file counts its complete records instead of failing."""
     if not infos:
         return 0
     if all(c is not None for _, _, c in infos):
@@ -110,10 +128,11 @@ def _count(infos, default):
     total = sum(tf.io.gfile.stat(p).length for p, _, _ in infos)
     if total > _COUNT_LIMIT_BYTES:
         return default
-    return sum(c if c is not None else tfrecord.count_records(p, comp) for p, comp, c in infos)
+    return sum(c if c is not None else tfrecord.count_records(p, comp, tolerant)
+               for p, comp, c in infos)
 
 
-def _tfrecord_info(name, data_dir, default_size=224, holdout_shards=0):
+def _tfrecord_info(name, data_dir, default_size=224, holdout_shards=0, tolerant=False):
     meta = tfrecord.read_metadata(data_dir) or {}
     class_names = tuple(meta.get("class_names", ()))
     num_classes = int(
@@ -128,11 +147,11 @@ def _tfrecord_info(name, data_dir, default_size=224, holdout_shards=0):
         num_eval = _count(evals, None)
         if num_eval is None:
             num_eval = round(tfrecord.IMAGENET_NUM_TRAIN * len(evals) / num_files)
-        num_train = _count(train, None)
+        num_train = _count(train, None, tolerant)
         if num_train is None:
             num_train = tfrecord.IMAGENET_NUM_TRAIN - num_eval
     else:
-        num_train = _count(train, tfrecord.IMAGENET_NUM_TRAIN)
+        num_train = _count(train, tfrecord.IMAGENET_NUM_TRAIN, tolerant)
         num_eval = _count(evals, tfrecord.IMAGENET_NUM_EVAL)
     return DatasetInfo(
         name=name,
@@ -192,7 +211,8 @@ def _folder_info(data_dir):
     )
 
 
-def resolve_dataset(dataset=None, data_dir=None, holdout_shards=None) -> DatasetInfo:
+def resolve_dataset(dataset=None, data_dir=None, holdout_shards=None,
+                    skip_bad_records=False) -> DatasetInfo:
     """Describes the dataset selected by --dataset / --data_dir.
 
     dataset None and data_dir None: the embedded default.  dataset None with a
@@ -208,8 +228,12 @@ def resolve_dataset(dataset=None, data_dir=None, holdout_shards=None) -> Dataset
     num_eval then count those files, and the returned info carries N, which
     make_dataset applies.  N must leave at least one train-* file; other
     datasets raise ValueError.
+
+    skip_bad_records: a truncated train-* TFRecord file (without metadata)
+    counts its complete records instead of raising ValueError.
     """
     holdout_shards = _check_holdout_shards(holdout_shards)
+    tolerant = bool(skip_bad_records)
     if dataset is not None:
         dataset = str(dataset).strip()
     if data_dir is not None:
@@ -221,7 +245,8 @@ def resolve_dataset(dataset=None, data_dir=None, holdout_shards=None) -> Dataset
             return _embedded_info(holdout_shards)
         _check_dir(data_dir, "(auto)")
         if tfrecord.list_files(data_dir, "train") or tfrecord.list_files(data_dir, "eval"):
-            return _tfrecord_info("imagenet", data_dir, holdout_shards=holdout_shards)
+            return _tfrecord_info("imagenet", data_dir, holdout_shards=holdout_shards,
+                                  tolerant=tolerant)
         if "://" not in data_dir and image_folder.has_layout(data_dir):
             _no_holdout("folder", holdout_shards)
             return _folder_info(data_dir)
@@ -240,7 +265,8 @@ def resolve_dataset(dataset=None, data_dir=None, holdout_shards=None) -> Dataset
                 f"--data_dir={data_dir}: no train-* or validation-* "
                 "TFRecord files found (--dataset=imagenet)"
             )
-        return _tfrecord_info("imagenet", data_dir, holdout_shards=holdout_shards)
+        return _tfrecord_info("imagenet", data_dir, holdout_shards=holdout_shards,
+                              tolerant=tolerant)
     if dataset == "folder":
         _no_holdout(dataset, holdout_shards)
         _check_dir(data_dir, dataset)
@@ -265,15 +291,18 @@ def _epoch_seed(seed, epoch):
     return tf.random.experimental.stateless_fold_in(base, tf.cast(epoch, tf.int64))
 
 
-def _source(info, data_dir, split, input_context, is_training, cache, holdout_shards=0):
+def _source(info, data_dir, split, input_context, is_training, cache, holdout_shards=0,
+            skip_bad_records=False, skip_counter=None):
     kwargs = dict(input_context=input_context, is_training=is_training, cache=cache)
+    skip = dict(skip_bad_records=skip_bad_records, skip_counter=skip_counter)
     if info.name == "embedded":
         return tfrecord.make_source(
-            EMBEDDED_DIR, split, holdout_shards=holdout_shards, **kwargs
+            EMBEDDED_DIR, split, holdout_shards=holdout_shards, **kwargs, **skip
         )
     if info.name == "imagenet":
         _check_dir(data_dir, info.name)
-        return tfrecord.make_source(data_dir, split, holdout_shards=holdout_shards, **kwargs)
+        return tfrecord.make_source(data_dir, split, holdout_shards=holdout_shards,
+                                    **kwargs, **skip)
     _no_holdout(info.name, holdout_shards)
     if info.name == "folder":
         _check_dir(data_dir, info.name)
@@ -287,6 +316,26 @@ def _element(source, el):
     if isinstance(el, tuple):
         return source.element_fn(*el)
     return source.element_fn(el)
+
+
+def make_skip_counter():
+    """A host (CPU) int64 variable for make_dataset's `skip_counter`, at 0."""
+    with tf.device("/cpu:0"):
+        return tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_records")
+
+
+def _drop_bad(ds, first_position, per_epoch, counter):
+    """Drops elements (epoch, index, *rest) whose processing failed; adds the number
+    dropped (gaps in the positions epoch * per_epoch + index) to `counter`."""
+    ds = ds.ignore_errors()
+
+    def count_gap(last, element):
+        position = element[0] * per_epoch + element[1]
+        if counter is not None:
+            counter.assign_add(position - last - 1)
+        return position, element[2:]
+
+    return ds.scan(tf.constant(first_position - 1, tf.int64), count_gap)
 
 
 def _block_shuffle(ds, block, epoch_seed):
@@ -311,6 +360,8 @@ def _train_dataset(
     shuffle_buffer,
     auto_augment_options,
     source_tags,
+    skip_bad_records=False,
+    skip_counter=None,
 ):
     n = int(source.count)
     steps_per_epoch = n // batch_size
@@ -367,11 +418,12 @@ def _train_dataset(
             return_source=True,
             **auto_augment_options,
         )
-        if source_tags:
-            return image, tf.cast(label, tf.int32), tag
-        return image, tf.cast(label, tf.int32)
+        out = (image, tf.cast(label, tf.int32)) + ((tag,) if source_tags else ())
+        return (epoch, index) + out if skip_bad_records else out
 
     ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if skip_bad_records:
+        ds = _drop_bad(ds, start_epoch * per_epoch + first_skip, per_epoch, skip_counter)
     return ds.batch(batch_size, drop_remainder=True)
 
 
@@ -414,6 +466,8 @@ def make_dataset(
     auto_augment_fraction=1.0,
     source_tags=False,
     holdout_shards=None,
+    skip_bad_records=False,
+    skip_counter=None,
 ) -> tf.data.Dataset:
     """Batched (images float32 [B,H,W,3] in [0,255], labels int32 [B]) dataset.
 
@@ -459,6 +513,12 @@ def make_dataset(
         exactly the first N train-* files (one pass, file order); 0: no
         holdout.  A value that contradicts a nonzero ``info.holdout_shards``
         is a ValueError.
+      skip_bad_records: training only: drop undecodable images, non-Example
+        records and damaged TFRecord tails instead of failing (module
+        docstring).
+      skip_counter: with skip_bad_records, an int64 tf.Variable on the host
+        (``make_skip_counter()``) that the number of dropped records is added
+        to; None: drop without counting.
     """
     if split in ("validation", "test"):
         split = "eval"
@@ -491,9 +551,14 @@ def make_dataset(
         )
     if split == "eval" and info.num_eval == 0 and not holdout_shards:
         raise ValueError(f"--dataset={info.name}: no eval split available")
+    if skip_bad_records and not is_training:
+        raise ValueError("skip_bad_records: training data only (evaluation never skips)")
+    if skip_counter is not None and not skip_bad_records:
+        raise ValueError("skip_counter needs skip_bad_records=True")
 
     source = _source(
-        info, data_dir, split, input_context, is_training, cache, holdout_shards
+        info, data_dir, split, input_context, is_training, cache, holdout_shards,
+        skip_bad_records, skip_counter,
     )
     if is_training:
         ds = _train_dataset(
@@ -511,6 +576,8 @@ def make_dataset(
                 auto_augment_fraction=auto_augment_fraction,
             ),
             source_tags=source_tags,
+            skip_bad_records=skip_bad_records,
+            skip_counter=skip_counter,
         )
     else:
         ds = _eval_dataset(

@@ -20,6 +20,15 @@ a ``dataset_info.json`` holding per-file record counts, the compression and
 the class names.  Without that file the reader detects GZIP by its magic
 bytes and counts records by scanning the record headers (only needed for
 training, where epoch lengths must be known exactly).
+
+Damaged files (``skip_bad_records=True``, training only): each file is read up
+to its first unreadable record (a bad length or checksum: the framing after it
+cannot be trusted) and records that are not ``tf.train.Example`` protos are
+dropped.  A shard held in memory is read once: the records it lost (header
+count minus records read) are added to ``skip_counter`` then.  A streamed shard
+is read every epoch: its epochs come out short, and the generic pipeline counts
+the missing positions each epoch, as it counts undecodable images each time one
+is read.
 """
 
 import glob as _glob
@@ -70,14 +79,18 @@ def detect_compression(path):
     return "GZIP" if head == b"\x1f\x8b\x08" else ""
 
 
-def count_records(path, compression=""):
+def count_records(path, compression="", tolerant=False):
     """Number of records in one TFRecord file.
 
     Uncompressed files are counted by hopping over record headers (no data is
-    read); compressed files are read through.
+    read); compressed files are read through.  A truncated file raises
+    ValueError, or with ``tolerant=True`` counts its complete records (a
+    compressed file: the records readable before the damage).
     """
     if compression:
         ds = tf.data.TFRecordDataset(path, compression_type=compression)
+        if tolerant:
+            ds = ds.ignore_errors()
         return int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
     n = 0
     size = tf.io.gfile.stat(path).length
@@ -89,6 +102,8 @@ def count_records(path, compression=""):
             (length,) = struct.unpack("<Q", header[:8]) if len(header) == 12 else (-1,)
             end = f.tell() + length + 4
             if length < 0 or end > size:
+                if tolerant:
+                    return n
                 raise ValueError(f"{path}: truncated or corrupt TFRecord file (record {n} "
                                  "runs past the end of the file)")
             f.seek(length + 4, 1)
@@ -206,11 +221,16 @@ def make_source(
     is_training=False,
     cache=False,
     holdout_shards=0,
+    skip_bad_records=False,
+    skip_counter=None,
 ):
     """Builds the :class:`Source` of one pipeline's part of ``split``.
 
     ``holdout_shards=N``: the split is taken from the train-* files as
     described in :func:`split_file_infos` (last N files = eval).
+    ``skip_bad_records``: read damaged files as the module docstring says,
+    adding the records lost in memory-held shards to ``skip_counter`` (an
+    int64 tf.Variable, or None).
     """
     infos = split_file_infos(data_dir, split, holdout_shards)
     if not infos:
@@ -235,17 +255,25 @@ def make_source(
     files = [p for p, _, _ in mine]
 
     def count():
-        counts = [c if c is not None else count_records(p, compression) for p, _, c in mine]
+        counts = [c if c is not None else count_records(p, compression, skip_bad_records)
+                  for p, _, c in mine]
         total = sum(counts)
         if by_file:
             return total
         return max(0, (total - pipeline_id + num_pipelines - 1) // num_pipelines)
 
+    def read(path):
+        ds = tf.data.TFRecordDataset(
+            path, compression_type=compression, buffer_size=READ_BUFFER_BYTES
+        )
+        return ds.ignore_errors() if skip_bad_records else ds
+
     def records(file_seed=None, parallel=False):
         if file_seed is None or len(files) == 1 or not by_file:
-            ds = tf.data.TFRecordDataset(
-                files, compression_type=compression, buffer_size=READ_BUFFER_BYTES
-            )
+            if skip_bad_records:  # one reader per file: a damaged file ends alone
+                ds = tf.data.Dataset.from_tensor_slices(files).flat_map(read)
+            else:
+                ds = read(files)
         else:
             file_t = tf.constant(files)
             perm = tf.random.experimental.stateless_shuffle(
@@ -253,9 +281,7 @@ def make_source(
             )
             ds = tf.data.Dataset.from_tensor_slices(tf.gather(file_t, perm))
             ds = ds.interleave(
-                lambda f: tf.data.TFRecordDataset(
-                    f, compression_type=compression, buffer_size=READ_BUFFER_BYTES
-                ),
+                read,
                 cycle_length=min(16, len(files)),
                 block_length=1,
                 num_parallel_calls=tf.data.AUTOTUNE if parallel else None,
@@ -269,14 +295,20 @@ def make_source(
     if is_training:
         total_bytes = sum(tf.io.gfile.stat(p).length for p in files)
     if is_training and (cache or total_bytes <= MEMORY_LIMIT_BYTES):
-        ds = records().batch(1 << 31).map(_parse_batch)
         n = count()
-        if n == 0:
+        if skip_bad_records:  # parse one by one: a bad record drops alone
+            ds = records().map(parse_example).ignore_errors().batch(1 << 31)
+        else:
+            ds = records().batch(1 << 31).map(_parse_batch)
+        loaded = next(iter(ds), None) if n else None
+        if loaded is None:
             raise ValueError(
-                f"--data_dir={data_dir}: no {split} records for input "
+                f"--data_dir={data_dir}: no readable {split} records for input "
                 f"pipeline {pipeline_id} of {num_pipelines}"
             )
-        keys, labels = ds.get_single_element()
+        keys, labels = loaded
+        if skip_bad_records and skip_counter is not None:
+            skip_counter.assign_add(max(0, n - int(keys.shape[0])))
         return Source(int(keys.shape[0]), _identity_element, memory=(keys, labels))
 
     return Source(

@@ -34,7 +34,8 @@ Distribution
 Batch statistics are per replica by default (as the official GPU code); pass
 ``synchronized=True`` to average them over the replicas of the current replica
 context, all of them or consecutive groups of ``sync_group_size`` replicas (the
-official TPU code syncs in groups; see `official_sync_group_size`). Moving statistics are ``ON_READ`` variables with ``MEAN`` aggregation: each
+official TPU code syncs in groups; see `official_sync_group_size`). Moving
+statistics are ``ON_READ`` variables with ``MEAN`` aggregation: each
 replica updates its own copy without any cross-replica traffic (so the update compiles
 with XLA), and every read from cross-replica context -- checkpoints, exports, EMA,
 `sync_moving_statistics` -- sees the mean over replicas. Keras' own BatchNormalization

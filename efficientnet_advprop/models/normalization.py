@@ -17,8 +17,11 @@ NORMALIZERS = ("batch_norm", "split_batch_norm", "keras_batch_norm", "group_norm
 
 
 def make_normalizer(kind="batch_norm", num_aux=0, momentum=0.99, epsilon=1e-3,
-                    synchronized=False, groups=32):
+                    synchronized=False, groups=32, sync_group_size=None):
     """Returns ``norm(name, **overrides) -> keras.layers.Layer``.
+
+    `synchronized` and `sync_group_size` are SplitBatchNorm's (keras_batch_norm can only
+    synchronise over all replicas: it takes no group size).
 
     kinds:
       batch_norm / split_batch_norm: `SplitBatchNorm` with `num_aux` auxiliary sets
@@ -35,7 +38,11 @@ def make_normalizer(kind="batch_norm", num_aux=0, momentum=0.99, epsilon=1e-3,
         raise ValueError(f"normalizer {kind!r} has no auxiliary sets (num_aux={num_aux})")
     if kind in ("batch_norm", "split_batch_norm"):
         return functools.partial(_split_bn, num_aux=num_aux, momentum=momentum,
-                                 epsilon=epsilon, synchronized=synchronized)
+                                 epsilon=epsilon, synchronized=synchronized,
+                                 sync_group_size=sync_group_size)
+    if sync_group_size is not None:
+        raise ValueError(f"normalizer {kind!r} takes no sync_group_size (SplitBatchNorm "
+                         "only)")
     if kind == "keras_batch_norm":
         return functools.partial(_keras_bn, momentum=momentum, epsilon=epsilon,
                                  synchronized=synchronized)
@@ -46,9 +53,11 @@ def make_normalizer(kind="batch_norm", num_aux=0, momentum=0.99, epsilon=1e-3,
     return _identity
 
 
-def _split_bn(name, num_aux, momentum, epsilon, synchronized, **overrides):
+def _split_bn(name, num_aux, momentum, epsilon, synchronized, sync_group_size,
+              **overrides):
     return SplitBatchNorm(num_aux=num_aux, momentum=momentum, epsilon=epsilon,
-                          synchronized=synchronized, name=name, **overrides)
+                          synchronized=synchronized, sync_group_size=sync_group_size,
+                          name=name, **overrides)
 
 
 def _keras_bn(name, momentum, epsilon, synchronized, **overrides):

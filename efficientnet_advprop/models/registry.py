@@ -57,7 +57,7 @@ def default_image_size(model_name):
 
 def build_model(model_name, num_classes=1000, *, norm=None, normalizer="batch_norm",
                 num_aux=0, batch_norm_momentum=None, batch_norm_epsilon=None,
-                synchronized=False, **kwargs):
+                synchronized=False, sync_group_size=None, **kwargs):
     """Builds a registered model.
 
     Args:
@@ -71,7 +71,9 @@ def build_model(model_name, num_classes=1000, *, norm=None, normalizer="batch_no
       batch_norm_momentum, batch_norm_epsilon: None for the family's defaults
         (EfficientNet: 0.99, 1e-3; ResNet: 0.9, 1e-5). Normalizer-free families
         (nf-resnet-*) accept no normaliser settings.
-      synchronized: all-reduce batch-norm statistics over replicas.
+      synchronized: average batch-norm statistics over replicas.
+      sync_group_size: with `synchronized`, replicas per averaging group (None: all);
+        see `SplitBatchNorm`.
       **kwargs: passed to the family's builder (image_size, preprocessing,
         dropout_rate, survival_prob, width_coefficient, depth_coefficient, ...).
     """
@@ -88,9 +90,10 @@ def build_model(model_name, num_classes=1000, *, norm=None, normalizer="batch_no
                       else batch_norm_momentum),
             epsilon=(spec.batch_norm_epsilon if batch_norm_epsilon is None
                      else batch_norm_epsilon),
-            synchronized=synchronized)
+            synchronized=synchronized, sync_group_size=sync_group_size)
     elif (normalizer != "batch_norm" or num_aux or batch_norm_momentum is not None
-          or batch_norm_epsilon is not None or synchronized):
+          or batch_norm_epsilon is not None or synchronized
+          or sync_group_size is not None):
         raise ValueError("pass either `norm` or the normalizer settings (normalizer, "
                          "num_aux, batch_norm_momentum, batch_norm_epsilon), not both")
     return spec.builder(model_name, num_classes=num_classes, norm=norm, **kwargs)

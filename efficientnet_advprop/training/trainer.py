@@ -9,10 +9,20 @@ Reproducibility and resume: the attack/recipe randomness of step s is seeded by
 (seed, start_step); model-internal randomness (dropout, drop-connect) lives in Keras
 seed-generator variables, which the checkpoint carries with the weights, optimizer
 slots, EMA shadows and the step.
+
+Steps per call: `iterations_per_loop` steps run inside one tf.function call (a loop
+over the distributed iterator), as the official TPU code's --iterations_per_loop; a
+loop never crosses a checkpoint, summary or image-summary step, so those stay exact.
+
+Mixed precision (`precision`): the model is built under Keras' mixed_bfloat16 or
+mixed_float16 policy (float32 variables, bf16/fp16 compute). Losses, softmax and every
+SplitBatchNorm (statistics and normalisation) stay float32, and the recipes' attacks
+trace under `attacks.float32_compute`. float16 adds dynamic loss scaling: see
+`Trainer._replica_step`.
 """
 
+import contextlib
 import dataclasses
-import math
 import os
 import re
 import sys
@@ -36,6 +46,10 @@ from efficientnet_advprop.training.schedules import (WarmupCosineDecay,
                                                      WarmupStepDecay,
                                                      scaled_learning_rate)
 
+# --precision -> Keras dtype policy of the model.
+PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16",
+              "float16": "mixed_float16"}
+
 NORM_LAYERS = (SplitBatchNorm, keras.layers.BatchNormalization,
                keras.layers.GroupNormalization, keras.layers.LayerNormalization)
 
@@ -49,9 +63,22 @@ class InputDataError(TrainingError):
 
 
 def op_error_reason(error):
-    """The first line of a TensorFlow error, without its {{function_node ...}} prefix."""
-    message = (getattr(error, "message", "") or str(error)).strip().splitlines()[0]
-    return re.sub(r"\{\{[^}]*\}\}\s*", "", message)
+    """The first informative line of a TensorFlow error, without {{...}} prefixes."""
+    message = getattr(error, "message", "") or str(error)
+    lines = [re.sub(r"\{\{[^}]*\}\}\s*", "", line).strip() for line in message.splitlines()]
+    # Errors raised inside a tf.function start with a generic header and a stack trace.
+    useful = [line for line in lines if line and not line.startswith(
+        ("Graph execution error", "Detected at node", "<stack traces", "[["))]
+    return (useful or lines or [""])[0]
+
+
+def is_input_pipeline_error(error):
+    """True when a step failed while fetching its batch (the iterator's GetNext op):
+    undecodable or unreadable data, not a fault of the model or the recipe."""
+    if isinstance(error, tf.errors.DataLossError):
+        return True
+    message = getattr(error, "message", "") or str(error)
+    return isinstance(error, tf.errors.InvalidArgumentError) and "GetNext" in message
 
 
 @dataclasses.dataclass
@@ -84,11 +111,20 @@ class TrainConfig:
     moving_average_decay: float = 0.9999
     seed: int = 0
     jit_compile: bool = False
+    iterations_per_loop: int = 1  # train steps per tf.function call
+    precision: str = "float32"  # or "bfloat16", "float16" (see PRECISIONS)
     checkpoint_every_steps: int = 1000
     keep_checkpoints: int = 5
     summary_every_steps: int = 100
     image_summary_every_steps: int = 0  # 0: only with each checkpoint
     log_every_seconds: float = 10.0
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: choose from "
+                             f"{', '.join(PRECISIONS)}")
+        if self.iterations_per_loop < 1:
+            raise ValueError(f"iterations_per_loop={self.iterations_per_loop}: must be >= 1")
 
     def learning_rate_schedule(self):
         peak = scaled_learning_rate(self.base_learning_rate,
@@ -166,14 +202,50 @@ def averaged_variables(model):
     return list(model.trainable_variables) + stats
 
 
+@contextlib.contextmanager
+def dtype_policy(name):
+    """Keras' global dtype policy set to `name` inside the block (layers built there
+    keep it), restored after."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+class ScaleGradient(keras.layers.Layer):
+    """Identity forward; the gradient flowing back through it is multiplied by
+    `scale_fn()`. Placed on the model's logits it makes every backward pass of a recipe
+    the backward pass of the loss times the loss scale, without the recipe knowing."""
+
+    def __init__(self, scale_fn, **kwargs):
+        super().__init__(dtype="float32", **kwargs)
+        self._scale_fn = scale_fn
+
+    def call(self, inputs):
+        @tf.custom_gradient
+        def scaled(x):
+            def grad(upstream):
+                return upstream * tf.cast(self._scale_fn(), upstream.dtype)
+            return tf.identity(x), grad
+
+        return scaled(inputs)
+
+
 class Trainer:
     """Trains `model_fn()` with `recipe` under `strategy`.
 
     Args:
       strategy: a tf.distribute.Strategy.
-      model_fn: builds the keras.Model (called inside the strategy scope).
+      model_fn: builds the keras.Model (called inside the strategy scope, under the
+        dtype policy of `config.precision`).
       recipe: an efficientnet_advprop.recipes.Recipe.
       config: TrainConfig.
+
+    A run resumes with the precision it started with: float16 adds the loss-scale
+    optimizer's variables to the checkpoint, so a checkpoint does not move between
+    float16 and the other precisions (bfloat16 and float32 share theirs).
     """
 
     def __init__(self, strategy, model_fn, recipe, config):
@@ -185,14 +257,26 @@ class Trainer:
             raise ValueError(
                 f"--train_batch_size={config.global_batch_size} is not divisible by the "
                 f"{self.num_replicas} replicas")
+        self.loss_scaling = config.precision == "float16"
         with strategy.scope():
-            self.model = model_fn()
+            with dtype_policy(PRECISIONS[config.precision]):
+                self.model = model_fn()
             self.schedule = config.learning_rate_schedule()
             self.optimizer = make_optimizer(
                 config.optimizer, self.schedule,
                 rmsprop_decay=config.rmsprop_decay, momentum=config.momentum,
                 rmsprop_epsilon=config.rmsprop_epsilon, nesterov=config.nesterov)
+            if self.loss_scaling:  # dynamic: x0.5 on a non-finite step, x2 per 2000
+                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
             self.optimizer.build(self.model.trainable_variables)
+            # What the recipe differentiates: the model, or with loss scaling the model
+            # followed by ScaleGradient (same layers and variables).
+            self.train_model = self.model
+            if self.loss_scaling:
+                inputs = keras.Input(self.model.input_shape[1:])
+                scale = ScaleGradient(self._backward_scale, name="loss_scale")
+                self.train_model = keras.Model(inputs, scale(self.model(inputs)),
+                                               name=self.model.name + "_loss_scaled")
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
             self.ema = (ExponentialMovingAverage(averaged_variables(self.model),
                                                  config.moving_average_decay)
@@ -231,7 +315,9 @@ class Trainer:
             if config.jit_compile and not whole else None)
         sets = bn_sets_of_variables(self.model)
         self._groups = [sets.get(id(v), SHARED) for v in self.model.trainable_variables]
-        self._train_step = tf.function(self._distributed_step)
+        self._train_step = tf.function(self._distributed_step)  # one step on a batch
+        self._train_loop = tf.function(self._loop)
+        self._step_spec = None  # (loss, metrics) structure of a step, see _loop
         self._writer = None
         self.images_per_second = None  # training throughput of the last train() call,
         # after its first (tracing) step
@@ -267,7 +353,7 @@ class Trainer:
                           num_replicas=self.num_replicas, source_tags=source_tags,
                           compile=self._piece_compiler)
         variables = self.model.trainable_variables
-        out = self.recipe.gradients(self.model, variables, images, labels, ctx)
+        out = self.recipe.gradients(self.train_model, variables, images, labels, ctx)
         global_batch = float(self.config.global_batch_size)
         if out.sample_weights is None:
             divisors = [global_batch] * len(variables)
@@ -309,13 +395,53 @@ class Trainer:
                  if wd and id(v) in decayed else g)
                 for g, v in zip(grads, variables)]
 
+    def _backward_scale(self):
+        """Loss scaling: what the backward pass is multiplied by. Recipes return loss
+        sums, so the loss scale is divided by the global batch: the backward pass then
+        carries the loss scale times the mean loss, the magnitude Keras' loss scaling
+        expects."""
+        return self.optimizer.dynamic_scale / float(self.config.global_batch_size)
+
+    def _unscale(self, grads):
+        """Loss scaling: the recipe's gradients divided by the backward scale, all NaN
+        on every replica when any replica has a non-finite one (so that all replicas
+        skip the step together)."""
+        scale = self._backward_scale()
+        grads = [None if g is None else g / tf.cast(scale, g.dtype) for g in grads]
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
+                                for g in grads if g is not None])
+        failed = 1.0 - tf.cast(finite, tf.float32)  # replicas with a non-finite gradient
+        if self.num_replicas > 1:
+            failed = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, failed)
+        poison = tf.where(failed > 0.0, float("nan"), 0.0)
+        return [None if g is None else g + tf.cast(poison, g.dtype) for g in grads]
+
     def _replica_step(self, images, labels, seed, step, source_tags):
+        """One replica's step: recipe gradients, AGC and weight decay, optimizer.
+
+        float16 (loss scaling): the recipe differentiates through `train_model`, so its
+        gradients are those of the loss times `_backward_scale()` (the
+        LossScaleOptimizer's current scale over the global batch). They are unscaled
+        here before AGC and weight decay (both need true gradients) and handed to the
+        optimizer multiplied by its scale, which it divides out (exactly: the scale is
+        a power of two) after checking that they are finite; a non-finite step is
+        skipped on every replica and halves the scale. The step counter, EMA and data
+        still advance; the learning-rate schedule follows the optimizer's count of
+        applied steps.
+        """
         context = tf.distribute.get_replica_context()
         replica_seed = tf.random.experimental.stateless_fold_in(
             seed, tf.cast(context.replica_id_in_sync_group, tf.int64))
         grads, loss, metrics = self._grad_fn(images, labels, replica_seed, seed, step,
                                              source_tags)
-        grads = self._finalize(list(grads))
+        grads = list(grads)
+        if self.loss_scaling:
+            grads = self._unscale(grads)
+        grads = self._finalize(grads)
+        if self.loss_scaling:
+            scale = self.optimizer.dynamic_scale
+            grads = [None if g is None else g * tf.cast(scale, g.dtype) for g in grads]
         pairs = [(g, v) for g, v in zip(grads, self.model.trainable_variables)
                  if g is not None]
         self.optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
@@ -335,12 +461,67 @@ class Trainer:
         self.step.assign_add(1)
         return total_loss, reduced
 
+    def _loop(self, iterator, num_steps):
+        """`num_steps` steps on consecutive batches of `iterator`, in one call.
+
+        Returns the summed step losses, the summed metrics and the position (1-based)
+        of the first step whose loss is not finite, 0 if none. The loop does not stop
+        there: a data-dependent exit would make the host wait for every step's loss
+        before starting the next (on a TPU, the pipelining the loop is for).
+        """
+        loss_sum, metric_sums = tf.nest.map_structure(
+            lambda spec: tf.zeros(spec.shape, spec.dtype), self._step_spec)
+        first_bad = tf.constant(0, tf.int32)
+        for position in tf.range(1, num_steps + 1):
+            loss, metrics = self._distributed_step(*next(iterator))
+            loss_sum += loss
+            metric_sums = tf.nest.map_structure(tf.add, metric_sums, metrics)
+            first_bad = tf.where(
+                tf.logical_and(tf.equal(first_bad, 0), tf.logical_not(tf.math.is_finite(loss))),
+                position, first_bad)
+        return loss_sum, metric_sums, first_bad
+
+    def _run_steps(self, iterator, length):
+        """-> (summed loss, summed metrics, first non-finite step or 0) of the next
+        `length` steps, as `_loop`.
+
+        With iterations_per_loop 1 each step is one call fed from Python. Otherwise the
+        steps run in `_loop`, whose accumulators need the step's output structure
+        before its body is traced: one step is traced (not run) once to learn it.
+        """
+        if self.config.iterations_per_loop == 1:
+            loss, metrics = self._train_step(*next(iterator))
+            return loss, metrics, tf.cast(tf.logical_not(tf.math.is_finite(loss)), tf.int32)
+        if self._step_spec is None:
+            concrete = self._train_step.get_concrete_function(*iterator.element_spec)
+            self._step_spec = tf.nest.map_structure(
+                lambda t: tf.TensorSpec(t.shape, t.dtype), concrete.structured_outputs)
+        return self._train_loop(iterator, tf.constant(length))
+
+    def _loop_length(self, step, images_too):
+        """Steps of the next loop: iterations_per_loop, cut at the next checkpoint,
+        summary (and image summary) step and at the end of training."""
+        config = self.config
+        length = min(config.iterations_per_loop, config.train_steps - step)
+        every = [config.checkpoint_every_steps, config.summary_every_steps]
+        if images_too:
+            every.append(config.image_summary_every_steps)
+        for interval in every:
+            if interval:
+                length = min(length, interval - step % interval)
+        return length
+
     # ----------------------------------------------------------------- the loop
     def learning_rate(self, step=None):
         return float(self.schedule(self.step if step is None else step))
 
     def train(self, dataset_fn, sample_images=None, on_checkpoint=None):
-        """Runs until config.train_steps.
+        """Runs until config.train_steps, `config.iterations_per_loop` steps per call.
+
+        After each call: the loss check (a non-finite loss raises TrainingError naming
+        the step; nothing is saved), progress, and at their steps the TensorBoard
+        scalars, the checkpoint and the adversarial sample images. An input pipeline
+        failure (undecodable data) raises InputDataError.
 
         Args:
           dataset_fn: (input_context, start_step) -> per-replica batched dataset of
@@ -368,25 +549,30 @@ class Trainer:
         summary_window = {}
         last = {}
         step = start
+        timed_from = timed_start = None
         while step < config.train_steps:
+            length = self._loop_length(step, sample_images is not None)
             try:
-                batch = next(iterator)
+                loss, metrics, first_bad = self._run_steps(iterator, length)
+                first_bad = int(first_bad)
+                values = {k: (float(s), float(c)) for k, (s, c) in metrics.items()}
             except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
-                reason = op_error_reason(e)
+                if not is_input_pipeline_error(e):
+                    raise
+                where = (f"before step {step + 1}" if length == 1
+                         else f"in steps {step + 1}..{step + length}")
                 raise InputDataError(
-                    f"the input pipeline failed before step {step + 1} ({reason}); the "
+                    f"the input pipeline failed {where} ({op_error_reason(e)}); the "
                     f"last good checkpoint is {self.manager.latest_checkpoint or 'none'}"
                 ) from None
-            loss, metrics = self._train_step(*batch)
-            step += 1
-            loss = float(loss)
-            if step == start + 1:  # the first step traces (and compiles): not timed
-                timed_from = time.perf_counter()
-            if not math.isfinite(loss):
+            if first_bad:
                 raise TrainingError(
-                    f"loss is {loss} at step {step}; stopped without saving. The last "
-                    f"good checkpoint is {self.manager.latest_checkpoint or 'none'}")
-            values = {k: (float(s), float(c)) for k, (s, c) in metrics.items()}
+                    f"loss is {float(loss)} at step {step + first_bad}; stopped without "
+                    f"saving. The last good checkpoint is "
+                    f"{self.manager.latest_checkpoint or 'none'}")
+            step += length
+            if timed_from is None:  # the first call traces (and compiles): not timed
+                timed_from, timed_start = time.perf_counter(), step
             for acc in (window, summary_window):
                 for k, (s, c) in values.items():
                     old = acc.get(k, (0.0, 0.0))
@@ -394,7 +580,7 @@ class Trainer:
             means = {k: s / max(c, 1.0) for k, (s, c) in window.items()}
             postfix = " ".join(f"{k.split('/')[1][:3]}_{k.split('/')[0][:3]}={v:.3f}"
                                for k, v in sorted(means.items()))
-            progress.update(1, config.global_batch_size, postfix)
+            progress.update(length, length * config.global_batch_size, postfix)
             if step % config.summary_every_steps == 0 or step == config.train_steps:
                 last = {k: s / max(c, 1.0) for k, (s, c) in summary_window.items()}
                 with writer.as_default(step=step):
@@ -414,7 +600,7 @@ class Trainer:
                   and step % config.image_summary_every_steps == 0):
                 self.write_adversarial_samples(*sample_images, step=step)
         writer.flush()
-        timed_steps = step - start - 1
+        timed_steps = step - timed_start
         if timed_steps > 0:
             self.images_per_second = (timed_steps * config.global_batch_size
                                       / (time.perf_counter() - timed_from))
