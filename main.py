@@ -239,8 +239,10 @@ flags.DEFINE_list("corruptions", "all", "Common corruptions generated on the fly
 flags.DEFINE_list("corruption_severities", "1,2,3,4,5", "Corruption severities.")
 flags.DEFINE_string("mce_baseline", None, "Normalise the mCE: 'alexnet' (ImageNet-C "
                     "constants) or the robustness.json of a baseline run.")
-flags.DEFINE_list("shift_datasets", None, "Extra evaluation sets: imagenet_a, "
-                  "imagenet_r, imagenet_sketch (TFDS), stylized:PATH, folder:PATH.")
+flags.DEFINE_list("shift_datasets", None, "Extra evaluation sets, NAME or NAME:PATH "
+                  "(PATH: a folder of class subfolders or a TFDS data dir): imagenet_a, "
+                  "imagenet_r (200-class logits), imagenet_sketch, stylized_imagenet, "
+                  "folder:PATH.")
 
 # ---------------------------------------------------------------- hardware and logs
 flags.DEFINE_bool("use_tpu", False, "Train on a Cloud TPU (same as --strategy=tpu).")
