@@ -377,6 +377,8 @@ def _train(info, **kw):
     )
 
 
+@pytest.mark.slow  # ~20 s of tf.data tracing; fine_grained_advprop's tag routing is in
+# the fast suite (test_recipes.py)
 def test_make_dataset_source_tags_and_clean_images():
     info = data.resolve_dataset("embedded")
     x0, y0 = [t.numpy() for t in next(iter(_train(info)))]

@@ -72,6 +72,7 @@ def test_existing_export_dir_is_refused_before_training(tmp_path):
     assert not (tmp_path / "m" / "checkpoint").exists()
 
 
+@pytest.mark.slow  # ~30 s; the recipe itself is tested in test_recipes.py
 def test_fast_advprop_run_calibrates_the_budget_and_reports_both_bn_sets(tmp_path):
     result = run_main("--recipe=fast_advprop", "--model=resnet-18-cifar",
                       "--train_epochs=0.012", "--train_batch_size=40",

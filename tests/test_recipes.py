@@ -326,7 +326,15 @@ def test_every_recipe_trains_a_step_on_two_replicas(name, tmp_path, two_device_s
     _step(two_device_strategy, name, tmp_path, jit=False)
 
 
-@pytest.mark.parametrize("name", list(RECIPES))
+# Three recipes that cover every XLA-relevant path (split BN routes, the cross-replica
+# pieces of fast_advprop, the augmented views of nofrost_star) compile in the fast suite;
+# the others, ~5 s of compilation each, are marked slow.
+_XLA_FAST = ("advprop", "fast_advprop", "nofrost_star")
+
+
+@pytest.mark.parametrize("name", [
+    name if name in _XLA_FAST else pytest.param(name, marks=pytest.mark.slow)
+    for name in RECIPES])
 def test_every_recipe_compiles_with_xla(name, tmp_path):
     _step(tf.distribute.get_strategy(), name, tmp_path, jit=True)
 
