@@ -426,6 +426,7 @@ def test_xla_compiles_and_matches_eager():
     assert branches == {"mixup", "cutmix"}  # both branches of the coin ran under XLA
 
 
+@pytest.mark.slow  # ~8 s; the same graphs compile in test_xla_compiles_and_matches_eager
 def test_xla_in_replica_context(two_device_strategy):
     """As in a training step: strategy.run of a jit-compiled function, per-replica seeds."""
     strategy = two_device_strategy

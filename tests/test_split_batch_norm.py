@@ -179,17 +179,7 @@ def test_synchronized_statistics_match_single_device(two_device_strategy):
     single = _model()
     single.set_weights(model.get_weights())
 
-    @tf.function
-    def step(batch):
-        def replica(b):
-            with bn_route(MAIN):
-                return model(b, training=True)
-        return strategy.run(replica, args=(batch,))
-
-    ds = strategy.experimental_distribute_dataset(
-        tf.data.Dataset.from_tensor_slices(x).batch(8))
-    out = step(next(iter(ds)))
-    dist_out = np.concatenate([t.numpy() for t in out.values])
+    dist_out = _run_on_replicas(strategy, model, x)
     with bn_route(MAIN):
         ref = single(x, training=True).numpy()
     np.testing.assert_allclose(dist_out, ref, atol=1e-4)

@@ -111,21 +111,16 @@ class RobustnessConfig:
         if not self.epsilon > 0:
             raise ValueError(f"robustness epsilon must be > 0 (0..255 units), got "
                              f"{self.epsilon}")
-        unknown = [a for a in self.attacks if a not in ATTACK_NAMES]
-        if unknown:
-            raise ValueError(f"unknown attack(s) {', '.join(unknown)}; choose from "
-                             f"{', '.join(ATTACK_NAMES)}")
-        unknown = [c for c in self.corruptions if c not in CORRUPTIONS]
-        if unknown:
-            raise ValueError(f"unknown corruption(s) {', '.join(unknown)}; choose from "
-                             f"{', '.join(CORRUPTIONS)}")
+        for kind, values, choices in (("attack", self.attacks, ATTACK_NAMES),
+                                      ("corruption", self.corruptions, CORRUPTIONS),
+                                      ("MBN mode", self.mbn_modes, MBN_MODES)):
+            unknown = [v for v in values if v not in choices]
+            if unknown:
+                raise ValueError(f"unknown {kind}(s) {', '.join(unknown)}; choose from "
+                                 f"{', '.join(choices)}")
         if any(not 1 <= int(s) <= 5 for s in self.severities):
             raise ValueError(f"corruption severities must be in 1..5, got "
                              f"{self.severities}")
-        unknown = [m for m in self.mbn_modes if m not in MBN_MODES]
-        if unknown:
-            raise ValueError(f"unknown MBN mode(s) {', '.join(unknown)}; choose from "
-                             f"{', '.join(MBN_MODES)}")
         if any(not 0.0 <= g <= 1.0 for g in self.mbn_gammas):
             raise ValueError(f"MBN gammas must be in [0, 1], got {self.mbn_gammas}")
         if any(int(n) < 1 for n in self.curve_iterations):
