@@ -151,11 +151,10 @@ def _correct(logits, labels):
 class _Suite:
     """Traced per-batch functions of one suite run (built once, reused per batch)."""
 
-    def __init__(self, logits_fn, config, num_classes, model):
+    def __init__(self, logits_fn, config, num_classes):
         self.logits_fn = logits_fn
         self.config = config
         self.num_classes = num_classes
-        self.model = model
         self.attack_fns = {name: tf.function(self._attack_fn(name))
                            for name in config.attacks}
 
@@ -236,12 +235,12 @@ def evaluate_robustness(logits_fn, dataset, config, *, num_classes, model=None,
       the result dict (JSON-able).
     """
     c = config
-    suite = _Suite(logits_fn, c, num_classes, model)
+    suite = _Suite(logits_fn, c, num_classes)
     mbn_modes = c.mbn_modes if model is not None and has_auxiliary_bn(model) else ()
     started = time.perf_counter()
     seconds = {}
 
-    clean_fn = tf.function(lambda x, y: _correct(logits_fn(x), y))
+    correct_fn = tf.function(lambda x, y: _correct(logits_fn(x), y))  # clean, corrupted
     curve_fn = tf.function(lambda x, y, seed: pgd_curve(
         logits_fn, x, y, epsilon=float(c.curve_epsilon or c.epsilon),
         step_size=float(c.curve_step_size), iterations=tuple(int(n) for n in
@@ -250,7 +249,6 @@ def evaluate_robustness(logits_fn, dataset, config, *, num_classes, model=None,
         seed=tf.random.experimental.stateless_fold_in(seed, 1))["correct_at"])
     mbn_fns = {mode: tf.function(_mbn_fn(model, mode, c)) for mode in mbn_modes}
     props_fn = tf.function(_properties_fn(logits_fn, c, num_classes))
-    corrupt_fn = tf.function(lambda x, y: _correct(logits_fn(x), y))
 
     clean, worst = [], []
     attacked = {name: [] for name in c.attacks}
@@ -283,7 +281,7 @@ def evaluate_robustness(logits_fn, dataset, config, *, num_classes, model=None,
         def cut(values):  # per-image results (batch on the last axis) without padding
             return values[..., :count]
 
-        ok = cut(timed("clean", clean_fn, x, y))
+        ok = cut(timed("clean", correct_fn, x, y))
         clean.append(ok)
         batch_worst = ok.copy()
         pgd_point = None
@@ -319,7 +317,7 @@ def evaluate_robustness(logits_fn, dataset, config, *, num_classes, model=None,
                 corrupted = corrupt(images, name, int(s), seed)
                 seconds["corruptions"] = seconds.get("corruptions", 0.0) + (
                     time.perf_counter() - t0)
-                corr[(name, s)].append(cut(timed("corruptions", corrupt_fn,
+                corr[(name, s)].append(cut(timed("corruptions", correct_fn,
                                                  _as_float(corrupted), y)))
         if progress:
             n = sum(len(b) for b in clean)
