@@ -3,55 +3,29 @@
     python main.py --advprop --model=efficientnet-b0                 # embedded CIFAR-10
     python main.py --advprop --model=efficientnet-b7 --data_dir=gs://.../imagenet \
         --model_dir=gs://.../b7-advprop --tpu=local --epsilon=4
+    python main.py --recipe=fast_advprop --print_config              # what would run
 
 Flag names and defaults follow the official EfficientNet main.py where the concept
-exists. Without --data_dir and --dataset the run uses the small CIFAR-10 set shipped in
-the package and the "embedded preset" (see EMBEDDED_PRESET) for every flag you did not
-set, so it finishes in minutes on a laptop CPU.
+exists. This file only defines the flags and translates them: the settings you set
+override the recipe's paper values (efficientnet_advprop/recipes/<recipe>.py), which
+override the dataset preset and the defaults (efficientnet_advprop/config.py); the
+work is done by efficientnet_advprop/experiment.py. Without --data_dir and --dataset
+the run uses the small CIFAR-10 set shipped in the package and its dataset preset.
 """
 
 import json
-import math
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from efficientnet_advprop.recipes import RECIPES  # noqa: E402
 
 FLAGS = flags.FLAGS
-
-RECIPE_NAMES = ("vanilla", "advprop", "fine_grained_advprop", "madry_at", "sat", "trades",
-                "fat", "trades_fat", "fast_advprop", "mbn_at", "nofrost", "nofrost_star")
-
-# Each paper's recipe, applied to the flags the user did not set. "lr_milestones" are
-# fractions of the run here (they scale with --train_epochs and the embedded preset).
-_TRADES = {"epsilon": 8.0, "attack_step_size": 2.0, "attack_iterations": 10}
-_NOFROST = {  # Wang et al. 2022: SGD Nesterov, cosine, 90 epochs, PGD-10 eps 8
-    "optimizer": "momentum", "nesterov": True, "base_learning_rate": 0.1,
-    "weight_decay": 5e-5, "lr_schedule": "cosine", "lr_warmup_epochs": 0.0,
-    "train_epochs": 90.0, "epsilon": 8.0, "attack_step_size": 1.0,
-    "attack_iterations": 10, "dropout_rate": 0.25, "drop_path_rate": 0.1,
-    "label_smoothing": 0.1}
-RECIPE_PRESETS = {
-    "fast_advprop": {  # Mei et al. 2022: ResNet SGD recipe, 105 epochs (/ 1.2 -> 88)
-        "optimizer": "momentum", "base_learning_rate": 0.1, "weight_decay": 1e-4,
-        "lr_schedule": "step", "lr_milestones": [30 / 105, 60 / 105, 90 / 105, 100 / 105],
-        "lr_decay_factor": 0.1, "lr_warmup_epochs": 0.0, "train_epochs": 105.0,
-        "epsilon": 1.0, "attack_iterations": 1},
-    "mbn_at": {  # Xie & Yuille 2020: 110 epochs, x0.1 at 35/70/95, targeted PGD-30 eps 16
-        "optimizer": "momentum", "base_learning_rate": 0.1, "weight_decay": 1e-4,
-        "lr_schedule": "step", "lr_milestones": [35 / 110, 70 / 110, 95 / 110],
-        "lr_decay_factor": 0.1, "lr_warmup_epochs": 0.0, "train_epochs": 110.0,
-        "epsilon": 16.0, "attack_step_size": 1.0, "attack_iterations": 30,
-        "targeted_attack": True, "clean_start_prob": 0.2, "label_smoothing": 0.1},
-    "nofrost": _NOFROST,
-    "nofrost_star": _NOFROST,
-    "trades": _TRADES,
-    "fat": _TRADES,
-    "trades_fat": _TRADES,
-    "fine_grained_advprop": {"auto_augment": "v0", "auto_augment_fraction": 0.5},
-}
+RECIPE_NAMES = tuple(RECIPES)
 
 # ---------------------------------------------------------------- model and data
 flags.DEFINE_string("model_name", "efficientnet-b0", "Model: efficientnet-b0 .. b8, -l2, "
@@ -120,6 +94,9 @@ flags.DEFINE_list("lr_milestones", None, "Epochs of the step schedule's decays "
 flags.DEFINE_float("lr_decay_epoch", 2.4, "Epochs between learning-rate decays.")
 flags.DEFINE_float("lr_decay_factor", 0.97, "Learning-rate decay factor.")
 flags.DEFINE_float("lr_warmup_epochs", 5.0, "Linear warm-up epochs.")
+flags.DEFINE_enum("lr_warmup_start", "zero", ["zero", "base"], "Warm-up ramp from 0 "
+                  "(official EfficientNet) or from the unscaled --base_learning_rate, only "
+                  "when the scaled rate is higher (Goyal et al.; Xie & Yuille's code).")
 flags.DEFINE_enum("optimizer", "rmsprop", ["rmsprop", "momentum", "sgd", "adam"],
                   "rmsprop has TF1 semantics (slot starts at 1, eps inside the sqrt).")
 flags.DEFINE_float("momentum", 0.9, "Momentum of rmsprop/momentum.")
@@ -156,12 +133,16 @@ flags.DEFINE_enum("normalizer", "split_batch_norm",
                   "variant of Xie & Yuille; recipes with auxiliary BNs need "
                   "split_batch_norm).")
 flags.DEFINE_integer("seed", 0, "Seed for data order, augmentation, attacks, init.")
+flags.DEFINE_integer("min_bn_batch", 16, "Smallest number of images a BN layer may "
+                     "normalise together (Fast AdvProp's reference: 16 per GPU); a "
+                     "configuration below it is refused. Lower it only on purpose.")
 
 # ---------------------------------------------------------------- recipe and attack
 flags.DEFINE_bool("advprop", False, "Shorthand for --recipe=advprop.")
 flags.DEFINE_enum("recipe", None, list(RECIPE_NAMES),
                   "Training method (default vanilla, or advprop with --advprop); each "
-                  "has a preset of the paper's hyper-parameters, see RECIPE_PRESETS.")
+                  "recipe file holds its paper's settings, applied to every flag you do "
+                  "not set (--print_config shows them with their sources).")
 flags.DEFINE_enum("attacker", "pgd", ["pgd", "ifgsm", "gd", "fgsm"],
                   "Training attack (AdvProp §5.1).")
 flags.DEFINE_float("epsilon", 1.0, "Training attack L-inf radius in 0..255 units "
@@ -172,34 +153,8 @@ flags.DEFINE_float("attack_step_size", 1.0, "Attack step in 0..255 units.")
 flags.DEFINE_enum("attack_bn_mode", "inference", ["inference", "batch"],
                   "BN statistics used while attacking (moving stats never update).")
 flags.DEFINE_bool("targeted_attack", False, "Attack towards a random wrong class.")
-flags.DEFINE_float("clean_start_prob", None, "Per-image probability that PGD starts at "
+flags.DEFINE_float("clean_start_prob", 0.0, "Per-image probability that PGD starts at "
                    "the clean image (mbn_at: 0.2, Xie & Yuille; others 0).")
-flags.DEFINE_float("clean_loss_weight", 0.5, "sat, mbn_at, nofrost: weight of the clean "
-                   "loss; the adversarial one gets 1 - it (NoFrost's lambda).")
-flags.DEFINE_float("p_adv", 0.2, "fast_advprop: share of each drawn batch used "
-                   "adversarially, in (0, 1); --train_batch_size counts drawn images.")
-flags.DEFINE_float("fast_advprop_beta", 0.5, "fast_advprop: weight of the noisy and "
-                   "the adversarial pass.")
-flags.DEFINE_integer("shuffle_bn_group_size", None, "fast_advprop on one device: ghost "
-                     "BN group size (default: largest m with m*m <= adversarial images).")
-flags.DEFINE_bool("budget_calibration", True, "fast_advprop: divide the epochs and the "
-                  "learning-rate milestones by 1 + p_adv * K (same cost as vanilla).")
-flags.DEFINE_bool("sync_update_speed", True, "fast_advprop: divide each parameter's "
-                  "gradient by the weighted samples that touched it.")
-flags.DEFINE_float("mixup_alpha", 0.0, "vanilla, fast_advprop: Mixup alpha on the clean "
-                   "images (0 = off).")
-flags.DEFINE_float("cutmix_alpha", 0.0, "vanilla, fast_advprop: CutMix alpha on the "
-                   "clean images (0 = off).")
-flags.DEFINE_float("clean_fraction", 1.0, "mbn_at: share of each batch also used clean "
-                   "(0 = adversarial images only).")
-flags.DEFINE_float("alp_weight", 0.0, "mbn_at: adversarial logit pairing weight.")
-flags.DEFINE_bool("mixture_bn", True, "mbn_at: separate BN sets for clean and "
-                  "adversarial images (MBN); false: shared BN.")
-flags.DEFINE_float("consistent_bn_epochs", 0.0, "mbn_at: train the last N epochs with "
-                   "BN moving statistics (consistent BN; the paper: 10).")
-flags.DEFINE_float("trades_beta", 6.0, "trades, trades_fat: weight of the KL term.")
-flags.DEFINE_integer("early_stop_tau", 1, "fat, trades_fat: steps an image may take "
-                     "after it is first misclassified.")
 flags.DEFINE_float("eval_epsilon", None, "Evaluation PGD radius (default: --epsilon).")
 flags.DEFINE_integer("eval_attack_iterations", 10, "Evaluation PGD steps "
                      "(step 2.5 eps / n); 0 = clean accuracy only.")
@@ -266,512 +221,180 @@ flags.DEFINE_integer("checkpoint_every_steps", None, "Steps between checkpoints 
 flags.DEFINE_integer("keep_checkpoints", 5, "Checkpoints kept.")
 flags.DEFINE_integer("summary_every_steps", 100, "Steps between TensorBoard scalars.")
 
-# Applied to flags the user did not set when the embedded dataset is used. Chosen by
-# measurement (README, "Embedded default"): efficientnet-b0 from scratch at 32 pixels
-# barely learns with the ImageNet recipe in a few minutes.
-EMBEDDED_PRESET = {
-    "image_size": 32,
-    "augmentation": "cifar",
-    "train_batch_size": 64,
-    "eval_batch_size": 250,
-    "train_epochs": 4.0,
-    "base_learning_rate": 0.008,
-    "lr_warmup_epochs": 0.3,
-    "lr_decay_epoch": 1.0,
-    "lr_decay_factor": 0.8,
-    "moving_average_decay": 0.999,
-    "dropout_rate": 0.1,
-    "survival_prob": 1.0,
-}
+flags.DEFINE_bool("print_config", False, "Print the resolved configuration, each value "
+                  "with where it came from, and exit (reads no data, writes nothing).")
+flags.DEFINE_bool("deterministic", False, "Deterministic ops and input pipeline: the "
+                  "same command gives bitwise the same run (README, Reliability).")
+
+
+def _define_recipe_options():
+    """One flag per recipe option, defined from the recipe files (help names the
+    recipes that read it and each one's paper value)."""
+    by_name = {}
+    for recipe in RECIPES.values():
+        for option in recipe.options:
+            by_name.setdefault(option.name, []).append((recipe.name, option))
+    for name, uses in by_name.items():
+        option = uses[0][1]
+        values = "; ".join(f"{r}: {o.value}" for r, o in uses)
+        help_text = f"{', '.join(r for r, _ in uses)}: {option.help} ({values})"
+        define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
+                  float: flags.DEFINE_float}.get(option.kind, flags.DEFINE_string)
+        define(name, option.value, help_text)
+
+
+_define_recipe_options()
+
 
 
 class UsageError(Exception):
     """A bad flag value or input: reported as one line, exit status 2."""
 
 
-def _set(name):
-    return FLAGS[name].present
+# Flags that are not experiment settings (or are spelled differently there).
+_NOT_SETTINGS = {"advprop", "print_config", "saved_model_dir", "eval_dir",
+                 "robustness_attacks", "apgd_iterations", "square_queries",
+                 "autoattack_version", "curve_iterations", "curve_targeted", "curve_epsilon",
+                 "curve_step_size", "mbn_modes", "mbn_gammas", "mbn_layer_fraction",
+                 "robustness_properties", "corruptions", "corruption_severities",
+                 "mce_baseline", "shift_datasets", "robustness_profile"}
 
 
-def apply_recipe_preset(recipe_name):
-    """Sets the recipe's paper hyper-parameters on flags the user left unset; returns
-    the relative milestones (or None) and what was applied."""
-    applied, milestones = [], None
-    for name, value in RECIPE_PRESETS.get(recipe_name, {}).items():
-        if name == "lr_milestones":
-            if not _set("lr_milestones"):
-                milestones = value
-            continue
-        if name == "train_epochs" and _set("train_steps"):
-            continue  # an explicit step count wins over the preset's epochs
-        if not _set(name):
-            setattr(FLAGS, name, value)
-            applied.append(f"{name}={value:g}" if isinstance(value, float)
-                           else f"{name}={value}")
-    return milestones, applied
+def setting_overrides():
+    """{setting: value} of every flag the user set (the config's top layer)."""
+    from efficientnet_advprop.config import FIELD_SECTION, recipe_option_names
 
-
-def apply_embedded_preset(info, recipe_preset=()):
-    """The small-data preset: data-scale flags always (unless the user set them);
-    the learning rate only when the recipe's preset did not choose one."""
-    if info.name != "embedded":
-        return []
-    applied = []
-    for name, value in EMBEDDED_PRESET.items():
-        if name == "train_epochs" and _set("train_steps"):
-            continue  # an explicit step count wins over the preset's epochs
-        if name in ("base_learning_rate", "lr_decay_epoch", "lr_decay_factor",
-                    "dropout_rate") and name in recipe_preset:
-            continue
-        if not _set(name):
-            setattr(FLAGS, name, value)
-            applied.append(f"{name}={value}")
-    return applied
-
-
-def validate_flags():
-    checks = [
-        ("train_batch_size", FLAGS.train_batch_size > 0, "must be > 0"),
-        ("eval_batch_size", FLAGS.eval_batch_size > 0, "must be > 0"),
-        ("train_steps", FLAGS.train_steps > 0, "must be > 0"),
-        ("train_epochs", FLAGS.train_epochs is None or FLAGS.train_epochs > 0, "must be > 0"),
-        ("base_learning_rate", FLAGS.base_learning_rate > 0, "must be > 0"),
-        ("lr_decay_epoch", FLAGS.lr_decay_epoch > 0, "must be > 0"),
-        ("lr_decay_factor", 0 < FLAGS.lr_decay_factor <= 1, "must be in (0, 1]"),
-        ("lr_warmup_epochs", FLAGS.lr_warmup_epochs >= 0, "must be >= 0"),
-        ("moving_average_decay", 0 <= FLAGS.moving_average_decay < 1, "must be in [0, 1)"),
-        ("weight_decay", FLAGS.weight_decay >= 0, "must be >= 0"),
-        ("label_smoothing", 0 <= FLAGS.label_smoothing < 1, "must be in [0, 1)"),
-        ("batch_norm_momentum", FLAGS.batch_norm_momentum is None
-         or 0 <= FLAGS.batch_norm_momentum < 1, "must be in [0, 1)"),
-        ("batch_norm_epsilon", FLAGS.batch_norm_epsilon is None
-         or FLAGS.batch_norm_epsilon > 0, "must be > 0"),
-        ("dropout_rate", FLAGS.dropout_rate is None or 0 <= FLAGS.dropout_rate < 1,
-         "must be in [0, 1)"),
-        ("survival_prob", FLAGS.survival_prob is None or 0 < FLAGS.survival_prob <= 1,
-         "must be in (0, 1]"),
-        ("drop_path_rate", FLAGS.drop_path_rate is None or 0 <= FLAGS.drop_path_rate < 1,
-         "must be in [0, 1)"),
-        ("agc_clip", FLAGS.agc_clip >= 0, "must be >= 0"),
-        ("width_multiplier", FLAGS.width_multiplier > 0, "must be > 0"),
-        ("epsilon", FLAGS.epsilon > 0, "must be > 0 (0..255 pixel units)"),
-        ("attack_iterations", FLAGS.attack_iterations is None
-         or FLAGS.attack_iterations >= 1, "must be >= 1"),
-        ("attack_step_size", FLAGS.attack_step_size > 0, "must be > 0"),
-        ("clean_loss_weight", 0 <= FLAGS.clean_loss_weight <= 1, "must be in [0, 1]"),
-        ("clean_start_prob", FLAGS.clean_start_prob is None
-         or 0 <= FLAGS.clean_start_prob <= 1, "must be in [0, 1]"),
-        ("p_adv", 0 < FLAGS.p_adv < 1, "must be in (0, 1)"),
-        ("fast_advprop_beta", FLAGS.fast_advprop_beta > 0, "must be > 0"),
-        ("shuffle_bn_group_size", FLAGS.shuffle_bn_group_size is None
-         or FLAGS.shuffle_bn_group_size >= 1, "must be >= 1"),
-        ("mixup_alpha", FLAGS.mixup_alpha >= 0, "must be >= 0"),
-        ("cutmix_alpha", FLAGS.cutmix_alpha >= 0, "must be >= 0"),
-        ("clean_fraction", 0 <= FLAGS.clean_fraction <= 1, "must be in [0, 1]"),
-        ("alp_weight", FLAGS.alp_weight >= 0, "must be >= 0"),
-        ("consistent_bn_epochs", FLAGS.consistent_bn_epochs >= 0, "must be >= 0"),
-        ("trades_beta", FLAGS.trades_beta >= 0, "must be >= 0"),
-        ("early_stop_tau", FLAGS.early_stop_tau >= 0, "must be >= 0"),
-        ("randaugment_layers", FLAGS.randaugment_layers >= 0, "must be >= 0"),
-        ("randaugment_magnitude", FLAGS.randaugment_magnitude >= 0, "must be >= 0"),
-        ("auto_augment_fraction", FLAGS.auto_augment_fraction is None
-         or 0 <= FLAGS.auto_augment_fraction <= 1, "must be in [0, 1]"),
-        ("eval_epsilon", FLAGS.eval_epsilon is None or FLAGS.eval_epsilon > 0, "must be > 0"),
-        ("eval_attack_iterations", FLAGS.eval_attack_iterations >= 0, "must be >= 0"),
-        ("image_size", FLAGS.image_size is None or FLAGS.image_size >= 8, "must be >= 8"),
-        ("checkpoint_every_steps", FLAGS.checkpoint_every_steps is None
-         or FLAGS.checkpoint_every_steps > 0, "must be > 0"),
-        ("keep_checkpoints", FLAGS.keep_checkpoints > 0, "must be > 0"),
-        ("summary_every_steps", FLAGS.summary_every_steps > 0, "must be > 0"),
-        ("iterations_per_loop", FLAGS.iterations_per_loop >= 1, "must be >= 1"),
-        ("sync_batch_norm_group_size", FLAGS.sync_batch_norm_group_size is None
-         or FLAGS.sync_batch_norm_group_size >= 1, "must be >= 1"),
-    ]
-    for name, ok, message in checks:
-        if not ok:
-            raise UsageError(f"--{name}={getattr(FLAGS, name)}: {message}")
-    if FLAGS.advprop and FLAGS.recipe not in (None, "advprop"):
-        raise UsageError(f"--advprop conflicts with --recipe={FLAGS.recipe}")
-    if FLAGS.sync_batch_norm_group_size is not None:
-        if FLAGS.sync_batch_norm is False:
-            raise UsageError("--sync_batch_norm_group_size needs --sync_batch_norm")
-        if FLAGS.normalizer != "split_batch_norm":
-            raise UsageError("--sync_batch_norm_group_size applies to "
-                             "--normalizer=split_batch_norm only")
-    if FLAGS.lr_milestones:
+    names = set(FIELD_SECTION) | set(recipe_option_names()) | {"recipe"}
+    out = {}
+    for name in names:
+        if name in FLAGS and FLAGS[name].present:
+            out[name] = FLAGS[name].value
+    if FLAGS.advprop:
+        if FLAGS.recipe not in (None, "advprop"):
+            raise UsageError(f"--advprop conflicts with --recipe={FLAGS.recipe}")
+        out["recipe"] = "advprop"
+    if "lr_milestones" in out:
         try:
-            values = [float(m) for m in FLAGS.lr_milestones]
+            out["lr_milestones"] = tuple(float(m) for m in out["lr_milestones"])
         except ValueError:
-            values = None
-        if not values or values != sorted(values) or values[0] <= 0:
             raise UsageError(f"--lr_milestones={','.join(FLAGS.lr_milestones)}: expected "
-                             "increasing positive epochs, e.g. 30,60,90")
-    from efficientnet_advprop.models import model_names
-    if FLAGS.model_name not in model_names():
-        raise UsageError(f"--model_name={FLAGS.model_name}: unknown model; choose from "
-                         f"{', '.join(model_names())}")
-    if FLAGS.export_dir and os.path.isdir(FLAGS.export_dir) and os.listdir(FLAGS.export_dir):
-        raise UsageError(f"--export_dir={FLAGS.export_dir} exists and is not empty; "
-                         "choose a new directory")
+                             "increasing positive epochs, e.g. 30,60,90") from None
+    return out
 
 
-# XLA on a CPU, measured with scripts/benchmark.py --image_sizes=32 --batch_size=32
-# (efficientnet-b0, 2 cores, img/s without / with XLA): vanilla 98 / 34, AdvProp PGD-1
-# 56 / 14, PGD-5 34 / 9 -- about 3-4x slower, so it stays off there.
-JIT_ON_CPU = False
+def flag_message(error):
+    """A config error as a flag error: setting names written as --flags."""
+    from efficientnet_advprop.config import FIELD_SECTION, recipe_option_names
+
+    names = sorted(set(FIELD_SECTION) | set(recipe_option_names()) | {"recipe"},
+                   key=len, reverse=True)
+    pattern = re.compile(r"(?<![\w-])(" + "|".join(names) + r")=")
+    return pattern.sub(r"--\1=", str(error))
 
 
-def default_jit_compile(use_tpu):
-    """--jit_compile when unset: on for TPU (XLA is what it runs) and GPU, and on a
-    CPU only where it measured faster (JIT_ON_CPU)."""
-    import tensorflow as tf
+def resolve_config():
+    """The ExperimentConfig of the flags (and of the run saved in --model_dir)."""
+    from efficientnet_advprop import data
+    from efficientnet_advprop.config import ConfigError, load_saved_config, resolve, reuse_saved
 
-    return bool(use_tpu or tf.config.list_logical_devices("GPU") or JIT_ON_CPU)
-
-
-def sync_batch_norm_settings(use_tpu, replicas):
-    """-> (synchronized, replicas per group or None for all) of the BN layers.
-
-    Unset flags: on TPU, synchronised in the official TpuBatchNormalization groups
-    (`official_sync_group_size`); elsewhere per replica, or over all replicas with
-    --sync_batch_norm. A group size implies --sync_batch_norm.
-    """
-    from efficientnet_advprop.layers.split_batch_norm import official_sync_group_size
-
-    group = FLAGS.sync_batch_norm_group_size
-    sync = FLAGS.sync_batch_norm
-    if sync is None:
-        sync = use_tpu or group is not None
-    if not sync or FLAGS.normalizer != "split_batch_norm":
-        return False, None
-    if group is None and use_tpu:
-        group = official_sync_group_size(replicas)
-    if group is not None and replicas > 1 and replicas % group:
-        raise UsageError(f"--sync_batch_norm_group_size={group} does not divide the "
-                         f"{replicas} replicas")
-    return True, group
-
-
-def summary_every_steps(steps_per_epoch):
-    """TensorBoard interval: the flag, at most an epoch; with several steps per loop
-    and the flag unset, at least one loop (summaries would cut the loops short)."""
-    every = min(FLAGS.summary_every_steps, steps_per_epoch)
-    if not _set("summary_every_steps"):
-        every = max(every, FLAGS.iterations_per_loop)
-    return every
-
-
-def recipe_options(recipe_name):
-    """The make_recipe keyword arguments the flags give for `recipe_name`."""
-    from efficientnet_advprop.attacks import AttackConfig
-
-    options = {"label_smoothing": FLAGS.label_smoothing}
-    if recipe_name in ("vanilla", "fast_advprop"):
-        options.update(mixup_alpha=FLAGS.mixup_alpha, cutmix_alpha=FLAGS.cutmix_alpha)
-    if recipe_name == "vanilla":
-        return options
+    overrides = setting_overrides()
     try:
-        options["attack"] = AttackConfig(
-            attacker=FLAGS.attacker, epsilon=FLAGS.epsilon, step_size=FLAGS.attack_step_size,
-            num_iter=FLAGS.attack_iterations, targeted=FLAGS.targeted_attack,
-            bn_mode=FLAGS.attack_bn_mode, clean_start_prob=FLAGS.clean_start_prob or 0.0)
+        info = data.resolve_dataset(overrides.get("dataset"), overrides.get("data_dir"),
+                                    holdout_shards=overrides.get("holdout_shards"),
+                                    skip_bad_records=overrides.get("skip_bad_records", False))
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if recipe_name == "sat":
-        options["clean_weight"] = FLAGS.clean_loss_weight
-    elif recipe_name in ("nofrost", "nofrost_star"):
-        options["adv_weight"] = 1.0 - FLAGS.clean_loss_weight
-    elif recipe_name == "mbn_at":
-        options.update(clean_fraction=FLAGS.clean_fraction,
-                       clean_weight=FLAGS.clean_loss_weight, alp_weight=FLAGS.alp_weight,
-                       mixture_bn=FLAGS.mixture_bn)
-    elif recipe_name in ("trades", "trades_fat"):
-        options["beta"] = FLAGS.trades_beta
-    elif recipe_name == "fast_advprop":
-        options.update(adv_fraction=FLAGS.p_adv, beta=FLAGS.fast_advprop_beta,
-                       shuffle_bn_group_size=FLAGS.shuffle_bn_group_size,
-                       sync_update_speed=FLAGS.sync_update_speed)
-    if recipe_name in ("fat", "trades_fat"):
-        options["early_stop_tau"] = FLAGS.early_stop_tau
-    return options
+    model_dir = overrides.get("model_dir") or os.path.join(
+        "runs", f"{overrides.get('model_name', FLAGS.model_name)}-"
+                f"{overrides.get('recipe', 'vanilla')}")
+    saved, reused = None, ()
+    if "://" in model_dir or os.path.isdir(model_dir):
+        saved = load_saved_config(model_dir)
+    try:
+        if saved is not None:
+            completed = reuse_saved(overrides, saved)
+            reused = [k for k in completed if k not in overrides]
+            overrides = completed
+        config = resolve(overrides, info)
+    except ConfigError as e:
+        raise UsageError(flag_message(e)) from None
+    for name in reused:
+        config.sources[name] = f"saved run ({model_dir})"
+    return config, info
 
 
 def run():
-    import tensorflow as tf
+    from efficientnet_advprop import experiment
+    from efficientnet_advprop.config import ConfigError
 
-    from efficientnet_advprop import data, export
-    from efficientnet_advprop.evaluation import eval_attack_config, evaluate
-    from efficientnet_advprop.layers import MAIN
-    from efficientnet_advprop.models import (build_model, default_image_size,
-                                             is_normalizer_free)
-    from efficientnet_advprop.recipes import make_recipe
-    from efficientnet_advprop.training import (TrainConfig, Trainer, make_strategy,
-                                               set_global_seed)
-
-    validate_flags()
-    try:
-        info = data.resolve_dataset(FLAGS.dataset, FLAGS.data_dir,
-                                    holdout_shards=FLAGS.holdout_shards,
-                                    skip_bad_records=FLAGS.skip_bad_records)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    recipe_name = "advprop" if FLAGS.advprop else (FLAGS.recipe or "vanilla")
-    relative_milestones, recipe_applied = apply_recipe_preset(recipe_name)
-    if recipe_applied:
-        print(f"--recipe={recipe_name} preset: {', '.join(recipe_applied)}", file=sys.stderr)
-    applied = apply_embedded_preset(info, RECIPE_PRESETS.get(recipe_name, {}))
+    config, info = resolve_config()
+    if FLAGS.print_config:
+        print(config.describe())
+        return None
+    export_dir = config.run.export_dir
+    if export_dir and os.path.isdir(export_dir) and os.listdir(export_dir):
+        raise UsageError(f"--export_dir={export_dir} exists and is not empty; "
+                         "choose a new directory")
     if info.name == "embedded":
-        logging.info("No --data_dir/--dataset: using the embedded CIFAR-10 subset "
-                     "(%d train / %d held-out images, 10 classes) with the embedded "
-                     "preset: %s", info.num_train, info.num_eval, ", ".join(applied))
+        preset = sorted(k for k, v in config.sources.items() if v.startswith("embedded"))
         print(f"Using the embedded CIFAR-10 subset ({info.num_train} train / "
-              f"{info.num_eval} held-out images); preset: {', '.join(applied)}",
-              file=sys.stderr)
-
-    if FLAGS.mode == "eval_robustness" and FLAGS.saved_model_dir:
-        return run_saved_model_robustness(info)
-    num_classes = FLAGS.num_label_classes or info.num_classes
-    image_size = FLAGS.image_size or default_image_size(FLAGS.model_name)
-    num_train = FLAGS.num_train_images or info.num_train
-    num_eval = min(FLAGS.num_eval_images or info.num_eval, info.num_eval)
-    batch = FLAGS.train_batch_size
-    steps_per_epoch = max(1, num_train // batch)
-    model_dir = FLAGS.model_dir or os.path.join("runs", f"{FLAGS.model_name}-{recipe_name}")
-    augmentation = FLAGS.augmentation or ("cifar" if image_size <= 64 else "inception")
-    use_tpu = FLAGS.use_tpu or bool(FLAGS.tpu)
-    if use_tpu and FLAGS.precision == "float16":
-        raise UsageError("--precision=float16 is for GPUs; a TPU computes in bfloat16 "
-                         "(--precision=bfloat16)")
-    strategy = make_strategy("tpu" if use_tpu else FLAGS.strategy, tpu=FLAGS.tpu,
-                             tpu_zone=FLAGS.tpu_zone, gcp_project=FLAGS.gcp_project)
-    replicas = strategy.num_replicas_in_sync
-    if batch % replicas:
-        raise UsageError(f"--train_batch_size={batch} is not divisible by the "
-                         f"{replicas} replicas")
-    jit = FLAGS.jit_compile if FLAGS.jit_compile is not None else default_jit_compile(use_tpu)
-    sync_bn, sync_group = sync_batch_norm_settings(use_tpu, replicas)
-    set_global_seed(FLAGS.seed)
-
+              f"{info.num_eval} held-out images); preset: "
+              + ", ".join(f"{k}={config.to_dict()[k]}" for k in preset), file=sys.stderr)
+    mode = config.run.mode
+    if mode == "eval_robustness" and FLAGS.saved_model_dir:
+        return run_saved_model_robustness(config, info)
     try:
-        recipe = make_recipe(recipe_name, num_classes, **recipe_options(recipe_name))
-    except ValueError as e:
-        raise UsageError(f"--recipe={recipe_name}: {e}") from None
-    lr_batch_size = None
-    if recipe_name == "fast_advprop":
-        try:  # the clean/adversarial split of one replica's batch
-            clean, _ = recipe.split(batch // replicas)
-        except ValueError as e:
-            raise UsageError(f"--p_adv={FLAGS.p_adv}, --train_batch_size={batch}: "
-                             f"{e}") from None
-        lr_batch_size = clean * replicas  # the reference's lr is per 256 clean images
-    if recipe.needs_source_tags and not FLAGS.auto_augment:
-        raise UsageError(f"--recipe={recipe_name} routes AutoAugment images to their own "
-                         "BN set: set --auto_augment=v0 or randaugment")
-    auto_augment_fraction = (FLAGS.auto_augment_fraction
-                             if FLAGS.auto_augment_fraction is not None else 1.0)
-
-    # Epochs and learning-rate milestones, with Fast AdvProp's budget calibration.
-    epochs = FLAGS.train_epochs
-    budget = getattr(recipe, "budget_factor", 1.0)
-    calibrate = recipe_name == "fast_advprop" and FLAGS.budget_calibration
-    if epochs and calibrate:
-        epochs = epochs / budget
-    train_steps = int(math.ceil(epochs * steps_per_epoch)) if epochs else FLAGS.train_steps
-    run_epochs = train_steps / steps_per_epoch
-    if FLAGS.lr_milestones:
-        milestones = [float(m) for m in FLAGS.lr_milestones]
-        if calibrate:
-            milestones = [m / budget for m in milestones]
-    else:
-        milestones = [f * run_epochs for f in (relative_milestones or [])]
-    if FLAGS.lr_schedule == "step" and not milestones:
-        raise UsageError("--lr_schedule=step needs --lr_milestones (epochs)")
-    if calibrate:
-        print(f"fast_advprop budget calibration: epochs and milestones / {budget:.2f} -> "
-              f"{run_epochs:.2f} epochs, milestones "
-              f"{', '.join(f'{m:.2f}' for m in milestones) or 'none'}", file=sys.stderr)
-    preprocessing = FLAGS.preprocessing or ("advprop" if recipe_name == "advprop"
-                                            else "imagenet")
-
-    name = FLAGS.model_name
-    kwargs = {"image_size": image_size, "preprocessing": preprocessing}
-    if FLAGS.width_multiplier != 1.0:
-        if name.startswith("efficientnet"):
-            raise UsageError(f"--width_multiplier applies to ResNets and NF-ResNets, not "
-                             f"--model_name={name}")
-        kwargs["width_multiplier"] = FLAGS.width_multiplier
-    if is_normalizer_free(name):
-        if recipe.num_aux:
-            raise UsageError(f"--recipe={recipe_name} routes batch norms, and "
-                             f"--model_name={name} has none (normalizer-free)")
-        kwargs.update(dropout_rate=FLAGS.dropout_rate or 0.0,
-                      drop_path_rate=FLAGS.drop_path_rate or 0.0)
-    else:
-        if recipe.num_aux and FLAGS.normalizer != "split_batch_norm":
-            raise UsageError(f"--recipe={recipe_name} routes auxiliary batch norms; "
-                             f"--normalizer={FLAGS.normalizer} has none (use "
-                             "--mixture_bn=false for mbn_at's GN variant)")
-        kwargs.update(normalizer=FLAGS.normalizer, num_aux=recipe.num_aux,
-                      batch_norm_momentum=FLAGS.batch_norm_momentum,
-                      batch_norm_epsilon=FLAGS.batch_norm_epsilon,
-                      synchronized=sync_bn, sync_group_size=sync_group)
-        if name.startswith("efficientnet"):
-            kwargs.update(dropout_rate=FLAGS.dropout_rate, survival_prob=(
-                FLAGS.survival_prob if FLAGS.survival_prob is not None else 0.8))
+        if config.recipe.name == "fast_advprop" and config.recipe.values["budget_calibration"]:
+            print(f"fast_advprop budget calibration: {config.sources['train_steps']}; "
+                  f"milestones {config.optim.lr_milestones}", file=sys.stderr)
+        job = experiment.prepare(config, info)
+        if config.model.init_checkpoint:
+            experiment.initialize(job, config.model.init_checkpoint)
+        if mode in ("train", "train_and_eval"):
+            experiment.train(job)
         else:
-            kwargs.update(dropout_rate=FLAGS.dropout_rate or 0.0)
-    if FLAGS.consistent_bn_epochs and recipe_name == "mbn_at":
-        from efficientnet_advprop.recipes import consistent_bn_start_step
-        recipe.consistent_bn_from_step = consistent_bn_start_step(
-            train_steps, steps_per_epoch, FLAGS.consistent_bn_epochs)
-
-    def model_fn():
-        return build_model(name, num_classes, **kwargs)
-
-    config = TrainConfig(
-        model_dir=model_dir, train_steps=train_steps, global_batch_size=batch,
-        steps_per_epoch=steps_per_epoch, optimizer=FLAGS.optimizer,
-        base_learning_rate=FLAGS.base_learning_rate, lr_schedule=FLAGS.lr_schedule,
-        lr_warmup_epochs=FLAGS.lr_warmup_epochs, lr_decay_epochs=FLAGS.lr_decay_epoch,
-        lr_decay_factor=FLAGS.lr_decay_factor, lr_milestones=tuple(milestones),
-        lr_batch_size=lr_batch_size, momentum=FLAGS.momentum, nesterov=FLAGS.nesterov,
-        rmsprop_decay=FLAGS.rmsprop_decay, rmsprop_epsilon=FLAGS.rmsprop_epsilon,
-        weight_decay=FLAGS.weight_decay, agc_clip=FLAGS.agc_clip,
-        moving_average_decay=FLAGS.moving_average_decay,
-        seed=FLAGS.seed, jit_compile=jit, iterations_per_loop=FLAGS.iterations_per_loop,
-        precision=FLAGS.precision,
-        checkpoint_every_steps=FLAGS.checkpoint_every_steps or steps_per_epoch,
-        keep_checkpoints=FLAGS.keep_checkpoints,
-        summary_every_steps=summary_every_steps(steps_per_epoch))
-    os.makedirs(model_dir, exist_ok=True)
-    trainer = Trainer(strategy, model_fn, recipe, config)
-    print(f"{FLAGS.model_name} {recipe.describe()} | {info.name} {image_size}px | "
-          f"batch {batch} x {train_steps} steps ({train_steps / steps_per_epoch:.2f} "
-          f"epochs) | {strategy.num_replicas_in_sync} replica(s) "
-          f"{type(strategy).__name__} | jit {jit} | {FLAGS.precision} | "
-          f"{FLAGS.iterations_per_loop} step(s)/call | BN sync "
-          f"{(sync_group or replicas) if sync_bn else 1} replica(s) | model_dir {model_dir}",
-          file=sys.stderr)
-    skipped = data.make_skip_counter() if FLAGS.skip_bad_records else None
-
-    def train_dataset(ctx, start_step):
-        return data.make_dataset(
-            info, FLAGS.data_dir, "train",
-            batch_size=ctx.get_per_replica_batch_size(batch), image_size=image_size,
-            is_training=True, seed=FLAGS.seed, start_step=start_step,
-            augmentation=augmentation, input_context=ctx, auto_augment=FLAGS.auto_augment,
-            randaugment_layers=FLAGS.randaugment_layers,
-            randaugment_magnitude=FLAGS.randaugment_magnitude,
-            auto_augment_fraction=auto_augment_fraction,
-            source_tags=recipe.needs_source_tags,
-            skip_bad_records=FLAGS.skip_bad_records, skip_counter=skipped)
-
-    def eval_dataset():
-        return make_eval_dataset(info, image_size, augmentation, num_eval)
-
-    if FLAGS.init_checkpoint:
-        from efficientnet_advprop.models.init_checkpoint import init_from_checkpoint
-        try:
-            report = trainer.initialize_from(lambda model: init_from_checkpoint(
-                model, FLAGS.init_checkpoint, aux_from_main=recipe.num_aux > 0))
-        except (ValueError, OSError) as e:
-            raise UsageError(f"--init_checkpoint={FLAGS.init_checkpoint}: {e}") from None
-        if report is not None:
-            skipped = ", ".join(f"{k} ({v})" for k, v in report["skipped"].items())
-            print(f"initialised {len(report['loaded'])} layers from "
-                  f"{FLAGS.init_checkpoint} ({report['source']}); skipped: "
-                  f"{skipped or 'none'}", file=sys.stderr)
-
-    if FLAGS.mode in ("train", "train_and_eval"):
-        samples = next(iter(eval_dataset().unbatch().batch(4).take(1)))
-        trainer.train(train_dataset, sample_images=(samples[0].numpy(),
-                                                    samples[1].numpy()))
-    else:
-        if trainer.restore() == 0:
-            raise UsageError(f"--model_dir={model_dir}: no checkpoint to evaluate")
-    if FLAGS.mode == "eval_robustness":
-        from efficientnet_advprop.attacks import float32_compute
-        from efficientnet_advprop.evaluation import main_logits_fn
-
-        swap = trainer.ema.swapped() if trainer.ema else _null()
-        with swap, float32_compute(trainer.model):  # attacks are measured in float32
-            return run_robustness(
-                main_logits_fn(trainer.model), eval_dataset(), num_classes=num_classes,
-                model=trainer.model, eval_dir=FLAGS.eval_dir or os.path.join(
-                    model_dir, "robustness"), image_size=image_size,
-                augmentation=augmentation, metadata={
-                    "name": FLAGS.model_name, "recipe": recipe_name,
-                    "checkpoint": f"{model_dir} (step {int(trainer.step.numpy())}"
-                                  f"{', EMA weights' if trainer.ema else ''})",
-                    "dataset": info.name, "image_size": image_size}, num_images=num_eval)
-
-    results = {"model_name": FLAGS.model_name, "recipe": recipe_name,
-               "dataset": info.name, "image_size": image_size,
-               "step": int(trainer.step.numpy())}
-    if trainer.images_per_second:
-        results["train_images_per_second"] = round(trainer.images_per_second, 2)
-    if skipped is not None:
-        results["skipped_records"] = int(skipped.numpy())
-        print(f"--skip_bad_records: dropped {results['skipped_records']} unreadable "
-              f"training records (each time one was read)", file=sys.stderr)
-    if FLAGS.mode in ("eval", "train_and_eval"):
-        eval_eps = FLAGS.eval_epsilon or FLAGS.epsilon
-        eval_attack = (eval_attack_config(eval_eps, FLAGS.eval_attack_iterations)
-                       if FLAGS.eval_attack_iterations else None)
-        swap = trainer.ema.swapped() if trainer.ema else _null()
-        with swap:
-            main = evaluate(trainer.model, eval_dataset(), strategy=strategy,
-                            attack=eval_attack, bn_set=MAIN, seed=FLAGS.seed)
-            results.update({"num_eval_images": main["num_examples"],
-                            "clean_accuracy": main["clean_accuracy"]})
-            if eval_attack is not None:
-                results[f"pgd{eval_attack.iterations}_eps{eval_eps:g}_accuracy"] = (
-                    main["adversarial_accuracy"])
-            adv_set = recipe.attack_bn_set
-            if recipe.num_aux and adv_set != MAIN:  # the adversarial BN set, alone
-                aux = evaluate(trainer.model, eval_dataset(), strategy=strategy,
-                               attack=eval_attack, bn_set=adv_set, seed=FLAGS.seed)
-                results["aux_bn_clean_accuracy"] = aux["clean_accuracy"]
-                if eval_attack is not None:
-                    results[f"aux_bn_pgd{eval_attack.iterations}_eps{eval_eps:g}_accuracy"] = (
-                        aux["adversarial_accuracy"])
-        writer = tf.summary.create_file_writer(os.path.join(model_dir, "eval"))
-        with writer.as_default(step=results["step"]):
-            for k, v in results.items():
-                if k.endswith("accuracy"):
-                    tf.summary.scalar(k, v)
-        with open(os.path.join(model_dir, "eval_results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        print("held-out " + " | ".join(
-            f"{k} {v:.4f}" for k, v in results.items() if k.endswith("accuracy")),
-            file=sys.stderr)
-
-    if FLAGS.export_dir:
-        bn_set = recipe.attack_bn_set if FLAGS.export_bn_set == "adversarial" else MAIN
-        swap = trainer.ema.swapped() if trainer.ema else _null()
-        with swap:
-            export.export_saved_model(trainer.model, FLAGS.export_dir, metadata={
-                "model_name": FLAGS.model_name, "recipe": recipe_name,
-                "preprocessing": preprocessing, "num_classes": num_classes,
-                "class_names": list(info.class_names), "step": results["step"],
-                "ema": bool(trainer.ema), "bn_set": bn_set}, eval_crop=augmentation,
-                bn_set=bn_set)
-        print(f"exported SavedModel (BN set {bn_set} only) to {FLAGS.export_dir}",
-              file=sys.stderr)
+            experiment.restore(job)
+        if mode == "eval_robustness":
+            return run_checkpoint_robustness(job)
+        results = {"model_name": config.model.model_name, "recipe": config.recipe.name,
+                   "dataset": info.name, "image_size": config.model.image_size,
+                   "step": int(job.trainer.step.numpy())}
+        if mode in ("eval", "train_and_eval"):
+            results = experiment.evaluate(job)
+        if job.trainer.images_per_second:
+            results["train_images_per_second"] = round(job.trainer.images_per_second, 2)
+        if job.skip_counter is not None:
+            results["skipped_records"] = int(job.skip_counter.numpy())
+            print(f"--skip_bad_records: dropped {results['skipped_records']} unreadable "
+                  f"training records (each time one was read)", file=sys.stderr)
+        if export_dir:
+            bn_set = experiment.export(job, export_dir, config.run.export_bn_set)
+            print(f"exported SavedModel (BN set {bn_set} only) to {export_dir}",
+                  file=sys.stderr)
+    except ConfigError as e:
+        raise UsageError(flag_message(e)) from None
     print(json.dumps(results))
     return results
 
 
-def make_eval_dataset(info, image_size, augmentation, num_eval):
-    """The held-out set, eval preprocessing, `num_eval` images at most."""
-    from efficientnet_advprop import data
+def run_checkpoint_robustness(job):
+    """eval_robustness on the checkpoint of --model_dir (EMA weights, float32)."""
+    from efficientnet_advprop.attacks import float32_compute
+    from efficientnet_advprop.evaluation import main_logits_fn
 
-    ds = data.make_dataset(info, FLAGS.data_dir, "eval", batch_size=FLAGS.eval_batch_size,
-                           image_size=image_size, is_training=False, seed=FLAGS.seed,
-                           augmentation=augmentation)
-    if num_eval < info.num_eval:
-        ds = ds.unbatch().take(num_eval).batch(FLAGS.eval_batch_size)
-    return ds
+    cfg = job.config
+    model_dir = cfg.run.model_dir
+    with job.averaged(), float32_compute(job.trainer.model):  # attacks in float32
+        return run_robustness(
+            main_logits_fn(job.trainer.model), job.eval_dataset(), cfg,
+            num_classes=cfg.num_classes, model=job.trainer.model,
+            eval_dir=FLAGS.eval_dir or os.path.join(model_dir, "robustness"),
+            image_size=cfg.model.image_size, augmentation=cfg.data.augmentation,
+            metadata={"name": cfg.model.model_name, "recipe": cfg.recipe.name,
+                      "checkpoint": f"{model_dir} (step {int(job.trainer.step.numpy())}"
+                                    f"{', EMA weights' if job.trainer.ema else ''})",
+                      "dataset": job.info.name, "image_size": cfg.model.image_size},
+            num_images=cfg.num_eval)
 
 
 def _flag_list(name, cast=str, choices=None, all_values=None):
@@ -793,7 +416,7 @@ def _flag_list(name, cast=str, choices=None, all_values=None):
     return values
 
 
-def robustness_config(num_classes):
+def robustness_config(config, num_classes):
     from efficientnet_advprop.data.corruptions import CORRUPTIONS
     from efficientnet_advprop.evaluation import ATTACK_NAMES, MBN_MODES, RobustnessConfig
 
@@ -808,10 +431,10 @@ def robustness_config(num_classes):
     elif baseline == "alexnet" and num_classes != 1000:
         raise UsageError(f"--mce_baseline=alexnet: the AlexNet constants are for "
                          f"1000-class ImageNet-C; this model has {num_classes} classes")
-    iterations = FLAGS.eval_attack_iterations or 10
+    iterations = config.attack.eval_attack_iterations or 10
     try:
         return RobustnessConfig(
-            epsilon=FLAGS.eval_epsilon or FLAGS.epsilon,
+            epsilon=config.attack.eval_epsilon or config.attack.epsilon,
             attacks=_flag_list("robustness_attacks", choices=ATTACK_NAMES),
             pgd_iterations=iterations, apgd_iterations=FLAGS.apgd_iterations,
             mi_fgsm_iterations=iterations, cw_iterations=iterations,
@@ -827,12 +450,12 @@ def robustness_config(num_classes):
             corruptions=_flag_list("corruptions", choices=CORRUPTIONS,
                                    all_values=CORRUPTIONS),
             severities=_flag_list("corruption_severities", int),
-            mce_baseline=baseline, seed=FLAGS.seed)
+            mce_baseline=baseline, seed=config.run.seed)
     except ValueError as e:
         raise UsageError(f"--mode=eval_robustness: {e}") from None
 
 
-def shift_datasets(image_size, augmentation, num_classes):
+def shift_datasets(config, image_size, augmentation, num_classes):
     """{spec: (dataset, logit indices or None)} from --shift_datasets.
 
     A spec is NAME or NAME:PATH; PATH is a folder of class subfolders (WordNet IDs for
@@ -852,33 +475,33 @@ def shift_datasets(image_size, augmentation, num_classes):
             if name != "folder" and num_classes != 1000:
                 raise ValueError(f"an ImageNet variant needs a 1000-class model, this one "
                                  f"has {num_classes} classes")
-            ds = shift.shift_dataset(name, path or None, batch_size=FLAGS.eval_batch_size,
+            ds = shift.shift_dataset(name, path or None, batch_size=config.data.eval_batch_size,
                                      image_size=image_size, augmentation=augmentation,
                                      subset=subset)
         except (ValueError, OSError) as e:
             raise UsageError(f"--shift_datasets={spec}: {e}") from None
-        if FLAGS.num_eval_images:
-            ds = ds.unbatch().take(FLAGS.num_eval_images).batch(FLAGS.eval_batch_size)
+        if config.data.num_eval_images:
+            ds = ds.unbatch().take(config.data.num_eval_images).batch(config.data.eval_batch_size)
         indices = {"imagenet_a": shift.imagenet_a_indices,
                    "imagenet_r": shift.imagenet_r_indices}.get(name)
         out[spec] = (ds, indices() if indices else None)
     return out
 
 
-def run_robustness(logits_fn, dataset, *, num_classes, model, eval_dir, image_size,
+def run_robustness(logits_fn, dataset, config, *, num_classes, model, eval_dir, image_size,
                    augmentation, metadata, num_images):
     """--mode=eval_robustness: the suite, its report files, and the result dict."""
     from efficientnet_advprop.evaluation import evaluate_robustness, write_report
 
-    config = robustness_config(num_classes)
-    shifts = shift_datasets(image_size, augmentation, num_classes)
-    print(f"robustness suite: eps {config.epsilon:g}, attacks "
-          f"{', '.join(config.attacks) or 'none'}, curve {list(config.curve_iterations)}, "
-          f"{len(config.corruptions)} corruptions x {len(config.severities)} severities "
+    suite = robustness_config(config, num_classes)
+    shifts = shift_datasets(config, image_size, augmentation, num_classes)
+    print(f"robustness suite: eps {suite.epsilon:g}, attacks "
+          f"{', '.join(suite.attacks) or 'none'}, curve {list(suite.curve_iterations)}, "
+          f"{len(suite.corruptions)} corruptions x {len(suite.severities)} severities "
           f"-> {eval_dir}", file=sys.stderr)
-    result = evaluate_robustness(logits_fn, dataset, config, num_classes=num_classes,
+    result = evaluate_robustness(logits_fn, dataset, suite, num_classes=num_classes,
                                  model=model, shift_datasets=shifts, metadata=metadata,
-                                 num_batches=-(-num_images // FLAGS.eval_batch_size))
+                                 num_batches=-(-num_images // config.data.eval_batch_size))
     paths = write_report(result, eval_dir)
     print("wrote " + ", ".join(paths), file=sys.stderr)
     summary = {k: result[k] for k in ("clean_accuracy", "worst_case_accuracy")
@@ -888,7 +511,7 @@ def run_robustness(logits_fn, dataset, *, num_classes, model, eval_dir, image_si
     return result
 
 
-def run_saved_model_robustness(info):
+def run_saved_model_robustness(config, info):
     """eval_robustness on an exported SavedModel (main BN set only, no BN statistics)."""
     import tensorflow as tf
 
@@ -906,27 +529,21 @@ def run_saved_model_robustness(info):
         raise UsageError(f"--saved_model_dir={path}: the model has {num_classes} classes, "
                          f"the dataset {info.name} has {info.num_classes}")
     augmentation = meta.get("jpeg_eval_crop", "inception")
-    num_eval = min(FLAGS.num_eval_images or info.num_eval, info.num_eval)
+    num_eval = config.num_eval
 
     def logits_fn(x):
         return loaded.serving_default(x)["logits"]
 
+    from efficientnet_advprop.experiment import eval_dataset
+
     return run_robustness(
-        logits_fn, make_eval_dataset(info, image_size, augmentation, num_eval),
+        logits_fn, eval_dataset(config, info, image_size, augmentation), config,
         num_classes=num_classes, model=None,
         eval_dir=FLAGS.eval_dir or path.rstrip("/") + "_robustness",
         image_size=image_size, augmentation=augmentation, metadata={
             "name": meta.get("model_name", "saved model"), "recipe": meta.get("recipe"),
             "saved_model": path, "bn_set": meta.get("bn_set"), "dataset": info.name,
             "image_size": image_size}, num_images=num_eval)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv):
@@ -947,6 +564,9 @@ def main(argv):
     except InputDataError as e:
         print(f"main.py: error: --data_dir={_data_name()}: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingError as e:  # before the generic handler, which re-raises
+        print(f"main.py: training stopped: {e}", file=sys.stderr)
+        sys.exit(1)
     except Exception as e:  # noqa: BLE001 -- only undecodable input is answered here
         if not _is_bad_input_data(e):
             raise
@@ -955,9 +575,6 @@ def main(argv):
         print(f"main.py: error: --data_dir={_data_name()}: an image or record cannot be "
               f"read ({op_error_reason(e)})", file=sys.stderr)
         sys.exit(2)
-    except TrainingError as e:
-        print(f"main.py: training stopped: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 def _data_name():

@@ -10,8 +10,7 @@ from efficientnet_advprop.attacks import AttackConfig, linf_attack, random_targe
 from efficientnet_advprop.layers import AUX, MAIN, InputNormalization, SplitBatchNorm, bn_route
 from efficientnet_advprop.recipes import (RECIPES, SHARED, StepContext, alp_penalty,
                                           consistent_bn_start_step, make_recipe, trades_loss)
-from efficientnet_advprop.recipes.fast_advprop import (FastAdvProp, ghost_group_size,
-                                                       regroup_permutation)
+from efficientnet_advprop.recipes.fast_advprop import FastAdvProp, ghost_groups
 from efficientnet_advprop.training import TrainConfig, Trainer
 
 NUM_CLASSES = 10
@@ -59,18 +58,38 @@ def test_fast_advprop_split_and_budget():
         recipe.split(2)
 
 
-@pytest.mark.parametrize("num, size", [(64, 8), (16, 4), (12, 3), (18, 3), (4, 2)])
-def test_shuffle_bn_one_device_never_regroups_images_together(num, size):
-    assert ghost_group_size(num) == size
-    for seed in range(5):
-        perm = regroup_permutation(num, size, tf.constant([seed, 1], tf.int64)).numpy()
-        assert sorted(perm) == list(range(num))  # every image exactly once
-        old_group = perm // size  # noisy-pass group of the image at each new position
-        for new in range(num // size):
-            members = old_group[new * size:(new + 1) * size]
-            assert len(set(members)) == size, (seed, perm)  # no two from one old group
-    with pytest.raises(ValueError, match="size"):
-        ghost_group_size(8, requested=4)
+def test_shuffle_bn_keeps_the_reference_bn_batch_of_16():
+    recipe = FastAdvProp(NUM_CLASSES)
+    # The embedded batch of 64 leaves 13 adversarial images: refused, not 13 groups of 1.
+    with pytest.raises(ValueError, match="not a multiple of the shuffle-BN group size 16"):
+        recipe.bn_batches(64)
+    with pytest.raises(ValueError, match="at least two ghost-BN groups"):
+        recipe.bn_batches(80)  # 16 adversarial images: one group, nothing to shuffle
+    assert recipe.bn_batches(160) == {"clean share, main BN": 128,
+                                      "adversarial BN group": 16}
+    assert recipe.bn_batches(320)["adversarial BN group"] == 16  # reference: 64 -> 4 x 16
+    assert recipe.smallest_local_batch(16) == 160
+    # Several replicas: each replica's share is one BN batch, exchanged across replicas.
+    assert recipe.bn_batches(80, num_replicas=8)["adversarial BN group"] == 16
+    assert recipe.smallest_local_batch(16, num_replicas=8) == 80
+    assert ghost_groups(64, 16) == 4 and ghost_groups(16, 16, num_replicas=2) == 1
+
+
+def test_shuffle_bn_one_device_is_one_random_permutation():
+    recipe = FastAdvProp(NUM_CLASSES)
+    num_adv = 32
+    images = tf.reshape(tf.range(num_adv, dtype=tf.float32), [num_adv, 1, 1, 1])
+    orders = set()
+    for seed in range(4):
+        x, labels = recipe.shuffle(images, tf.range(num_adv), num_adv,
+                                   _ctx(step=seed))
+        perm = labels.numpy()
+        assert sorted(perm) == list(range(num_adv))  # every image exactly once
+        np.testing.assert_array_equal(x.numpy()[:, 0, 0, 0], perm)  # labels travel along
+        orders.add(tuple(perm))
+        # both ghost-BN groups of 16 receive images of the other noisy-pass group
+        assert (perm[:16] >= 16).any() and (perm[16:] < 16).any()
+    assert len(orders) == 4  # a new permutation every step
 
 
 def test_shuffle_bn_across_two_replicas_uses_every_image_once(two_device_strategy):
@@ -85,7 +104,7 @@ def test_shuffle_bn_across_two_replicas_uses_every_image_once(two_device_strateg
         labels = tf.range(num_adv) + 100 * replica
         ctx = StepContext(seed=tf.stack([tf.cast(replica, tf.int64), 9]), shared_seed=shared,
                           num_replicas=2)
-        return recipe.shuffle(images, labels, num_adv, num_adv, ctx)
+        return recipe.shuffle(images, labels, num_adv, ctx)
 
     images, labels = two_device_strategy.run(tf.function(replica_fn))
     got_labels = np.concatenate([t.numpy() for t in
@@ -100,7 +119,7 @@ def test_shuffle_bn_across_two_replicas_uses_every_image_once(two_device_strateg
 
 
 def test_update_speed_sync_divides_each_group_by_its_weighted_samples(tmp_path):
-    recipe = FastAdvProp(NUM_CLASSES, label_smoothing=0.0)
+    recipe = FastAdvProp(NUM_CLASSES, label_smoothing=0.0, shuffle_bn_group_size=1)
     config = TrainConfig(model_dir=str(tmp_path), train_steps=1, global_batch_size=10,
                          steps_per_epoch=1, optimizer="sgd", weight_decay=0.0,
                          moving_average_decay=0.0)
@@ -139,14 +158,14 @@ def test_update_speed_sync_divides_each_group_by_its_weighted_samples(tmp_path):
 def test_fast_advprop_adversarial_images_stay_in_the_ball():
     model = micro_model()
     recipe = FastAdvProp(NUM_CLASSES, attack=AttackConfig(epsilon=2.0, step_size=1.0,
-                                                          num_iter=2))
+                                                          num_iter=2), shuffle_bn_group_size=1)
     images, labels = _batch(10)
     captured = {}
     original = recipe.shuffle
 
-    def spy(x_adv, adv_labels, num_adv, group, ctx):
+    def spy(x_adv, adv_labels, num_adv, ctx):
         captured["x"], captured["labels"] = x_adv, adv_labels
-        return original(x_adv, adv_labels, num_adv, group, ctx)
+        return original(x_adv, adv_labels, num_adv, ctx)
 
     recipe.shuffle = spy
     out = recipe.gradients(model, model.trainable_variables, images, labels, _ctx())
@@ -292,6 +311,8 @@ def _recipe(name):
         options.update(attack=AttackConfig(epsilon=4.0, num_iter=2, targeted=True,
                                            clean_start_prob=0.2), alp_weight=0.5,
                        consistent_bn_from_step=1)
+    if name == "fast_advprop":  # 4 adversarial images of 20: ghost groups of 1
+        options["shuffle_bn_group_size"] = 1
     return make_recipe(name, NUM_CLASSES, **options)
 
 
@@ -356,7 +377,8 @@ def test_fine_grained_advprop_refuses_untagged_batches():
 
 def test_fast_advprop_mixes_only_the_clean_share():
     model = micro_model()
-    recipe = FastAdvProp(NUM_CLASSES, mixup_alpha=0.4, cutmix_alpha=1.0)
+    recipe = FastAdvProp(NUM_CLASSES, mixup_alpha=0.4, cutmix_alpha=1.0,
+                         shuffle_bn_group_size=1)
     images, labels = _batch(10)
     seen = {}
     original_mix, original_shuffle = recipe._mix, recipe.shuffle

@@ -1,11 +1,12 @@
 """Training recipes: one module per method, each saying how a batch becomes gradients."""
 
-from efficientnet_advprop.recipes.adversarial_training import (FriendlyAdversarialTraining,
-                                                               MadryAdversarialTraining,
-                                                               StandardAdversarialTraining)
+from efficientnet_advprop.recipes.adversarial_training import (
+    FriendlyAdversarialTraining, MadryAdversarialTraining, SeparateForwardAdversarialTraining,
+    StandardAdversarialTraining)
 from efficientnet_advprop.recipes.advprop import AdvProp
-from efficientnet_advprop.recipes.base import (SHARED, Recipe, RecipeGradients, RecipeOutput,
-                                               StepContext, cross_entropy, kl_divergence)
+from efficientnet_advprop.recipes.base import (SHARED, Cite, Option, Recipe, RecipeGradients,
+                                               RecipeOutput, StepContext, cross_entropy,
+                                               kl_divergence)
 from efficientnet_advprop.recipes.fast_advprop import FastAdvProp
 from efficientnet_advprop.recipes.fine_grained_advprop import FineGrainedAdvProp
 from efficientnet_advprop.recipes.mbn_at import (MixtureBNAdversarialTraining, alp_penalty,
@@ -17,8 +18,9 @@ from efficientnet_advprop.recipes.vanilla import Vanilla
 # In the order of the --recipe help: the method, then the baselines it is compared with.
 RECIPES = {cls.name: cls for cls in (
     Vanilla, AdvProp, FineGrainedAdvProp, MadryAdversarialTraining,
-    StandardAdversarialTraining, Trades, FriendlyAdversarialTraining, TradesFat,
-    FastAdvProp, MixtureBNAdversarialTraining, NoFrost, NoFrostStar)}
+    StandardAdversarialTraining, SeparateForwardAdversarialTraining, Trades,
+    FriendlyAdversarialTraining, TradesFat, FastAdvProp, MixtureBNAdversarialTraining,
+    NoFrost, NoFrostStar)}
 
 
 def make_recipe(name, num_classes, **options):
@@ -28,7 +30,8 @@ def make_recipe(name, num_classes, **options):
     return RECIPES[name](num_classes, **options)
 
 
-__all__ = ["RECIPES", "SHARED", "AdvProp", "FastAdvProp", "FineGrainedAdvProp",
+__all__ = ["RECIPES", "SHARED", "AdvProp", "Cite", "Option",
+           "SeparateForwardAdversarialTraining", "FastAdvProp", "FineGrainedAdvProp",
            "FriendlyAdversarialTraining", "MadryAdversarialTraining",
            "MixtureBNAdversarialTraining", "NoFrost", "NoFrostStar", "Recipe",
            "RecipeGradients", "RecipeOutput", "StandardAdversarialTraining", "StepContext",

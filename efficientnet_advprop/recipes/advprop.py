@@ -7,19 +7,62 @@ For a clean batch x with labels y:
      by the auxiliary BNs, every other weight shared.
   3. loss = CE(clean, main BN) + CE(adv, aux BN); one update of all parameters.
 At test time only the main BNs are used (export strips the auxiliary ones).
+
+Settings (the `paper` table): the EfficientNet training recipe, which AdvProp §5.1
+follows, with AutoAugment v0 ("our networks are trained with AutoAugment by
+default", §5.4; the released checkpoints are "AdvProp + AA") and the [-1, 1] input
+scaling of the released AdvProp checkpoints. The attacker is PGD with step 1 and
+n = eps + 1 iterations (1 for eps 1); eps 1 (PGD1) suits small models, the paper uses
+eps 4 (PGD5) for large ones: set epsilon=4 for B5-B8. Open choice: the attack runs
+through the auxiliary BNs in inference mode (moving statistics); no AdvProp training
+code was released, so this is a setting (attack_bn_mode), and the reference
+implementations of the follow-up papers differ on it.
 """
 
 import tensorflow as tf
 
 from efficientnet_advprop.attacks import AttackConfig, attack_model
 from efficientnet_advprop.layers.split_batch_norm import AUX, MAIN, bn_route
-from efficientnet_advprop.recipes.base import Recipe, RecipeOutput, as_context
+from efficientnet_advprop.recipes.base import Cite, Recipe, RecipeOutput, as_context
+
+OFFICIAL = "tensorflow/tpu efficientnet main.py"
+# The EfficientNet recipe, which AdvProp §5.1 trains with; the config defaults are the
+# same values, listed here so the paper can be checked against one table.
+EFFICIENTNET_RECIPE = {
+    "optimizer": Cite("rmsprop", f"{OFFICIAL}: RMSProp (TF1 semantics)"),
+    "rmsprop_decay": Cite(0.9, f"{OFFICIAL}: decay 0.9"),
+    "momentum": Cite(0.9, f"{OFFICIAL}: momentum 0.9"),
+    "rmsprop_epsilon": Cite(1e-3, f"{OFFICIAL}: epsilon 1e-3"),
+    "base_learning_rate": Cite(0.016, f"{OFFICIAL}: 0.016 per 256 images"),
+    "lr_schedule": Cite("exponential", f"{OFFICIAL}: x0.97 every 2.4 epochs"),
+    "lr_decay_epoch": Cite(2.4, f"{OFFICIAL}"),
+    "lr_decay_factor": Cite(0.97, f"{OFFICIAL}"),
+    "lr_warmup_epochs": Cite(5.0, f"{OFFICIAL}: 5 warm-up epochs"),
+    "weight_decay": Cite(1e-5, f"{OFFICIAL}: L2 1e-5, not on BN"),
+    "label_smoothing": Cite(0.1, f"{OFFICIAL}: label smoothing 0.1"),
+    "moving_average_decay": Cite(0.9999, f"{OFFICIAL}: EMA 0.9999, eval on EMA"),
+    "batch_norm_momentum": Cite(0.99, f"{OFFICIAL}: BN momentum 0.99"),
+    "batch_norm_epsilon": Cite(1e-3, f"{OFFICIAL}: BN epsilon 1e-3"),
+    "survival_prob": Cite(0.8, f"{OFFICIAL}: drop-connect survival 0.8"),
+}
+ADVPROP = "Xie et al. 2020"
 
 
 class AdvProp(Recipe):
     name = "advprop"
+    title = "AdvProp (Xie et al., CVPR 2020)"
     num_aux = 1
     attack_bn_set = AUX
+    preferred_preprocessing = "advprop"  # the released AdvProp checkpoints' [-1, 1]
+    paper = {
+        **EFFICIENTNET_RECIPE,
+        "auto_augment": Cite("v0", f"{ADVPROP} §5.4: trained with AutoAugment by default"),
+        "attacker": Cite("pgd", f"{ADVPROP} §5.1: PGD"),
+        "epsilon": Cite(1.0, f"{ADVPROP} §5.1: PGD1 (eps 1) for small models; eps 4 for "
+                             "B5-B8"),
+        "attack_step_size": Cite(1.0, f"{ADVPROP} §5.1: step size 1"),
+        "attack_iterations": Cite(None, f"{ADVPROP} §5.1: n = eps + 1 (1 for eps 1)"),
+    }
 
     def __init__(self, num_classes, attack=None, label_smoothing=0.1):
         super().__init__(num_classes, label_smoothing)

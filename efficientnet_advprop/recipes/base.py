@@ -92,6 +92,73 @@ class RecipeGradients:
     sample_weights: dict = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Cite:
+    """A paper's value of one experiment setting and where the paper (or its
+    reference code) says so."""
+
+    value: object
+    source: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A setting that only this recipe reads (a --flag of main.py of the same name).
+
+    Attributes:
+      name: config field and flag name (unique across recipes unless two recipes
+        share the meaning, e.g. clean_loss_weight).
+      default: Cite(value, source) of the paper's value, or a plain value.
+      help: one line for the flag's help.
+      low, high: the closed range the value must lie in (None: unbounded);
+        low_open / high_open make an end open.
+      arg: the recipe constructor's keyword (default: name); to_arg maps the
+        option's value to it (e.g. lambda -> 1 - lambda).
+    """
+
+    name: str
+    default: object
+    help: str
+    low: float = None
+    high: float = None
+    low_open: bool = False
+    high_open: bool = False
+    arg: str = None
+    to_arg: object = None
+
+    @property
+    def value(self):
+        return self.default.value if isinstance(self.default, Cite) else self.default
+
+    @property
+    def source(self):
+        return self.default.source if isinstance(self.default, Cite) else "recipe default"
+
+    @property
+    def kind(self):
+        return type(self.value)
+
+    def check(self, value):
+        """None if `value` is valid, else what is wrong (without the name)."""
+        if self.low is None and self.high is None:
+            return None
+        lo_ok = (self.low is None or (value > self.low if self.low_open
+                                      else value >= self.low))
+        hi_ok = (self.high is None or (value < self.high if self.high_open
+                                       else value <= self.high))
+        if lo_ok and hi_ok:
+            return None
+        if self.high is None:
+            return f"must be {'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"must be {'<' if self.high_open else '<='} {self.high:g}"
+        return (f"must be in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                f"{')' if self.high_open else ']'}")
+
+    def constructor_item(self, value):
+        return self.arg or self.name, (self.to_arg(value) if self.to_arg else value)
+
+
 def cross_entropy(labels, logits, num_classes, label_smoothing=0.0):
     """Per-sample softmax cross-entropy with the official label smoothing.
 
@@ -139,22 +206,42 @@ def batch_metrics(prefix, labels, logits, per_sample_loss):
 
 class Recipe:
     """Base class. Subclasses set `name` and `num_aux` and implement `compute` (or
-    `gradients`).
+    `gradients`). A recipe file holds its paper: `paper` and `options` below.
 
-    Attributes:
+    Class attributes (the contract with the config and the loop; every one is
+    declared here, so nothing reads an undeclared attribute):
       name: the --recipe name.
+      title: the paper (or papers) the recipe follows, one line.
+      paper: {experiment setting: Cite(value, source)} -- the paper's values of the
+        shared settings (optimizer, learning rate, epochs, attack, ...), applied to
+        every setting the user did not set. "lr_milestones" are fractions of the run.
+      options: tuple of Option -- the settings only this recipe reads.
       num_aux: auxiliary BN sets the model must have.
       attack: the AttackConfig used to make training examples, or None.
       attack_bn_set: the BN set the attack runs through (and the set that normalises
         adversarial images; evaluation reports it next to the main set).
       needs_source_tags: the input pipeline must tag each image with its source.
+      input_views: extra views of each image the input pipeline must produce.
+      preferred_preprocessing: the model's input normalisation this recipe's paper
+        uses (None: the model family's default).
+      exchanges_across_replicas: the step exchanges images between replicas (the
+        loop then keeps the replicas' batches aligned).
+      budget_factor: cost of one drawn image relative to vanilla training; a recipe
+        whose paper calibrates the budget (Fast AdvProp) sets `calibrates_budget`.
     """
 
     name = "recipe"
+    title = ""
+    paper = {}
+    options = ()
     num_aux = 0
     attack = None
     attack_bn_set = MAIN
     needs_source_tags = False
+    input_views = ()
+    preferred_preprocessing = None
+    exchanges_across_replicas = False
+    calibrates_budget = False
 
     def __init__(self, num_classes, label_smoothing=0.1):
         self.num_classes = int(num_classes)
@@ -191,6 +278,55 @@ class Recipe:
     def passes_per_image(self):
         """Forward+backward passes per image drawn, the cost model of Fast AdvProp."""
         return 1.0
+
+    @property
+    def budget_factor(self):
+        return 1.0
+
+    # ------------------------------------------------ hooks for the config and loop
+    def lr_batch_size(self, global_batch):
+        """Images the linear learning-rate scaling counts (default: all drawn)."""
+        return global_batch
+
+    def bn_batches(self, local_batch, num_replicas=1):
+        """{what: images} of every batch a BN layer normalises together in one step
+        of a replica's `local_batch` (the smallest must reach the config's
+        min_bn_batch). Raises ValueError when the batch cannot be split at all."""
+        return {"batch": local_batch}
+
+    def configure_schedule(self, train_steps, steps_per_epoch):
+        """Called once the run's length is known (e.g. consistent BN's last epochs)."""
+
+    def smallest_local_batch(self, min_bn_batch, num_replicas=1, start=1):
+        """The smallest replica batch >= start whose BN batches all reach
+        `min_bn_batch` (None if there is none below 64 x min_bn_batch)."""
+        for batch in range(max(1, start), 64 * max(1, min_bn_batch) + 1):
+            try:
+                sizes = self.bn_batches(batch, num_replicas)
+            except ValueError:
+                continue
+            if min(sizes.values()) >= min_bn_batch:
+                return batch
+        return None
+
+    @classmethod
+    def option_defaults(cls):
+        return {o.name: o.value for o in cls.options}
+
+    @classmethod
+    def from_options(cls, num_classes, attack=None, label_smoothing=0.1, **values):
+        """Builds the recipe from option values by option name (see `options`)."""
+        known = {o.name: o for o in cls.options}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{cls.name} has no option(s) {', '.join(unknown)}")
+        kwargs = {}
+        for name, option in known.items():
+            key, value = option.constructor_item(values.get(name, option.value))
+            kwargs[key] = value
+        if attack is not None:
+            kwargs["attack"] = attack
+        return cls(num_classes, label_smoothing=label_smoothing, **kwargs)
 
     def describe(self):
         return self.name

@@ -17,7 +17,8 @@ import tensorflow as tf
 
 from efficientnet_advprop.attacks import AttackConfig, attack_model
 from efficientnet_advprop.layers.split_batch_norm import bn_route
-from efficientnet_advprop.recipes.base import Recipe, RecipeOutput, as_context
+from efficientnet_advprop.recipes.advprop import ADVPROP, AdvProp
+from efficientnet_advprop.recipes.base import Cite, Recipe, RecipeOutput, as_context
 
 AUGMENTED_SET = 1
 ADVERSARIAL_SET = 2
@@ -25,13 +26,28 @@ ADVERSARIAL_SET = 2
 
 class FineGrainedAdvProp(Recipe):
     name = "fine_grained_advprop"
+    title = "fine-grained AdvProp (Xie et al., CVPR 2020, §5.4)"
     num_aux = 2
+    preferred_preprocessing = "advprop"
+    paper = {
+        **AdvProp.paper,
+        "auto_augment_fraction": Cite(0.5, f"{ADVPROP} §5.4 leaves the share open; "
+                                           "this project's choice: half"),
+    }
     attack_bn_set = ADVERSARIAL_SET
     needs_source_tags = True
 
     def __init__(self, num_classes, attack=None, label_smoothing=0.1):
         super().__init__(num_classes, label_smoothing)
         self.attack = attack or AttackConfig(epsilon=1.0)
+        self.augmented_fraction = 0.5  # the config's auto_augment_fraction (expected)
+
+    def bn_batches(self, local_batch, num_replicas=1):
+        """Expected sizes: the tags are drawn per image with auto_augment_fraction."""
+        augmented = int(local_batch * self.augmented_fraction)
+        return {"clean without AutoAugment, main BN": local_batch - augmented,
+                "clean with AutoAugment, BN set 1": augmented,
+                "adversarial, BN set 2": local_batch}
 
     def compute(self, model, images, labels, ctx):
         ctx = as_context(ctx)

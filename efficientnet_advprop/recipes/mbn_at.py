@@ -20,7 +20,13 @@ For a batch x of B images with labels y:
      (--normalizer=group_norm) for the GN variant: the recipe then routes nothing.
   5. "Consistent BN": from step `consistent_bn_from_step` on, BN normalises with its
      moving statistics (inference behaviour) during training and stops updating them;
-     the paper does this for the last 10 epochs (see `consistent_bn_start_step`).
+     the paper does this for the last 10 epochs (option consistent_bn_epochs; the
+     config turns it into the step once the run's length is known).
+
+Settings (the `paper` table): the reference code's ResNet recipe (momentum SGD, lr
+0.1 per 256 with a linear warm-up from 0.1 over 5 epochs when the scaled rate is
+higher, 110 epochs, x0.1 at 35/70/95, no weight EMA, BN momentum 0.9 / eps 1e-5).
+The step rule max(step, eps / iterations) is the reference code's.
 """
 
 import dataclasses
@@ -29,8 +35,11 @@ import tensorflow as tf
 
 from efficientnet_advprop.attacks import AttackConfig, attack_model
 from efficientnet_advprop.layers.split_batch_norm import AUX, MAIN, bn_route
-from efficientnet_advprop.recipes.base import Recipe, RecipeOutput, as_context, batch_metrics
+from efficientnet_advprop.recipes.base import (Cite, Option, Recipe, RecipeOutput, as_context,
+                                               batch_metrics)
 
+PAPER = "Xie & Yuille 2020"
+REFERENCE = "facebookresearch/ImageNet-Adversarial-Training main.py"
 XIE_YUILLE_ATTACK = AttackConfig(attacker="pgd", epsilon=16.0, step_size=1.0, num_iter=30,
                                  targeted=True, clean_start_prob=0.2)
 
@@ -51,10 +60,49 @@ def alp_penalty(clean_logits, adv_logits):
 
 class MixtureBNAdversarialTraining(Recipe):
     name = "mbn_at"
+    title = "adversarial training at scale with mixture BN (Xie & Yuille, ICLR 2020)"
+    paper = {
+        "optimizer": Cite("momentum", f"{PAPER} / {REFERENCE}: momentum SGD"),
+        "momentum": Cite(0.9, f"{REFERENCE}: momentum 0.9"),
+        "nesterov": Cite(False, f"{REFERENCE}"),
+        "base_learning_rate": Cite(0.1, f"{REFERENCE}: 0.1 x batch / 256"),
+        "lr_schedule": Cite("step", f"{REFERENCE}: x0.1 at epochs 35, 70, 95"),
+        "lr_milestones": Cite((35 / 110, 70 / 110, 95 / 110), f"{REFERENCE}: epochs "
+                                                              "35/70/95 of 110"),
+        "lr_decay_factor": Cite(0.1, f"{REFERENCE}"),
+        "lr_warmup_epochs": Cite(5.0, f"{REFERENCE}: linear warm-up over 5 epochs"),
+        "lr_warmup_start": Cite("base", f"{REFERENCE}: the ramp starts at 0.1"),
+        "train_epochs": Cite(110.0, f"{REFERENCE}: 110 epochs"),
+        "train_batch_size": Cite(4096, f"{PAPER}, setup: batch 4096"),
+        "weight_decay": Cite(1e-4, f"{REFERENCE}: L2 1e-4"),
+        "label_smoothing": Cite(0.1, f"{REFERENCE}: label smoothing 0.1"),
+        "moving_average_decay": Cite(0.0, f"{REFERENCE}: no weight EMA"),
+        "batch_norm_momentum": Cite(0.9, f"{REFERENCE}: BN momentum 0.9"),
+        "batch_norm_epsilon": Cite(1e-5, f"{REFERENCE}: BN epsilon 1e-5"),
+        "epsilon": Cite(16.0, f"{PAPER}, setup: eps 16"),
+        "attack_step_size": Cite(1.0, f"{PAPER}, setup: step 1"),
+        "attack_iterations": Cite(30, f"{PAPER}, setup: 30 iterations"),
+        "targeted_attack": Cite(True, f"{PAPER}, setup: random target other than the label"),
+        "clean_start_prob": Cite(0.2, f"{REFERENCE}: prob_start_from_clean 0.2"),
+    }
+    options = (
+        Option("clean_fraction", Cite(1.0, f"{PAPER}: 100% adv + 100% clean"), "Share "
+               "of each batch also used clean (0 = adversarial images only).", 0.0, 1.0),
+        Option("clean_loss_weight", Cite(0.5, f"{PAPER}: alpha 0.5"), "Weight of the "
+               "clean loss; the adversarial one gets 1 - it.", 0.0, 1.0,
+               arg="clean_weight"),
+        Option("alp_weight", 0.0, "Adversarial logit pairing weight (0 = off).", 0.0, None),
+        Option("mixture_bn", Cite(True, f"{PAPER}: MBN"), "Separate BN sets for clean "
+               "and adversarial images (false: shared BN)."),
+        Option("consistent_bn_epochs", Cite(0.0, f"{PAPER} propose 10 as an "
+                                                  "improvement; off in the main runs"),
+               "Train the last N epochs with BN moving statistics (consistent BN).",
+               0.0, None),
+    )
 
     def __init__(self, num_classes, attack=None, label_smoothing=0.1, clean_fraction=1.0,
                  clean_weight=0.5, alp_weight=0.0, mixture_bn=True,
-                 consistent_bn_from_step=None):
+                 consistent_bn_from_step=None, consistent_bn_epochs=0.0):
         super().__init__(num_classes, label_smoothing)
         attack = attack or XIE_YUILLE_ATTACK
         # The paper's rule: step = max(step, eps / iterations).
@@ -76,6 +124,23 @@ class MixtureBNAdversarialTraining(Recipe):
         self.num_aux = 1 if self.mixture_bn else 0
         self.attack_bn_set = AUX if self.mixture_bn else MAIN
         self.consistent_bn_from_step = consistent_bn_from_step
+        if consistent_bn_epochs < 0:
+            raise ValueError(f"consistent BN epochs must be >= 0, got {consistent_bn_epochs}")
+        self.consistent_bn_epochs = float(consistent_bn_epochs)
+
+    def configure_schedule(self, train_steps, steps_per_epoch):
+        if self.consistent_bn_epochs:
+            self.consistent_bn_from_step = consistent_bn_start_step(
+                train_steps, steps_per_epoch, self.consistent_bn_epochs)
+
+    def bn_batches(self, local_batch, num_replicas=1):
+        clean = int(round(self.clean_fraction * local_batch))
+        if not self.mixture_bn:
+            return {"clean and adversarial, shared BN": local_batch + clean}
+        sizes = {"adversarial, auxiliary BN": local_batch}
+        if clean:
+            sizes["clean, main BN"] = clean
+        return sizes
 
     def _moving_stats_flag(self, ctx):
         if self.consistent_bn_from_step is None:

@@ -8,8 +8,11 @@ NoFrost is standard adversarial training of a normalizer-free network (NF-ResNet
      clean and the adversarial images in *separate* forward passes (with a BN model
      that means separate batch statistics; with an NF model it is only how the batch is
      computed).
-AGC and the optimiser (SGD Nesterov, cosine) are the loop's business: see the
-"nofrost" preset of main.py.
+AGC and the optimiser (SGD Nesterov, cosine) are the loop's business; their values are
+the `paper` table below (NOFROST_SETTINGS). NoFrost §4.1 trains every baseline of its
+tables with the same settings: `bn_sat` (SAT of a BN network with separate forwards,
+NoFrost's "SAT (BN)"), `trades` (beta 1), `fat` and `trades_fat` use them too.
+AGC: the released NoFrost code does not clip (agc_clip 0); the NFNet paper does.
 
 NoFrost* adds an augmented view for out-of-distribution robustness: the loss is the
 mean of CE over the clean, the augmented and the adversarial views, where the
@@ -21,13 +24,42 @@ import tensorflow as tf
 
 from efficientnet_advprop.attacks import AttackConfig, attack_model
 from efficientnet_advprop.layers.split_batch_norm import MAIN, bn_route
-from efficientnet_advprop.recipes.base import Recipe, RecipeOutput, as_context, batch_metrics
+from efficientnet_advprop.recipes.base import (Cite, Option, Recipe, RecipeOutput, as_context,
+                                               batch_metrics)
 
 NOFROST_ATTACK = AttackConfig(attacker="pgd", epsilon=8.0, step_size=1.0, num_iter=10)
+PAPER = "Wang et al. 2022"
+REFERENCE = "amazon-research/normalizer-free-robust-training"
+# NoFrost §4.1: the training settings of NoFrost and of every baseline in its tables.
+NOFROST_SETTINGS = {
+    "optimizer": Cite("momentum", f"{PAPER} §4.1: SGD"),
+    "momentum": Cite(0.9, f"{PAPER} §4.1: Nesterov momentum 0.9"),
+    "nesterov": Cite(True, f"{PAPER} §4.1: Nesterov"),
+    "base_learning_rate": Cite(0.1, f"{PAPER} §4.1: lr 0.1 per 256"),
+    "weight_decay": Cite(5e-5, f"{PAPER} §4.1: weight decay 5e-5"),
+    "lr_schedule": Cite("cosine", f"{PAPER} §4.1: cosine"),
+    "lr_warmup_epochs": Cite(0.0, f"{REFERENCE}: no warm-up"),
+    "train_epochs": Cite(90.0, f"{PAPER} §4.1: 90 epochs"),
+    "label_smoothing": Cite(0.1, f"{PAPER} §4.1: label smoothing 0.1"),
+    "moving_average_decay": Cite(0.0, f"{REFERENCE}: no weight EMA"),
+    "agc_clip": Cite(0.0, f"{REFERENCE}: no AGC"),
+    "epsilon": Cite(8.0, f"{PAPER} §4.1: eps 8"),
+    "attack_step_size": Cite(1.0, f"{PAPER} §4.1: step 1"),
+    "attack_iterations": Cite(10, f"{PAPER} §4.1: PGD-10"),
+    "targeted_attack": Cite(False, f"{PAPER} §4.1: untargeted"),
+    "dropout_rate": Cite(0.25, f"{PAPER} §4.1: head dropout 0.25"),
+    "drop_path_rate": Cite(0.1, f"{PAPER} §4.1: drop-path 0.1"),
+}
+LAMBDA = Option("clean_loss_weight", Cite(0.5, f"{PAPER} §4.1: lambda 0.5"),
+                "Weight of the clean loss (1 - lambda); the adversarial one gets lambda.",
+                0.0, 1.0, arg="adv_weight", to_arg=lambda clean: 1.0 - clean)
 
 
 class NoFrost(Recipe):
     name = "nofrost"
+    title = "NoFrost: SAT of a normalizer-free network (Wang et al., ICML 2022)"
+    paper = NOFROST_SETTINGS
+    options = (LAMBDA,)
 
     def __init__(self, num_classes, attack=None, label_smoothing=0.1, adv_weight=0.5):
         super().__init__(num_classes, label_smoothing)
@@ -80,6 +112,7 @@ def augmented_view(images, seed):
 
 class NoFrostStar(NoFrost):
     name = "nofrost_star"
+    title = "NoFrost*: NoFrost with an augmented view (Wang et al., ICML 2022)"
 
     def compute(self, model, images, labels, ctx):
         ctx = as_context(ctx)

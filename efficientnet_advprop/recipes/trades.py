@@ -10,7 +10,9 @@ For a clean batch x with labels y:
      through the one (main) BN set, separately (as the reference code).
 The KL is summed over classes per sample and, like every loss here, summed over the
 batch and divided by the global batch size ("batchmean" in the reference).
-beta = 6 is the TRADES paper's CIFAR-10 setting; NoFrost's ImageNet tables use 1.
+beta = 1 is NoFrost's setting (§4.1), in whose tables TRADES and TRADES-FAT are
+baselines, and the recipes use NoFrost's training settings; the TRADES paper's CIFAR-10
+setting is beta 6 (set trades_beta=6).
 """
 
 import dataclasses
@@ -19,8 +21,14 @@ import tensorflow as tf
 
 from efficientnet_advprop.attacks import AttackConfig, float32_compute, linf_attack, logits_fn_for
 from efficientnet_advprop.layers.split_batch_norm import MAIN, bn_route
-from efficientnet_advprop.recipes.base import (Recipe, RecipeOutput, as_context, batch_metrics,
-                                               cross_entropy, kl_divergence)
+from efficientnet_advprop.recipes.base import (Cite, Option, Recipe, RecipeOutput, as_context,
+                                               batch_metrics, cross_entropy, kl_divergence)
+from efficientnet_advprop.recipes.nofrost import NOFROST_SETTINGS
+from efficientnet_advprop.recipes.nofrost import PAPER as NOFROST
+
+BETA = Option("trades_beta", Cite(1.0, f"{NOFROST} §4.1: TRADES trade-off 1"),
+              "Weight of the KL term (the TRADES paper's CIFAR-10 value: 6).", 0.0, None,
+              arg="beta")
 
 START_STDDEV = 0.001 * 255.0  # the reference's 0.001 * N(0, 1) in [0, 1] units
 
@@ -51,8 +59,11 @@ def trades_attack(model, images, labels, config, seed, bn_set=MAIN):
 
 class Trades(Recipe):
     name = "trades"
+    title = "TRADES (Zhang et al., ICML 2019), as NoFrost's baseline"
+    paper = NOFROST_SETTINGS
+    options = (BETA,)
 
-    def __init__(self, num_classes, attack=None, label_smoothing=0.1, beta=6.0):
+    def __init__(self, num_classes, attack=None, label_smoothing=0.1, beta=1.0):
         super().__init__(num_classes, label_smoothing)
         if not beta >= 0:
             raise ValueError(f"TRADES beta must be >= 0, got {beta}")
@@ -90,8 +101,12 @@ class Trades(Recipe):
 
 class TradesFat(Trades):
     name = "trades_fat"
+    title = "TRADES-FAT (Zhang et al., ICML 2020), as NoFrost's baseline"
+    options = (BETA, Option("early_stop_tau", Cite(1, f"{NOFROST} tables: early-stopped PGD, "
+                                                      "1 step"), "Steps an image may take "
+                            "after it is first misclassified.", 0, None))
 
-    def __init__(self, num_classes, attack=None, label_smoothing=0.1, beta=6.0,
+    def __init__(self, num_classes, attack=None, label_smoothing=0.1, beta=1.0,
                  early_stop_tau=1):
         super().__init__(num_classes, attack, label_smoothing, beta)
         if self.attack.early_stop_tau is None:

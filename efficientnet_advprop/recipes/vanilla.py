@@ -4,11 +4,17 @@ Mixup/CutMix batches, the augmentations Fast AdvProp combines with)."""
 import tensorflow as tf
 
 from efficientnet_advprop.layers.split_batch_norm import MAIN, bn_route
-from efficientnet_advprop.recipes.base import Recipe, RecipeOutput, as_context, batch_metrics
+from efficientnet_advprop.recipes.base import (Option, Recipe, RecipeOutput, as_context,
+                                               batch_metrics)
 
 
 class Vanilla(Recipe):
     name = "vanilla"
+    title = "standard training (the EfficientNet recipe: the config defaults)"
+    options = (
+        Option("mixup_alpha", 0.0, "Mixup alpha (0 = off).", 0.0, None),
+        Option("cutmix_alpha", 0.0, "CutMix alpha (0 = off).", 0.0, None),
+    )
 
     def __init__(self, num_classes, label_smoothing=0.1, mixup_alpha=0.0, cutmix_alpha=0.0):
         super().__init__(num_classes, label_smoothing)

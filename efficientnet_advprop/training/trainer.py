@@ -97,6 +97,10 @@ class TrainConfig:
     base_learning_rate: float = 0.016
     lr_schedule: str = "exponential"  # or "cosine", "step"
     lr_warmup_epochs: float = 5.0
+    # "zero": the ramp starts at 0 (official EfficientNet); "base": at the unscaled
+    # base_learning_rate, and only when the scaled peak is higher (Goyal et al., the
+    # Xie & Yuille reference code)
+    lr_warmup_start: str = "zero"
     lr_decay_epochs: float = 2.4
     lr_decay_factor: float = 0.97
     lr_milestones: tuple = ()  # epochs, for the "step" schedule
@@ -130,17 +134,24 @@ class TrainConfig:
         peak = scaled_learning_rate(self.base_learning_rate,
                                     self.lr_batch_size or self.global_batch_size)
         warmup = int(self.lr_warmup_epochs * self.steps_per_epoch)
+        start = 0.0
+        if self.lr_warmup_start == "base":
+            start = self.base_learning_rate
+            if peak <= start:
+                warmup = 0
+        elif self.lr_warmup_start != "zero":
+            raise ValueError(f"unknown warm-up start {self.lr_warmup_start!r}")
         if self.lr_schedule == "cosine":
-            return WarmupCosineDecay(peak, self.train_steps, warmup)
+            return WarmupCosineDecay(peak, self.train_steps, warmup, warmup_start=start)
         if self.lr_schedule == "step":
             return WarmupStepDecay(
                 peak, [int(round(m * self.steps_per_epoch)) for m in self.lr_milestones],
-                self.lr_decay_factor, warmup)
+                self.lr_decay_factor, warmup, warmup_start=start)
         if self.lr_schedule != "exponential":
             raise ValueError(f"unknown lr schedule {self.lr_schedule!r}")
         return WarmupExponentialDecay(
             peak, decay_steps=self.lr_decay_epochs * self.steps_per_epoch,
-            decay_factor=self.lr_decay_factor, warmup_steps=warmup)
+            decay_factor=self.lr_decay_factor, warmup_steps=warmup, warmup_start=start)
 
 
 def _add_unique(out, key, variable):
@@ -307,7 +318,7 @@ class Trainer:
         # under MirroredStrategy either (XLA there has no collectives): it compiles
         # its pieces through ctx.compile instead.
         whole = config.jit_compile and not (
-            getattr(recipe, "exchanges_across_replicas", False) and self.num_replicas > 1)
+            recipe.exchanges_across_replicas and self.num_replicas > 1)
         self._grad_fn = (tf.function(self._gradients, jit_compile=True) if whole
                          else self._gradients)
         self._piece_compiler = (
@@ -614,12 +625,12 @@ class Trainer:
 
     def write_adversarial_samples(self, images, labels, step, max_images=4):
         """TensorBoard images: clean, adversarial and the perturbation (amplified)."""
-        attack = getattr(self.recipe, "attack", None)
+        attack = self.recipe.attack
         if attack is None:
             return
         images = tf.convert_to_tensor(images[:max_images], tf.float32)
         labels = tf.convert_to_tensor(labels[:max_images], tf.int32)
-        bn_set = getattr(self.recipe, "attack_bn_set", MAIN)
+        bn_set = self.recipe.attack_bn_set
         seed = tf.constant([self.config.seed, 7], tf.int64)
         adv = attack_model(self.model, images, labels, attack, bn_set=bn_set, seed=seed)
         delta = adv - images
