@@ -194,6 +194,11 @@ flags.DEFINE_list("corruptions", "all", "Common corruptions generated on the fly
 flags.DEFINE_list("corruption_severities", "1,2,3,4,5", "Corruption severities.")
 flags.DEFINE_string("mce_baseline", None, "Normalise the mCE: 'alexnet' (ImageNet-C "
                     "constants) or the robustness.json of a baseline run.")
+flags.DEFINE_enum("robustness_profile", "auto", ["auto", "quick", "full"],
+                  "full: the papers' protocol (the defaults of the flags above); quick: "
+                  "PGD and APGD-CE-20, a 10/20/50 curve, 3 MBN modes, 5 corruptions at "
+                  "severity 3, no properties, at most 500 images, for flags you did not "
+                  "set (minutes on a CPU). auto: quick on a CPU or the embedded data.")
 flags.DEFINE_list("shift_datasets", None, "Extra evaluation sets, NAME or NAME:PATH "
                   "(PATH: a folder of class subfolders or a TFDS data dir): imagenet_a, "
                   "imagenet_r (200-class logits), imagenet_sketch, stylized_imagenet, "
@@ -288,8 +293,11 @@ def flag_message(error):
 
     names = sorted(set(FIELD_SECTION) | set(recipe_option_names()) | {"recipe"},
                    key=len, reverse=True)
-    pattern = re.compile(r"(?<![\w-])(" + "|".join(names) + r")=")
-    return pattern.sub(r"--\1=", str(error))
+    # snake_case names are flags wherever they stand; plain words only before "="
+    spelled = [n for n in names if "_" in n]
+    plain = [n for n in names if "_" not in n]
+    text = re.sub(r"(?<![\w-])(" + "|".join(spelled) + r")(?!\w)", r"--\1", str(error))
+    return re.sub(r"(?<![\w-])(" + "|".join(plain) + r")=", r"--\1=", text)
 
 
 def resolve_config():
@@ -341,6 +349,7 @@ def run():
               f"{info.num_eval} held-out images); preset: "
               + ", ".join(f"{k}={config.to_dict()[k]}" for k in preset), file=sys.stderr)
     mode = config.run.mode
+    _PROFILE["name"] = robustness_profile(info)
     if mode == "eval_robustness" and FLAGS.saved_model_dir:
         return run_saved_model_robustness(config, info)
     try:
@@ -399,7 +408,7 @@ def run_checkpoint_robustness(job):
 
 def _flag_list(name, cast=str, choices=None, all_values=None):
     """A list flag with 'none' (empty) and 'all' (every choice) as shorthands."""
-    values = [v.strip() for v in (getattr(FLAGS, name) or []) if v.strip()]
+    values = [v.strip() for v in (_suite_value(name) or []) if v.strip()]
     if values == ["none"]:
         return ()
     if values == ["all"] and all_values is not None:
@@ -414,6 +423,53 @@ def _flag_list(name, cast=str, choices=None, all_values=None):
         raise UsageError(f"--{name}: unknown value(s) {', '.join(map(str, bad))}; choose "
                          f"from {', '.join(choices)}")
     return values
+
+
+# --robustness_profile=quick: values of the suite's flags the user did not set.
+QUICK_PROFILE = {
+    "robustness_attacks": ["pgd", "apgd-ce"], "apgd_iterations": 20,
+    "curve_iterations": ["10", "20", "50"], "mbn_modes": ["main", "aux", "logits"],
+    "mbn_gammas": ["0", "0.5", "1"], "robustness_properties": False,
+    "corruptions": ["gaussian_noise", "defocus_blur", "fog", "contrast",
+                    "jpeg_compression"],  # one or two of each family
+    "corruption_severities": ["3"],
+}
+QUICK_MAX_IMAGES = 500
+
+
+def robustness_profile(info):
+    """quick or full: auto is quick on a CPU-only machine or the embedded data."""
+    if FLAGS.robustness_profile != "auto":
+        return FLAGS.robustness_profile
+    import tensorflow as tf
+
+    accelerated = (FLAGS.use_tpu or FLAGS.tpu
+                   or tf.config.list_logical_devices("GPU"))
+    return "quick" if info.name == "embedded" or not accelerated else "full"
+
+
+def _suite_value(name):
+    if _PROFILE["name"] == "quick" and not FLAGS[name].present and name in QUICK_PROFILE:
+        return QUICK_PROFILE[name]
+    return getattr(FLAGS, name)
+
+
+_PROFILE = {"name": "full"}
+
+
+def quick_profile_note(num_images, total):
+    """What the quick profile left out, in one line."""
+    def full(name):
+        value = FLAGS[name].default
+        return ",".join(value) if isinstance(value, list) else str(value)
+
+    left = [f"--{name} {','.join(map(str, value)) if isinstance(value, list) else value} "
+            f"(full: {full(name)})" for name, value in QUICK_PROFILE.items()
+            if not FLAGS[name].present]
+    if num_images < total:
+        left.append(f"{num_images} of {total} held-out images")
+    return ("quick robustness profile, --robustness_profile=full for the papers' "
+            "protocol: " + "; ".join(left))
 
 
 def robustness_config(config, num_classes):
@@ -436,7 +492,7 @@ def robustness_config(config, num_classes):
         return RobustnessConfig(
             epsilon=config.attack.eval_epsilon or config.attack.epsilon,
             attacks=_flag_list("robustness_attacks", choices=ATTACK_NAMES),
-            pgd_iterations=iterations, apgd_iterations=FLAGS.apgd_iterations,
+            pgd_iterations=iterations, apgd_iterations=_suite_value("apgd_iterations"),
             mi_fgsm_iterations=iterations, cw_iterations=iterations,
             square_queries=FLAGS.square_queries,
             autoattack_version=FLAGS.autoattack_version,
@@ -446,7 +502,7 @@ def robustness_config(config, num_classes):
             mbn_modes=_flag_list("mbn_modes", choices=MBN_MODES),
             mbn_gammas=_flag_list("mbn_gammas", float),
             mbn_layer_fraction=FLAGS.mbn_layer_fraction,
-            properties=FLAGS.robustness_properties,
+            properties=_suite_value("robustness_properties"),
             corruptions=_flag_list("corruptions", choices=CORRUPTIONS,
                                    all_values=CORRUPTIONS),
             severities=_flag_list("corruption_severities", int),
@@ -495,6 +551,13 @@ def run_robustness(logits_fn, dataset, config, *, num_classes, model, eval_dir, 
 
     suite = robustness_config(config, num_classes)
     shifts = shift_datasets(config, image_size, augmentation, num_classes)
+    if _PROFILE["name"] == "quick":
+        total = num_images
+        if not FLAGS["num_eval_images"].present:
+            num_images = min(num_images, QUICK_MAX_IMAGES)
+            batch = config.data.eval_batch_size
+            dataset = dataset.unbatch().take(num_images).batch(batch)
+        print(quick_profile_note(num_images, total), file=sys.stderr)
     print(f"robustness suite: eps {suite.epsilon:g}, attacks "
           f"{', '.join(suite.attacks) or 'none'}, curve {list(suite.curve_iterations)}, "
           f"{len(suite.corruptions)} corruptions x {len(suite.severities)} severities "

@@ -69,7 +69,8 @@ def _show(value):
     if isinstance(value, (list, tuple)):
         return ",".join(_show(v) for v in value)
     if isinstance(value, float):
-        return f"{value:g}"
+        text = str(value)
+        return text if len(text) <= 8 else f"{value:.6g}"
     return str(value)
 
 
@@ -375,7 +376,7 @@ class ExperimentConfig:
     def make_recipe(self):
         """The recipe object, built from its options and the training attack."""
         cls = RECIPES[self.recipe.name]
-        attack = None if self.recipe.name == "vanilla" else self.attack.training_attack()
+        attack = self.attack.training_attack() if cls.adversarial else None
         recipe = cls.from_options(self.num_classes, attack=attack,
                                   label_smoothing=self.optim.label_smoothing,
                                   **self.recipe.values)
@@ -503,6 +504,7 @@ def resolve(overrides=None, dataset_info=None):
     for section in SECTIONS.values():
         for f in dataclasses.fields(section):
             values[f.name] = f.default
+            sources[f.name] = "default"
     for option in cls.options:
         values[option.name] = option.value
         sources[option.name] = f"recipe {recipe_name}: {option.source}"
@@ -647,7 +649,7 @@ def resolve(overrides=None, dataset_info=None):
 def _build_recipe(recipe_name, settings, attack, optim, num_classes):
     cls = RECIPES[recipe_name]
     try:
-        training_attack = None if recipe_name == "vanilla" else attack.training_attack()
+        training_attack = attack.training_attack() if cls.adversarial else None
     except ValueError as e:
         raise ConfigError("attacker", attack.attacker, str(e)) from None
     try:

@@ -19,11 +19,11 @@ import sys
 
 import tensorflow as tf
 
-from efficientnet_advprop import data
+from efficientnet_advprop import data, training
 from efficientnet_advprop.config import ConfigError, check_bn_batches
 from efficientnet_advprop.layers.split_batch_norm import MAIN, official_sync_group_size
 from efficientnet_advprop.models import build_model
-from efficientnet_advprop.training import TrainConfig, Trainer, make_strategy, set_global_seed
+from efficientnet_advprop.training import TrainConfig, Trainer, set_global_seed
 
 # XLA on a CPU, measured with scripts/benchmark.py --image_sizes=32 --batch_size=32
 # (efficientnet-b0, 2 cores, img/s without / with XLA): vanilla 98 / 34, AdvProp PGD-1
@@ -141,7 +141,7 @@ def prepare(config, info=None, log=_stderr):
                                         holdout_shards=config.data.holdout_shards,
                                         skip_bad_records=config.data.skip_bad_records)
     run_cfg, optim = config.run, config.optim
-    strategy = make_strategy("tpu" if run_cfg.on_tpu else run_cfg.strategy,
+    strategy = training.make_strategy("tpu" if run_cfg.on_tpu else run_cfg.strategy,
                              tpu=run_cfg.tpu, tpu_zone=run_cfg.tpu_zone,
                              gcp_project=run_cfg.gcp_project)
     replicas = strategy.num_replicas_in_sync

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import tensorflow as tf
@@ -35,6 +36,32 @@ def test_advprop_run_trains_evaluates_checkpoints_exports_and_resumes(tmp_path):
     assert (export_dir / "saved_model.pb").exists()
     meta = json.loads((export_dir / "efficientnet_advprop.json").read_text())
     assert meta["preprocessing"] == "advprop" and meta["step"] == 3
+
+    # Evaluation needs no training flags: the run's saved config supplies them.
+    third = run_main("--mode=eval", f"--model_dir={model_dir}", "--num_eval_images=100",
+                     "--eval_attack_iterations=0", cwd=tmp_path)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "could not be found in the restored object" not in third.stderr
+    evaluated = json.loads(third.stdout.strip().splitlines()[-1])
+    assert evaluated["step"] == 3 and evaluated["recipe"] == "advprop"
+    assert "aux_bn_clean_accuracy" in evaluated
+    wrong = run_main("--mode=eval", f"--model_dir={model_dir}", "--model=resnet-26-cifar",
+                     cwd=tmp_path)
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip().splitlines()[-1] == (
+        "main.py: error: --model_name=resnet-26-cifar: contradicts the run in --model_dir, "
+        "which was trained with --model_name=resnet-18-cifar")
+
+
+def test_a_diverging_run_stops_in_one_line_with_exit_status_1(tmp_path):
+    result = run_main("--model=resnet-18-cifar", "--width_multiplier=0.125",
+                      "--train_steps=6", "--mode=train", "--base_learning_rate=1e30",
+                      f"--model_dir={tmp_path / 'm'}", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.match(r"main.py: training stopped: loss is (nan|inf) at step \d+; stopped "
+                    r"without saving", last), last
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -74,13 +101,15 @@ def test_existing_export_dir_is_refused_before_training(tmp_path):
 
 @pytest.mark.slow  # ~30 s; the recipe itself is tested in test_recipes.py
 def test_fast_advprop_run_calibrates_the_budget_and_reports_both_bn_sets(tmp_path):
+    # 8 adversarial images of 40 in two ghost-BN groups of 4: below the default
+    # minimum of 16, so the test asks for it explicitly.
     result = run_main("--recipe=fast_advprop", "--model=resnet-18-cifar",
-                      "--train_epochs=0.012", "--train_batch_size=40",
+                      "--train_epochs=0.012", "--train_batch_size=40", "--min_bn_batch=4",
+                      "--shuffle_bn_group_size=4",
                       f"--model_dir={tmp_path / 'm'}", "--num_eval_images=40",
                       "--eval_attack_iterations=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "--recipe=fast_advprop preset: optimizer=momentum" in result.stderr
-    assert "budget calibration: epochs and milestones / 1.20" in result.stderr
+    assert "budget calibration: derived: 0.012 epochs / 1.20" in result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     # 0.012 epochs of 375 steps = 4.5 -> / 1.2 = 3.75 -> 4 steps (vanilla would take 5)
     assert out["step"] == 4
@@ -162,7 +191,14 @@ def _no_tfrecords(tmp_path):
     (lambda p: ["--precision=half"], "flag --precision=half"),
     (lambda p: ["--sync_batch_norm_group_size=0"], "must be >= 1"),
     (lambda p: ["--nosync_batch_norm", "--sync_batch_norm_group_size=2"],
-     "--sync_batch_norm_group_size needs --sync_batch_norm"),
+     "--sync_batch_norm_group_size=2: needs --sync_batch_norm"),
+    (lambda p: ["--num_label_classes=-3"], "--num_label_classes=-3: must be >= 2"),
+    (lambda p: ["--num_label_classes=0"], "--num_label_classes=0: must be >= 2"),
+    (lambda p: ["--recipe=fast_advprop"],
+     "--train_batch_size=64: the 13 adversarial images per replica are not a multiple "
+     "of the shuffle-BN group size 16; use --train_batch_size=160"),
+    (lambda p: ["--recipe=trades", "--p_adv=0.3"], "--p_adv=0.3: is not an option of "
+                                                  "recipe trades"),
 ])
 def test_bad_input_in_process_is_one_line_and_exit_status_2(tmp_path, main_in_process,
                                                             make_args, message):
@@ -174,9 +210,12 @@ def test_bad_input_in_process_is_one_line_and_exit_status_2(tmp_path, main_in_pr
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--train_batch_size=7"], "--train_batch_size=7 is not divisible by the 2 replicas"),
+    (["--train_batch_size=7"], "--train_batch_size=7: is not divisible by the 2 replicas"),
     (["--train_batch_size=8", "--sync_batch_norm_group_size=3"],
-     "--sync_batch_norm_group_size=3 does not divide the 2 replicas"),
+     "--sync_batch_norm_group_size=3: does not divide the 2 replicas"),
+    (["--recipe=advprop", "--train_batch_size=16"],
+     "--train_batch_size=16: gives BN batches of 8 images (replica batch) per replica, below "
+     "--min_bn_batch=16; use --train_batch_size=32"),
 ])
 def test_replica_count_mismatches_are_one_line_and_exit_status_2(
         tmp_path, main_in_process, monkeypatch, two_device_strategy, args, message):
@@ -211,23 +250,18 @@ def test_skip_bad_records_trains_past_corrupt_jpegs_and_counts_them(tmp_path,
                             f"{result['skipped_records']} unreadable") for l in err)
 
 
-def test_sync_batch_norm_defaults_follow_the_official_tpu_groups(monkeypatch):
-    monkeypatch.syspath_prepend(REPO_ROOT)
-    import main as main_module
+def test_sync_batch_norm_defaults_follow_the_official_tpu_groups():
+    from efficientnet_advprop.config import ModelConfig
+    from efficientnet_advprop.experiment import sync_batch_norm_settings
 
-    def settings(args, use_tpu, replicas):
-        main_module.FLAGS.unparse_flags()
-        try:
-            main_module.parse_flags(["main.py", *args])
-            return main_module.sync_batch_norm_settings(use_tpu, replicas)
-        finally:
-            main_module.FLAGS.unparse_flags()
+    def settings(options, use_tpu, replicas):
+        return sync_batch_norm_settings(ModelConfig(**options), use_tpu, replicas)
 
-    assert settings([], use_tpu=True, replicas=8) == (True, 1)  # a v3-8: no sync
-    assert settings([], use_tpu=True, replicas=32) == (True, 8)
-    assert settings([], use_tpu=True, replicas=256) == (True, 32)
-    assert settings([], use_tpu=False, replicas=8) == (False, None)  # GPUs: per replica
-    assert settings(["--sync_batch_norm"], use_tpu=False, replicas=8) == (True, None)
-    assert settings(["--sync_batch_norm_group_size=4"], use_tpu=False, replicas=8) == (
+    assert settings({}, use_tpu=True, replicas=8) == (True, 1)  # a v3-8: no sync
+    assert settings({}, use_tpu=True, replicas=32) == (True, 8)
+    assert settings({}, use_tpu=True, replicas=256) == (True, 32)
+    assert settings({}, use_tpu=False, replicas=8) == (False, None)  # GPUs: per replica
+    assert settings({"sync_batch_norm": True}, use_tpu=False, replicas=8) == (True, None)
+    assert settings({"sync_batch_norm_group_size": 4}, use_tpu=False, replicas=8) == (
         True, 4)
-    assert settings(["--nosync_batch_norm"], use_tpu=True, replicas=32) == (False, None)
+    assert settings({"sync_batch_norm": False}, use_tpu=True, replicas=32) == (False, None)

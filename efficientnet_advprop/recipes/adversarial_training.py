@@ -37,8 +37,12 @@ CLEAN_WEIGHT = Option("clean_loss_weight", Cite(0.5, "Xie & Yuille 2020: alpha 0
 class StandardAdversarialTraining(Recipe):
     name = "sat"
     title = "AdvProp's shared-BN adversarial training baseline (one joint forward)"
+    # AdvProp's settings, so that a comparison with advprop isolates the BNs.
+    preferred_preprocessing = "advprop"
     paper = {
         **EFFICIENTNET_RECIPE,
+        "auto_augment": Cite("v0", f"{ADVPROP} §5.4: AutoAugment by default; Table 4 "
+                                   "compares under AdvProp's settings"),
         "epsilon": Cite(1.0, f"{ADVPROP} Table 4: the AdvProp attacker (PGD1 for small "
                              "models)"),
         "attack_step_size": Cite(1.0, f"{ADVPROP} §5.1: step size 1"),

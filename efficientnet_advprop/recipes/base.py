@@ -216,6 +216,7 @@ class Recipe:
         shared settings (optimizer, learning rate, epochs, attack, ...), applied to
         every setting the user did not set. "lr_milestones" are fractions of the run.
       options: tuple of Option -- the settings only this recipe reads.
+      adversarial: the recipe trains on attacked images (takes an AttackConfig).
       num_aux: auxiliary BN sets the model must have.
       attack: the AttackConfig used to make training examples, or None.
       attack_bn_set: the BN set the attack runs through (and the set that normalises
@@ -234,6 +235,7 @@ class Recipe:
     title = ""
     paper = {}
     options = ()
+    adversarial = True
     num_aux = 0
     attack = None
     attack_bn_set = MAIN
@@ -292,7 +294,7 @@ class Recipe:
         """{what: images} of every batch a BN layer normalises together in one step
         of a replica's `local_batch` (the smallest must reach the config's
         min_bn_batch). Raises ValueError when the batch cannot be split at all."""
-        return {"batch": local_batch}
+        return {"replica batch": local_batch}
 
     def configure_schedule(self, train_steps, steps_per_epoch):
         """Called once the run's length is known (e.g. consistent BN's last epochs)."""

@@ -11,6 +11,7 @@ from efficientnet_advprop.recipes.base import (Option, Recipe, RecipeOutput, as_
 class Vanilla(Recipe):
     name = "vanilla"
     title = "standard training (the EfficientNet recipe: the config defaults)"
+    adversarial = False
     options = (
         Option("mixup_alpha", 0.0, "Mixup alpha (0 = off).", 0.0, None),
         Option("cutmix_alpha", 0.0, "CutMix alpha (0 = off).", 0.0, None),
