@@ -448,17 +448,25 @@ def test_deep_resnets_full_width_counts(model_name, default_recursion_limit):
         keras.backend.clear_session()
 
 
-def _forward_backward(model, x, y):
+def _forward_backward(model, x, y, unused_bn_set=None):
+    """The loss; asserts a finite gradient for every variable except the BN variables
+    of `unused_bn_set` (not on the route), which must get none."""
     import tensorflow as tf
+
+    from efficientnet_advprop.layers.split_batch_norm import bn_sets_of_variables
 
     with tf.GradientTape() as tape:
         logits = model(x, training=True)
         loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
     grads = tape.gradient(loss, model.trainable_variables)
     assert len(grads) == len(model.trainable_variables)
+    sets = bn_sets_of_variables(model)
     for grad, var in zip(grads, model.trainable_variables):
-        assert grad is not None, var.path
-        assert np.all(np.isfinite(np.asarray(grad))), var.path
+        if unused_bn_set is not None and sets.get(id(var)) == unused_bn_set:
+            assert grad is None, var.path
+        else:
+            assert grad is not None, var.path
+            assert np.all(np.isfinite(np.asarray(grad))), var.path
     return np.asarray(loss)
 
 
@@ -469,8 +477,8 @@ def test_resnet638_forward_backward_and_keras_file(tmp_path, default_recursion_l
     model = build_model("resnet-638", 10, image_size=32, width_multiplier=0.125,
                         normalizer="split_batch_norm", num_aux=1)
     x, y = _images(2, 32, seed=3), np.array([3, 7])
-    with bn_route(AUX):
-        loss = _forward_backward(model, x, y)
+    with bn_route(AUX):  # the main BN sets, in every group, are off the route
+        loss = _forward_backward(model, x, y, unused_bn_set=MAIN)
     assert loss.shape == (2,) and np.all(np.isfinite(loss))
     assert_keras_round_trip(model, x, str(tmp_path / "r638.keras"), routes=(MAIN, AUX))
 
