@@ -29,12 +29,16 @@ def strip_auxiliary_bn(model, bn_set=MAIN):
 
     The weights are read in cross-replica context, so moving statistics are the mean
     over replicas. Pass bn_set > 0 to export an auxiliary set instead (for analysis).
+    Nested functional sub-models (the stage groups of the deep ResNets) are cloned
+    layer by layer too.
     """
-    clean = keras.models.clone_model(model, clone_function=_clone_layer)
+    clean = keras.models.clone_model(model, clone_function=_clone_layer, recursive=True)
+    targets = {layer.name: layer
+               for layer in clean._flatten_layers(include_self=False, recursive=True)}
     for layer in model._flatten_layers(include_self=False, recursive=True):
-        if not layer.weights:
-            continue
-        target = clean.get_layer(layer.name)
+        if not layer.weights or isinstance(layer, keras.Model):
+            continue  # a nested model's variables are set through its own layers
+        target = targets[layer.name]
         if isinstance(layer, SplitBatchNorm):
             values = []
             if layer.scale:

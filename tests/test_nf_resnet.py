@@ -230,22 +230,44 @@ def _channel_var(y):
     return float(np.asarray(y).var(axis=(0, 1, 2)).mean())
 
 
-def test_signal_propagation_at_init(nf50):
-    """Unit-variance white-noise input (after preprocessing), weights at init: every
-    block output of every stage keeps a variance near 1 (the pooled transition
-    shortcut is compensated for the 2x2 mean's 1/4 variance)."""
-    names = _block_names(nf50)
-    probe = keras.Model(nf50.input, [nf50.get_layer(p + "out").output for p in names])
+def test_transition_shortcut_follows_the_reference_by_default(nf50):
+    """avg-pool -> 1x1 WS conv, as timm's DownsampleAvg and the NoFrost code: no x 2."""
+    names = {layer.name for layer in nf50.layers}
+    assert "stage2_block1_shortcut_pool" in names
+    assert not any(n.endswith("shortcut_pool_gain") for n in names)
+    conv = nf50.get_layer("stage2_block1_shortcut_conv")
+    assert conv.input is nf50.get_layer("stage2_block1_shortcut_pool").output
+    gained = nf_resnet("nf-resnet-26", image_size=32, include_top=False,
+                       compensate_avgpool_var=True)
+    gains = [l for l in gained.layers if l.name.endswith("shortcut_pool_gain")]
+    assert [l.name for l in gains] == [f"stage{s}_block1_shortcut_pool_gain"
+                                       for s in (2, 3, 4)]
+    assert all(isinstance(l, Scale) and l.scale == 2.0 for l in gains)
+    assert gained.count_params() == nf_resnet("nf-resnet-26", image_size=32,
+                                              include_top=False).count_params()
+
+
+def test_compensated_pool_keeps_white_noise_at_unit_variance():
+    """Unit-variance white-noise input (after preprocessing), weights at init: with
+    compensate_avgpool_var=True every block output of every stage keeps a variance
+    near 1 (the x 2 undoes the 2x2 mean's 1/4 variance on uncorrelated values; real
+    images are correlated: see test_pool_gain_signal_statistics and
+    results/signal_propagation)."""
+    keras.utils.set_random_seed(0)
+    model = nf_resnet("nf-resnet-26", image_size=64, preprocessing="none",
+                      include_top=False, compensate_avgpool_var=True)
+    names = _block_names(model)
+    probe = keras.Model(model.input, [model.get_layer(p + "out").output for p in names])
     x = np.random.default_rng(6).standard_normal((8, 64, 64, 3)).astype("float32")
     var = dict(zip(names, (_channel_var(y) for y in probe(x))))
     for name, v in var.items():
         assert 0.5 <= v <= 2.0, (name, v)
 
 
-def test_uncompensated_pool_quarters_the_variance_at_each_stage_change():
+def test_reference_pool_quarters_white_noise_variance_at_each_stage_change():
     keras.utils.set_random_seed(0)
     model = nf_resnet("nf-resnet-26", image_size=64, preprocessing="none",
-                      include_top=False, compensate_avgpool_var=False)
+                      include_top=False)
     outs = [model.get_layer(f"stage{s}_block2_out").output for s in (1, 2, 3, 4)]
     x = np.random.default_rng(6).standard_normal((8, 64, 64, 3)).astype("float32")
     var = [_channel_var(y) for y in keras.Model(model.input, outs)(x)]
@@ -356,3 +378,40 @@ def test_nf_resnet_keras_file_round_trip(tmp_path):
             layer.gain.assign(np.linspace(0.5, 1.5, layer.filters).astype("float32"))
     x = np.random.default_rng(4).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     assert_keras_round_trip(model, x, str(tmp_path / "nf26.keras"))
+
+
+def test_pool_gain_signal_statistics():
+    """compare_pool_gain on random images at tiny width. At initialisation every block
+    is the identity on its shortcut and, with ReLU (positively homogeneous) and zero
+    biases, everything after a transition scales with it: the x 2 multiplies the
+    variance and the squared mean of stage s by exactly 4 ** (s - 1)."""
+    from efficientnet_advprop.models.signal import compare_pool_gain, signal_statistics
+
+    images = np.random.default_rng(10).uniform(0, 255, (6, 32, 32, 3)).astype("float32")
+    stats = compare_pool_gain("nf-resnet-26-cifar", images, width_multiplier=0.125,
+                              seed=0, batch_size=4)
+    off, on = stats["off"], stats["on"]
+    assert [r["block"] for r in off] == [f"stage{s}_block{b}" for s in range(1, 5)
+                                         for b in (1, 2)]
+    for a, b in zip(off, on):
+        for key in ("channel_sq_mean", "channel_var", "branch_var"):
+            assert np.isfinite(a[key]) and np.isfinite(b[key]), (a, b)
+        assert a["channel_var"] > 0 and a["branch_var"] == 0.0  # zero-init last gains
+        scale = 4.0 ** (a["stage"] - 1)
+        assert b["channel_var"] == pytest.approx(scale * a["channel_var"], rel=1e-3)
+        assert b["channel_sq_mean"] == pytest.approx(scale * a["channel_sq_mean"],
+                                                     rel=1e-3)
+    active = compare_pool_gain("nf-resnet-26-cifar", images, width_multiplier=0.125,
+                               seed=0, active_branches=True, batch_size=4)
+    var = {key: {r["block"]: r["channel_var"] for r in rows}
+           for key, rows in active.items()}
+    assert var["on"]["stage1_block2"] == pytest.approx(var["off"]["stage1_block2"])
+    assert var["on"]["stage2_block1"] > 1.5 * var["off"]["stage2_block1"]
+    assert all(np.isfinite(v) and v > 0 for rows in var.values() for v in rows.values())
+    assert all(r["branch_var"] > 0 for rows in active.values() for r in rows)
+    # The accumulated moments are those of one pass over all images.
+    model = nf_resnet("nf-resnet-26-cifar", include_top=False, width_multiplier=0.125)
+    whole = keras.Model(model.input, model.get_layer("stage3_block2_out").output)(images)
+    row = {r["block"]: r for r in signal_statistics(model, images, batch_size=4)}
+    np.testing.assert_allclose(row["stage3_block2"]["channel_var"],
+                               np.asarray(whole).var(axis=(0, 1, 2)).mean(), rtol=1e-4)

@@ -1,11 +1,13 @@
 """ResNet builder (counts, geometry, normalisers, serialisation) and feature endpoints."""
 
 import math
+import sys
 
 import keras
 import numpy as np
 import pytest
 
+from efficientnet_advprop.export import strip_auxiliary_bn
 from efficientnet_advprop.layers import (AUX, MAIN, InputNormalization, SplitBatchNorm,
                                          bn_route)
 from efficientnet_advprop.models import (build_model, default_image_size,
@@ -13,9 +15,10 @@ from efficientnet_advprop.models import (build_model, default_image_size,
                                          make_normalizer, model_names)
 from efficientnet_advprop.models.efficientnet import efficientnet
 from efficientnet_advprop.models.normalization import NORMALIZERS
-from efficientnet_advprop.models.resnet import (RESNET_BLOCKS, RESNET_NAMES, block_specs,
+from efficientnet_advprop.models.resnet import (MAX_BLOCKS_PER_GROUP, RESNET_BLOCKS,
+                                                RESNET_NAMES, block_specs,
                                                 canonical_name, count_resnet_params,
-                                                resnet)
+                                                resnet, stage_groups)
 
 from conftest import assert_keras_round_trip
 
@@ -45,6 +48,21 @@ EXPECTED_BLOCKS = {
 
 def _trainable(model):
     return int(sum(np.prod(w.shape) for w in model.trainable_weights))
+
+
+def _leaf_layers(model):
+    return {layer.name: layer for layer in model._flatten_layers(include_self=False)
+            if not isinstance(layer, keras.Model)}
+
+
+@pytest.fixture
+def default_recursion_limit():
+    """Python's default limit, which importing IPython (Keras does, when installed)
+    raises to 3000: deep models must build without that accident."""
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    yield
+    sys.setrecursionlimit(old)
 
 
 def _images(n, size, seed=0):
@@ -311,3 +329,163 @@ def test_feature_endpoints_rejects_other_models():
     other = keras.Model(inputs, keras.layers.Conv2D(2, 3, name="conv")(inputs))
     with pytest.raises(ValueError, match="neither an EfficientNet nor a ResNet"):
         feature_endpoints(other)
+
+
+# ------------------------------------------------------------------ nested stage groups
+
+def test_stage_groups():
+    # Up to ResNet-200 the default is a flat model.
+    for model_name in ("resnet-18", "resnet-50", "resnet-200-cifar"):
+        assert stage_groups(model_name) == []
+    sizes = {name: [(g, len(specs)) for g, specs in stage_groups(name)]
+             for name in EXPECTED_BLOCKS}
+    assert sizes["resnet-338"] == [("stage1_group1", 3), ("stage2_group1", 24),
+                                   ("stage3_group1", 28), ("stage3_group2", 27),
+                                   ("stage3_group3", 27), ("stage4_group1", 3)]
+    assert [n for g, n in sizes["resnet-518"] if g.startswith("stage3")] == [
+        29, 29, 28, 28, 28]
+    assert [n for g, n in sizes["resnet-638"] if g.startswith("stage3")] == [
+        31, 31, 30, 30, 30, 30]
+    for model_name in list(EXPECTED_BLOCKS) + ["resnet-50"]:
+        groups = stage_groups(model_name, None if model_name in EXPECTED_BLOCKS else 4)
+        # Every block exactly once, in order, never across a stage boundary.
+        assert [s.name for _, specs in groups for s in specs] == [
+            s.name for s in block_specs(model_name)]
+        for group, specs in groups:
+            assert len(specs) <= MAX_BLOCKS_PER_GROUP
+            assert {f"stage{s.stage}" for s in specs} == {group.split("_")[0]}
+    assert [len(s) for _, s in stage_groups("resnet-50", 4)] == [3, 4, 3, 3, 3]
+    assert stage_groups("resnet-338", 0) == []
+    with pytest.raises(ValueError, match="blocks_per_group"):
+        stage_groups("resnet-50", -1)
+
+
+def test_analytic_count_with_width_multiplier():
+    model = resnet("resnet-26-cifar", 10, width_multiplier=0.25)
+    assert _trainable(model) == count_resnet_params("resnet-26-cifar", 10,
+                                                    width_multiplier=0.25)
+    assert count_resnet_params("resnet-50", width_multiplier=1.0) == 25_557_032
+
+
+def test_resnet338_builds_under_default_recursion_limit(default_recursion_limit):
+    """A flat ResNet-338 graph needs ~1,150 Python frames to build; the nested stage
+    groups keep every graph under ~330."""
+    model = build_model("resnet-338", 10, image_size=32, width_multiplier=0.125)
+    assert [layer.name for layer in model.layers if isinstance(layer, keras.Model)] == [
+        g for g, _ in stage_groups("resnet-338")]
+    assert _trainable(model) == count_resnet_params("resnet-338", 10,
+                                                    width_multiplier=0.125)
+    leaves = _leaf_layers(model)
+    assert "stage3_block82_out" in leaves and "stage3_block83_out" not in leaves
+    ends = feature_endpoints(model)
+    assert {k: tuple(v.shape[1:]) for k, v in ends.items()} == {
+        "stem": (8, 8, 8), "stage1": (8, 8, 32), "stage2": (4, 4, 64),
+        "stage3": (2, 2, 128), "stage4": (1, 1, 256)}
+    assert ends["stage4"] is model.get_layer("avg_pool").input
+    assert model.output.shape[1:] == (10,)
+
+
+def test_nested_groups_equal_the_flat_model(tmp_path):
+    """The same network (weights copied by layer name) with blocks nested one per group:
+    identical logits through both BN sets, the route reaches the nested layers, and
+    feature endpoints, export stripping and .keras files work."""
+    kwargs = dict(normalizer="split_batch_norm", num_aux=1, width_multiplier=0.25)
+    flat = build_model("resnet-26-cifar", 10, **kwargs)
+    nested = build_model("resnet-26-cifar", 10, blocks_per_group=1, **kwargs)
+    groups = [f"stage{s}_group{g}" for s in range(1, 5) for g in (1, 2)]
+    assert [layer.name for layer in nested.layers if isinstance(layer, keras.Model)] == (
+        groups)
+    flat_leaves, nested_leaves = _leaf_layers(flat), _leaf_layers(nested)
+    # The same layers, plus each group's input.
+    assert set(nested_leaves) - set(flat_leaves) == {g + "_input" for g in groups}
+    assert set(flat_leaves) <= set(nested_leaves)
+    assert _trainable(nested) == _trainable(flat)
+    for name, layer in flat_leaves.items():
+        nested_leaves[name].set_weights(layer.get_weights())
+    x = _images(4, 32, seed=2)
+    for route in (MAIN, AUX):
+        with bn_route(route):
+            np.testing.assert_allclose(np.asarray(nested(x, training=True)),
+                                       np.asarray(flat(x, training=True)),
+                                       rtol=1e-4, atol=1e-4)
+    # The AUX call updated the auxiliary statistics of a layer inside a group only.
+    bn = nested_leaves["stage3_block2_bn2"]
+    assert not np.allclose(np.asarray(bn.moving_means[AUX]), 0.0)
+    np.testing.assert_allclose(np.asarray(bn.moving_means[AUX]),
+                               np.asarray(flat_leaves["stage3_block2_bn2"]
+                                          .moving_means[AUX]), rtol=1e-4, atol=1e-5)
+
+    ends, flat_ends = feature_model(nested)(x), feature_model(flat)(x)
+    assert list(ends) == ["stem", "stage1", "stage2", "stage3", "stage4"]
+    for key in ends:
+        np.testing.assert_allclose(np.asarray(ends[key]), np.asarray(flat_ends[key]),
+                                   rtol=1e-4, atol=1e-4)
+
+    stripped = strip_auxiliary_bn(nested, bn_set=AUX)
+    stripped_leaves = _leaf_layers(stripped)
+    assert not any(isinstance(layer, SplitBatchNorm)
+                   for layer in stripped_leaves.values())
+    assert isinstance(stripped_leaves["stage2_block1_shortcut_bn"],
+                      keras.layers.BatchNormalization)
+    with bn_route(AUX):
+        np.testing.assert_allclose(np.asarray(stripped(x, training=False)),
+                                   np.asarray(nested(x, training=False)),
+                                   rtol=1e-4, atol=1e-4)
+    loaded = assert_keras_round_trip(nested, x, str(tmp_path / "nested.keras"),
+                                     routes=(MAIN, AUX))
+    assert _leaf_layers(loaded)["stage4_block2_bn3"].num_aux == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", list(EXPECTED_BLOCKS))
+def test_deep_resnets_full_width_counts(model_name, default_recursion_limit):
+    for num_classes in (1000, 10):
+        model = build_model(model_name, num_classes, image_size=32)
+        assert _trainable(model) == count_resnet_params(model_name, num_classes)
+        if num_classes == 1000:
+            assert _trainable(model) == EXPECTED_PARAMS[model_name]
+        del model
+        keras.backend.clear_session()
+
+
+def _forward_backward(model, x, y, unused_bn_set=None):
+    """The loss; asserts a finite gradient for every variable except the BN variables
+    of `unused_bn_set` (not on the route), which must get none."""
+    import tensorflow as tf
+
+    from efficientnet_advprop.layers.split_batch_norm import bn_sets_of_variables
+
+    with tf.GradientTape() as tape:
+        logits = model(x, training=True)
+        loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert len(grads) == len(model.trainable_variables)
+    sets = bn_sets_of_variables(model)
+    for grad, var in zip(grads, model.trainable_variables):
+        if unused_bn_set is not None and sets.get(id(var)) == unused_bn_set:
+            assert grad is None, var.path
+        else:
+            assert grad is not None, var.path
+            assert np.all(np.isfinite(np.asarray(grad))), var.path
+    return np.asarray(loss)
+
+
+@pytest.mark.slow
+def test_resnet638_forward_backward_and_keras_file(tmp_path, default_recursion_limit):
+    """Small width: a gradient for every variable, a .keras round trip through both BN
+    sets (the file is rebuilt from the config under the default limit too)."""
+    model = build_model("resnet-638", 10, image_size=32, width_multiplier=0.125,
+                        normalizer="split_batch_norm", num_aux=1)
+    x, y = _images(2, 32, seed=3), np.array([3, 7])
+    with bn_route(AUX):  # the main BN sets, in every group, are off the route
+        loss = _forward_backward(model, x, y, unused_bn_set=MAIN)
+    assert loss.shape == (2,) and np.all(np.isfinite(loss))
+    assert_keras_round_trip(model, x, str(tmp_path / "r638.keras"), routes=(MAIN, AUX))
+
+
+@pytest.mark.slow
+def test_resnet638_full_width_forward_backward(default_recursion_limit):
+    """227.8M parameters (about 2.9 GB of memory with the gradients at 32 px)."""
+    model = build_model("resnet-638", 10, image_size=32)
+    loss = _forward_backward(model, _images(2, 32, seed=4), np.array([0, 9]))
+    assert np.all(np.isfinite(loss))

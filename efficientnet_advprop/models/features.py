@@ -15,7 +15,9 @@ Also ``stem`` (the stem activation).
 
 ResNet: ``stem`` (after the max-pool; after the stem ReLU with the small stem) and
 ``stage1`` .. ``stage4``, the output of each stage's last block (strides 4, 8, 16, 32
-with the ImageNet stem).
+with the ImageNet stem). In the deep ResNets built from nested stage groups
+(``stage{s}_group{g}`` sub-models, see `efficientnet_advprop.models.resnet`) a stage's
+endpoint is its last group's output, which is the same tensor value.
 """
 
 import re
@@ -24,6 +26,7 @@ import keras
 
 _EFFICIENTNET_BLOCK = re.compile(r"(block\d+[a-z]+)_")
 _RESNET_BLOCK_OUT = re.compile(r"stage(\d+)_block(\d+)_out")
+_RESNET_GROUP = re.compile(r"stage(\d+)_group(\d+)")
 
 
 def _layer_names(model):
@@ -31,7 +34,8 @@ def _layer_names(model):
 
 
 def _is_resnet(names):
-    return "stem_conv" in names and any(_RESNET_BLOCK_OUT.fullmatch(n) for n in names)
+    return "stem_conv" in names and any(_RESNET_BLOCK_OUT.fullmatch(n)
+                                        or _RESNET_GROUP.fullmatch(n) for n in names)
 
 
 def _is_efficientnet(names):
@@ -62,19 +66,30 @@ def _efficientnet_endpoints(model):
     return endpoints
 
 
+def _outer_output(layer):
+    """The tensor `layer` gives the model it is a layer of.
+
+    A nested functional model's ``.output`` is its own inner graph's output, so it is
+    taken from the node of its call instead (the builders call each group once).
+    """
+    if isinstance(layer, keras.Model):
+        return layer._inbound_nodes[0].output_tensors[0]
+    return layer.output
+
+
 def _resnet_endpoints(model):
     names = _layer_names(model)
     stem = "stem_pool" if "stem_pool" in names else "stem_relu"
     endpoints = {"stem": model.get_layer(stem).output}
-    last = {}
+    last = {}  # stage -> (block or group number, layer name)
     for name in names:
-        match = _RESNET_BLOCK_OUT.fullmatch(name)
+        match = _RESNET_BLOCK_OUT.fullmatch(name) or _RESNET_GROUP.fullmatch(name)
         if match:
-            stage, block = int(match.group(1)), int(match.group(2))
-            last[stage] = max(last.get(stage, 0), block)
+            stage, number = int(match.group(1)), int(match.group(2))
+            if number >= last.get(stage, (0, None))[0]:
+                last[stage] = (number, name)
     for stage in sorted(last):
-        endpoints[f"stage{stage}"] = model.get_layer(
-            f"stage{stage}_block{last[stage]}_out").output
+        endpoints[f"stage{stage}"] = _outer_output(model.get_layer(last[stage][1]))
     return endpoints
 
 

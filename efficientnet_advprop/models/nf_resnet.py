@@ -12,12 +12,18 @@ without batch norm). No normalisation layer anywhere; instead:
   3x3 (stride) -> act -> 1x1 (expansion 4)`` on ``h``; with ``beta = 1 / sqrt(expected
   variance of x)``. The expected variance starts at 1, grows by ``alpha ** 2`` per
   block and is reset to ``1 + alpha ** 2`` after each stage's first (transition)
-  block, whose shortcut is ``avg-pool 2x2/2 (when strided), x 2 -> 1x1 WS conv``
-  applied to ``h`` (the scaled pre-activation, as in NF-ResNets / ResNet-D), so it has
-  unit variance again. The x 2 undoes the pool's 1/4 variance on uncorrelated
-  activations (``compensate_avgpool_var``; without it the variance quarters at every
-  stage change at initialisation). Other blocks' shortcut is the identity on ``x``. (For ReLU,
-  ``act(beta * x) == beta * act(x)``, i.e. the NFNet code's ``act(x) * beta``.)
+  block, whose shortcut is ``avg-pool 2x2/2 (when strided) -> 1x1 WS conv`` applied
+  to ``h`` (the scaled pre-activation), as timm's ``DownsampleAvg`` and the NoFrost code
+  (amazon-research/normalizer-free-robust-training). Other blocks' shortcut is the
+  identity on ``x``. (For ReLU, ``act(beta * x) == beta * act(x)``, i.e. the NFNet
+  code's ``act(x) * beta``.) ``compensate_avgpool_var=True`` (off by default; no paper
+  or reference code has it) multiplies the pooled shortcut by 2, which keeps the
+  variance of *spatially uncorrelated* activations (a 2x2 mean of them has 1/4 of it).
+  On real images neighbouring activations are correlated: at initialisation on 256
+  CIFAR-10 images (nf-resnet-26/50-cifar, results/signal_propagation/) the reference
+  variance goes 0.26 -> 0.17 -> 0.09-0.10 -> 0.05-0.06 over the four stages (x 0.56 to
+  x 0.68 per transition), and the x 2 multiplies stage s by exactly 4 ** (s - 1), i.e.
+  0.26 -> 0.67-0.72 -> 1.5-1.6 -> 3.2-3.9 (x 2.2 to x 2.7 per transition).
 * the last conv of every branch has its gain initialised to 0, so at initialisation
   every block is the identity on its shortcut.
 
@@ -28,7 +34,8 @@ pooling. After the last stage: scaled activation, global average pooling, dropou
 the float32 ``predictions`` Dense (logits).
 
 Layer names: ``stem_conv``, ``stem_pool``, ``stage{s}_block{b}_{preact, conv1, act1,
-conv2, act2, conv3, drop, alpha, shortcut_pool, shortcut_conv, out}`` with s, b from 1,
+conv2, act2, conv3, drop, alpha, shortcut_pool, shortcut_pool_gain (only with
+``compensate_avgpool_var``), shortcut_conv, out}`` with s, b from 1,
 ``final_activation``, ``avg_pool``, ``top_dropout``, ``predictions``.
 """
 
@@ -125,7 +132,7 @@ def _conv(filters, kernel_size, name, strides=1, zero_gain=False):
 
 
 def _block(x, prefix, width, strides, beta, alpha, activation, drop_rate, transition,
-           compensate_avgpool_var=True):
+           compensate_avgpool_var=False):
     h = ScaledActivation(activation, input_scale=beta, name=prefix + "preact")(x)
     shortcut = x
     if transition:
@@ -134,8 +141,8 @@ def _block(x, prefix, width, strides, beta, alpha, activation, drop_rate, transi
             s = keras.layers.AveragePooling2D(strides, strides=strides, padding="same",
                                               name=prefix + "shortcut_pool")(s)
             if compensate_avgpool_var:
-                # A k x k mean of uncorrelated unit-variance values has variance 1/k^2;
-                # scaling by k keeps the shortcut at unit variance (signal propagation).
+                # Optional (not in the references): a k x k mean of uncorrelated
+                # unit-variance values has variance 1/k^2, and x k restores it.
                 s = Scale(float(strides), name=prefix + "shortcut_pool_gain")(s)
         shortcut = _conv(width * EXPANSION, 1, prefix + "shortcut_conv")(s)
     y = _conv(width, 1, prefix + "conv1")(h)
@@ -152,7 +159,7 @@ def _block(x, prefix, width, strides, beta, alpha, activation, drop_rate, transi
 def nf_resnet(model_name, num_classes=1000, image_size=None, preprocessing="imagenet",
               activation="relu", alpha=0.2, drop_path_rate=0.0, dropout_rate=0.0,
               small_stem=None, include_top=True, name=None, norm=None,
-              compensate_avgpool_var=True, width_multiplier=1.0):
+              compensate_avgpool_var=False, width_multiplier=1.0):
     """Builds a functional NF-ResNet taking float RGB in [0, 255].
 
     Args:
@@ -171,11 +178,11 @@ def nf_resnet(model_name, num_classes=1000, image_size=None, preprocessing="imag
       name: Keras model name (None: the model name).
       norm: must be None (accepted for the registry's builder signature; NF-ResNets
         have no normalisation layers).
-      compensate_avgpool_var: multiply the 2x2 average-pooled transition shortcut by 2,
-        so uncorrelated unit-variance activations keep unit variance through it (the
-        pool alone divides their variance by 4, and the per-stage variance would fall
-        1 -> 1/4 -> 1/16 -> 1/64 at initialisation). False gives the plain ResNet-D
-        shortcut.
+      compensate_avgpool_var: multiply the 2x2 average-pooled transition shortcut by 2
+        (layer ``stage{s}_block1_shortcut_pool_gain``). False (the default) is the
+        reference shortcut (timm ``DownsampleAvg``, the NoFrost code). The x 2 keeps
+        white-noise activations at unit variance through the pool, but on real images
+        it inflates the variance at each stage change (see the module docstring).
 
     Returns:
       A `keras.Model` whose output is the LOGITS (no softmax).

@@ -34,6 +34,29 @@ ResNet-101, whose 17 added blocks all went to stage 3):
 
 ResNet-26 ``[2, 2, 2, 2]`` is the bottleneck counterpart of ResNet-18.
 
+Nested stage groups (deep ResNets)
+----------------------------------
+Keras builds, clones and deserialises a functional model with a depth-first recursion
+over its graph, about one Python frame per layer on the longest path (some 10 frames
+per bottleneck block). ResNet-200 (66 blocks) needs about 690 frames, under Python's
+default limit of 1000; ResNet-338, -518 and -638 (112, 172, 212 blocks) need 1,150 to
+2,150 and raise ``RecursionError`` (they only build where something has raised the
+limit: importing IPython, which Keras does when it is installed, sets it to 3000).
+So networks with more than `FLAT_MAX_BLOCKS` blocks (every ResNet deeper than
+ResNet-200) are built from nested functional sub-models: every stage is cut into
+``ceil(blocks / MAX_BLOCKS_PER_GROUP)`` consecutive groups of near-equal size, each a
+`keras.Model` named ``stage{s}_group{g}`` (s, g from 1) called as one layer of the
+outer model. No graph is then deeper than 32 blocks (~330 frames), and the interpreter's
+limit is left alone. The groups of ResNet-338 are stage 1: 3, stage 2: 24, stage 3:
+28 + 27 + 27, stage 4: 3 blocks; ResNet-518's stage 3 is 29 + 29 + 28 + 28 + 28 and
+ResNet-638's 31 + 31 + 30 + 30 + 30 + 30 (`stage_groups`). The layers inside a group
+keep the flat model's names (``stage3_block40_conv2`` ...), so the leaf layers, their
+variables and the per-layer checkpoint keys are those of a flat build; only the outer
+model's ``layers`` / ``get_layer`` see the groups instead of the blocks (walk
+``model._flatten_layers()`` to reach a block's layers; `feature_endpoints`,
+`strip_auxiliary_bn` and the `bn_route` of SplitBatchNorm work through the groups).
+ResNet-18 .. ResNet-200 stay flat unless ``blocks_per_group`` asks for groups.
+
 Initialisers
 ------------
 Convolutions: He normal with fan_out, ``normal(0, sqrt(2 / (kh * kw * out)))``
@@ -62,6 +85,9 @@ CIFAR_SUFFIX = "-cifar"
 # Xie & Yuille / torchvision batch-norm settings (Keras momentum 0.9 == torch 0.1).
 BATCH_NORM_MOMENTUM = 0.9
 BATCH_NORM_EPSILON = 1e-5
+# Deeper networks are built from nested stage groups (module docstring).
+FLAT_MAX_BLOCKS = 66  # ResNet-200
+MAX_BLOCKS_PER_GROUP = 32
 
 
 class ResNetParams(NamedTuple):
@@ -165,11 +191,12 @@ def block_specs(model_name, width_multiplier=1.0):
     return specs
 
 
-def count_resnet_params(model_name, num_classes=1000, num_aux=0, small_stem=None):
+def count_resnet_params(model_name, num_classes=1000, num_aux=0, small_stem=None,
+                        width_multiplier=1.0):
     """Trainable parameter count with batch norm (+ `num_aux` auxiliary BN sets).
 
     Computed from the block counts alone, without creating any variable. `small_stem`
-    None follows the name (``-cifar``: 3x3 stem).
+    None follows the name (``-cifar``: 3x3 stem); `width_multiplier` as `resnet`'s.
     """
     name = canonical_name(model_name)
     if small_stem is None:
@@ -178,9 +205,10 @@ def count_resnet_params(model_name, num_classes=1000, num_aux=0, small_stem=None
     def bn(channels):
         return 2 * channels * (1 + num_aux)
 
+    stem_filters = scaled_widths(width_multiplier)[0]
     stem_kernel = 3 if small_stem else 7
-    total = stem_kernel * stem_kernel * 3 * STEM_FILTERS + bn(STEM_FILTERS)
-    specs = block_specs(name)
+    total = stem_kernel * stem_kernel * 3 * stem_filters + bn(stem_filters)
+    specs = block_specs(name, width_multiplier)
     for spec in specs:
         cin, w, cout = spec.in_filters, spec.width, spec.out_filters
         if spec.block == "bottleneck":
@@ -191,6 +219,35 @@ def count_resnet_params(model_name, num_classes=1000, num_aux=0, small_stem=None
             total += cin * cout + bn(cout)
     total += specs[-1].out_filters * num_classes + num_classes
     return total
+
+
+def stage_groups(model_name, blocks_per_group=None):
+    """``[(group name, [BlockSpec, ...]), ...]``: how `resnet` nests the blocks.
+
+    `blocks_per_group` None: no groups (``[]``, a flat model) up to `FLAT_MAX_BLOCKS`
+    blocks, else at most `MAX_BLOCKS_PER_GROUP`; 0: no groups; n > 0: every stage in
+    ``ceil(stage blocks / n)`` consecutive groups of near-equal size (the first ones
+    one block larger where it does not divide).
+    """
+    specs = block_specs(model_name)
+    if blocks_per_group is None:
+        blocks_per_group = 0 if len(specs) <= FLAT_MAX_BLOCKS else MAX_BLOCKS_PER_GROUP
+    blocks_per_group = int(blocks_per_group)
+    if blocks_per_group < 0:
+        raise ValueError(f"blocks_per_group must be >= 0, got {blocks_per_group}")
+    if blocks_per_group == 0:
+        return []
+    groups = []
+    for stage in sorted({spec.stage for spec in specs}):
+        stage_specs = [spec for spec in specs if spec.stage == stage]
+        count = -(-len(stage_specs) // blocks_per_group)
+        size, extra = divmod(len(stage_specs), count)
+        start = 0
+        for group in range(count):
+            end = start + size + (1 if group < extra else 0)
+            groups.append((f"stage{stage}_group{group + 1}", stage_specs[start:end]))
+            start = end
+    return groups
 
 
 def _conv(x, filters, kernel_size, name, stride=1):
@@ -232,9 +289,24 @@ def _residual_block(x, spec, norm, zero_init_last_bn):
     return keras.layers.Activation("relu", name=p + "out")(x)
 
 
+def _block_group(x, name, specs, norm, zero_init_last_bn):
+    """`specs`' blocks as one nested functional model ``name`` applied to `x`.
+
+    Its input is float32 whatever the policy: a functional model casts what it is
+    given to its inputs' dtype, so a bfloat16 input would round float32 activations
+    where `float32_compute` (attacks) asks for them; bfloat16 -> float32 is exact and
+    the first layers cast back, so under a mixed policy it computes as a flat build."""
+    inputs = keras.Input(shape=tuple(x.shape[1:]), dtype="float32", name=name + "_input")
+    y = inputs
+    for spec in specs:
+        y = _residual_block(y, spec, norm, zero_init_last_bn)
+    return keras.Model(inputs, y, name=name)(x)
+
+
 def resnet(model_name, num_classes=1000, image_size=None, norm=None,
            preprocessing="imagenet", small_stem=None, zero_init_last_bn=False,
-           dropout_rate=0.0, include_top=True, name=None, width_multiplier=1.0):
+           dropout_rate=0.0, include_top=True, name=None, width_multiplier=1.0,
+           blocks_per_group=None):
     """Builds a functional ResNet taking float RGB in [0, 255].
 
     Args:
@@ -255,6 +327,10 @@ def resnet(model_name, num_classes=1000, image_size=None, norm=None,
       name: Keras model name (None: the canonical model name).
       width_multiplier: scales the stem and every stage width (rounded, at least 8
         channels), for small experiments; 1 is the published network.
+      blocks_per_group: None: flat up to ResNet-200, nested stage groups of at most
+        32 blocks for the deeper ResNets (which a flat graph cannot build under
+        Python's default recursion limit); 0: flat; n > 0: groups of at most n blocks
+        (`stage_groups`, module docstring).
 
     Returns:
       A `keras.Model` whose output is the LOGITS (no softmax).
@@ -284,8 +360,15 @@ def resnet(model_name, num_classes=1000, image_size=None, norm=None,
         x = keras.layers.MaxPooling2D(3, strides=2, padding="valid", name="stem_pool")(x)
 
     specs = block_specs(model_name, width_multiplier)
-    for spec in specs:
-        x = _residual_block(x, spec, norm, zero_init_last_bn)
+    groups = stage_groups(model_name, blocks_per_group)
+    if groups:
+        by_name = {spec.name: spec for spec in specs}  # the widths scaled
+        for group_name, group_specs in groups:
+            x = _block_group(x, group_name, [by_name[s.name] for s in group_specs],
+                             norm, zero_init_last_bn)
+    else:
+        for spec in specs:
+            x = _residual_block(x, spec, norm, zero_init_last_bn)
 
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
