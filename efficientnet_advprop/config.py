@@ -530,7 +530,8 @@ def resolve(overrides=None, dataset_info=None):
 
     for name, value in overrides.items():
         if name in all_options and name not in option_names:
-            continue  # another recipe's option (main.py passes only set flags)
+            raise ConfigError(name, value, f"is not an option of recipe {recipe_name} "
+                                           f"(it is {', '.join(all_options[name])}'s)")
         values[name] = value
         sources[name] = "set"
 

@@ -145,10 +145,10 @@ def prepare(config, info=None, log=_stderr):
                              tpu=run_cfg.tpu, tpu_zone=run_cfg.tpu_zone,
                              gcp_project=run_cfg.gcp_project)
     replicas = strategy.num_replicas_in_sync
+    sync = sync_batch_norm_settings(config.model, run_cfg.on_tpu, replicas)
     check_bn_batches(config, num_replicas=replicas)
     jit = (run_cfg.jit_compile if run_cfg.jit_compile is not None
            else default_jit_compile(run_cfg.on_tpu))
-    sync = sync_batch_norm_settings(config.model, run_cfg.on_tpu, replicas)
     set_global_seed(run_cfg.seed)
     recipe = config.make_recipe()
     kwargs = model_kwargs(config, recipe, sync)

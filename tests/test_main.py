@@ -132,6 +132,7 @@ def test_corrupt_input_data_is_one_line_and_exit_status_2(tmp_path, kind):
         (data_dir / "validation-00000-of-00001").write_bytes(b"\x00garbage" * 100)
     result = run_main("--data_dir=" + str(data_dir), "--model=resnet-18-cifar",
                       "--width_multiplier=0.125", "--train_steps=2", "--train_batch_size=4",
+                      "--min_bn_batch=4",
                       "--image_size=32", "--num_label_classes=2",
                       f"--model_dir={tmp_path / 'm'}", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
@@ -194,7 +195,7 @@ def _no_tfrecords(tmp_path):
      "--sync_batch_norm_group_size=2: needs --sync_batch_norm"),
     (lambda p: ["--num_label_classes=-3"], "--num_label_classes=-3: must be >= 2"),
     (lambda p: ["--num_label_classes=0"], "--num_label_classes=0: must be >= 2"),
-    (lambda p: ["--recipe=fast_advprop"],
+    (lambda p: ["--recipe=fast_advprop", "--train_batch_size=64"],
      "--train_batch_size=64: the 13 adversarial images per replica are not a multiple "
      "of the shuffle-BN group size 16; use --train_batch_size=160"),
     (lambda p: ["--recipe=trades", "--p_adv=0.3"], "--p_adv=0.3: is not an option of "
@@ -239,6 +240,7 @@ def test_skip_bad_records_trains_past_corrupt_jpegs_and_counts_them(tmp_path,
         (data_dir / "train" / "cat" / f"zz_bad_{i}.jpg").write_bytes(b"not a jpeg")
     common = [f"--data_dir={data_dir}", "--model=resnet-18-cifar",
               "--width_multiplier=0.125", "--train_steps=3", "--train_batch_size=4",
+              "--min_bn_batch=4",
               "--image_size=32", "--mode=train", f"--model_dir={tmp_path / 'm'}"]
     status, _, err = main_in_process(*common)
     assert status == 2 and str(data_dir) in err[-1]  # without the option: stops
