@@ -10,11 +10,13 @@ Public API::
                     augmentation="inception", input_context=None,
                     auto_augment=None, randaugment_layers=2,
                     randaugment_magnitude=10, auto_augment_fraction=1.0,
+                    auto_augment_constants="auto",
                     source_tags=False, holdout_shards=None,
                     skip_bad_records=False, skip_counter=None)
   counter = make_skip_counter()     # int64 variable for skip_counter
   image = distort_image_with_autoaugment(image, seed)            # policy v0
   image = distort_image_with_randaugment(image, 2, 10, seed)
+  autoaugment_constants(image_size)  # {"translate_const", "cutout_const", "scaled"}
 
 Datasets:
 
@@ -43,6 +45,9 @@ and block).
 Training images can additionally be augmented with AutoAugment policy v0 or
 RandAugment (``auto_augment``; :mod:`efficientnet_advprop.data.autoaugment`),
 on all of them or on a random, per-example share (``auto_augment_fraction``);
+their translate/cutout pixel constants are the official ImageNet ones from 64 px
+and scaled to the image below (``auto_augment_constants``, see
+:func:`autoaugment_constants`);
 ``source_tags=True`` adds a per-image int32 tag (0 clean, 1 augmented).
 
 Holdout shards (TFRecord layouts only, as the official EfficientNet
@@ -76,6 +81,7 @@ from efficientnet_advprop.data import image_folder
 from efficientnet_advprop.data import preprocessing
 from efficientnet_advprop.data import tfds_reader
 from efficientnet_advprop.data import tfrecord
+from efficientnet_advprop.data.autoaugment import autoaugment_constants
 from efficientnet_advprop.data.autoaugment import distort_image_with_autoaugment
 from efficientnet_advprop.data.autoaugment import distort_image_with_randaugment
 from efficientnet_advprop.data.tfrecord import write_tfrecords
@@ -96,6 +102,7 @@ __all__ = [
     "EMBEDDED_DIR",
     "AUGMENTATIONS",
     "AUTO_AUGMENTS",
+    "autoaugment_constants",
     "distort_image_with_autoaugment",
     "distort_image_with_randaugment",
     "autoaugment",
@@ -464,6 +471,7 @@ def make_dataset(
     randaugment_layers=2,
     randaugment_magnitude=10,
     auto_augment_fraction=1.0,
+    auto_augment_constants="auto",
     source_tags=False,
     holdout_shards=None,
     skip_bad_records=False,
@@ -505,6 +513,10 @@ def make_dataset(
       auto_augment_fraction: share of training images, in [0, 1], that get
         ``auto_augment`` (a stateless coin per example from the run seed, epoch
         and index); the others are exactly the images of ``auto_augment=None``.
+      auto_augment_constants: "auto" (default), "official" or "scaled": the
+        translate/cutout pixel constants of ``auto_augment``.  "auto": the
+        official ImageNet constants when ``image_size >= 64``, scaled to the
+        image below (``autoaugment_constants(image_size, ...)`` says which).
       source_tags: also yield the per-image source tags (eval: all 0).
       holdout_shards: None: use ``info.holdout_shards`` (set by
         ``resolve_dataset(..., holdout_shards=N)``, the way to use it, since
@@ -530,6 +542,7 @@ def make_dataset(
             auto_augment, randaugment_layers, randaugment_magnitude, auto_augment_fraction
         )
     )
+    autoaugment.check_constants(auto_augment_constants)
     if not isinstance(source_tags, bool):
         raise ValueError(f"source_tags={source_tags!r}: expected True or False")
     batch_size = int(batch_size)
@@ -574,6 +587,7 @@ def make_dataset(
                 randaugment_layers=randaugment_layers,
                 randaugment_magnitude=randaugment_magnitude,
                 auto_augment_fraction=auto_augment_fraction,
+                auto_augment_constants=auto_augment_constants,
             ),
             source_tags=source_tags,
             skip_bad_records=skip_bad_records,

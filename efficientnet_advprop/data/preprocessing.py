@@ -277,6 +277,7 @@ def preprocess_for_train(
     randaugment_layers=2,
     randaugment_magnitude=10,
     auto_augment_fraction=1.0,
+    auto_augment_constants="auto",
     return_source=False,
 ):
     """Training preprocessing of one encoded image; seed: shape-[2] int tensor.
@@ -287,7 +288,10 @@ def preprocess_for_train(
     ``auto_augment_fraction`` in [0, 1] is the probability (a stateless coin per
     image) that an image is augmented; the others are returned exactly as with
     ``auto_augment=None``.  Augmented images are rounded to integers in
-    [0, 255] (the ops work on uint8).
+    [0, 255] (the ops work on uint8).  ``auto_augment_constants`` ("auto",
+    "official" or "scaled") picks the ops' translate/cutout pixel constants:
+    "auto" scales them down below 64 px and keeps the official ones from 64 px
+    (:func:`efficientnet_advprop.data.autoaugment.autoaugment_constants`).
 
     Returns float32 [image_size, image_size, 3] in [0, 255], or
     ``(image, source)`` when ``return_source``: int32 scalar, 0 = clean,
@@ -297,6 +301,7 @@ def preprocess_for_train(
     auto_augment, layers, magnitude, fraction = check_auto_augment(
         auto_augment, randaugment_layers, randaugment_magnitude, auto_augment_fraction
     )
+    constants = autoaugment.check_constants(auto_augment_constants)
     if augmentation == "none":
         image = resize(_decode_full(image_bytes), image_size)
     else:
@@ -321,9 +326,11 @@ def preprocess_for_train(
 
         def augmented():
             if auto_augment == "v0":
-                return autoaugment.distort_image_with_autoaugment(clean, distort_seed, "v0")
+                return autoaugment.distort_image_with_autoaugment(
+                    clean, distort_seed, "v0", constants=constants
+                )
             return autoaugment.distort_image_with_randaugment(
-                clean, layers, magnitude, distort_seed
+                clean, layers, magnitude, distort_seed, constants=constants
             )
 
         if fraction >= 1.0:
