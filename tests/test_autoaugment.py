@@ -495,8 +495,10 @@ def _train(info, **kw):
 def test_make_dataset_source_tags_and_clean_images():
     info = data.resolve_dataset("embedded")
     x0, y0 = [t.numpy() for t in next(iter(_train(info)))]
-    x, y, src = next(iter(_train(info, auto_augment="v0", auto_augment_fraction=0.5,
-                                 source_tags=True)))
+    x, y, extras = next(iter(_train(info, auto_augment="v0", auto_augment_fraction=0.5,
+                                    source_tags=True)))
+    assert set(extras) == {"source_tags"}
+    src = extras["source_tags"]
     assert src.dtype == tf.int32 and src.shape == (32,)
     x, y, src = x.numpy(), y.numpy(), src.numpy()
     assert set(src.tolist()) == {0, 1}
@@ -507,19 +509,19 @@ def test_make_dataset_source_tags_and_clean_images():
     np.testing.assert_array_equal(aug, np.round(aug))
     assert not np.array_equal(aug, x0[src == 1])
     # Tags are a function of (seed, epoch, index): same again, all 1 at fraction 1.
-    _, _, src_again = next(iter(_train(info, auto_augment="v0", auto_augment_fraction=0.5,
-                                       source_tags=True)))
-    np.testing.assert_array_equal(src_again.numpy(), src)
-    xr, _, src_ra = next(iter(_train(info, auto_augment="randaugment", randaugment_layers=1,
-                                     randaugment_magnitude=5, source_tags=True)))
-    np.testing.assert_array_equal(src_ra.numpy(), np.ones(32, np.int32))
+    _, _, again = next(iter(_train(info, auto_augment="v0", auto_augment_fraction=0.5,
+                                   source_tags=True)))
+    np.testing.assert_array_equal(again["source_tags"].numpy(), src)
+    xr, _, ra = next(iter(_train(info, auto_augment="randaugment", randaugment_layers=1,
+                                 randaugment_magnitude=5, source_tags=True)))
+    np.testing.assert_array_equal(ra["source_tags"].numpy(), np.ones(32, np.int32))
     assert not np.array_equal(xr.numpy(), x0)
-    _, _, src_none = next(iter(_train(info, source_tags=True)))
-    np.testing.assert_array_equal(src_none.numpy(), np.zeros(32, np.int32))
+    _, _, none = next(iter(_train(info, source_tags=True)))
+    np.testing.assert_array_equal(none["source_tags"].numpy(), np.zeros(32, np.int32))
     xe, ye, se = next(iter(data.make_dataset(
         info, None, "eval", batch_size=4, image_size=32, is_training=False,
         augmentation="none", auto_augment="v0", source_tags=True)))
-    np.testing.assert_array_equal(se.numpy(), np.zeros(4, np.int32))
+    np.testing.assert_array_equal(se["source_tags"].numpy(), np.zeros(4, np.int32))
 
 
 @pytest.mark.parametrize(
@@ -532,6 +534,7 @@ def test_make_dataset_source_tags_and_clean_images():
         (dict(auto_augment_fraction="half"), "auto_augment_fraction"),
         (dict(source_tags="yes"), "source_tags"),
         (dict(auto_augment_constants="imagenet"), "constants"),
+        (dict(extra_views=("deepaugment",)), "extra_views"),
     ],
 )
 def test_make_dataset_validates_auto_augment_args(kw, name):
