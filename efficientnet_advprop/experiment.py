@@ -60,6 +60,7 @@ class Run:
             randaugment_magnitude=cfg.data.randaugment_magnitude,
             auto_augment_fraction=cfg.data.auto_augment_fraction,
             source_tags=self.recipe.needs_source_tags,
+            extra_views=self.recipe.input_views,
             skip_bad_records=cfg.data.skip_bad_records, skip_counter=self.skip_counter)
 
     def eval_dataset(self):

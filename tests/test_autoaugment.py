@@ -361,6 +361,119 @@ def test_randaugment_validates_arguments(cifar_image):
 
 
 # ---------------------------------------------------------------------------
+# Size-dependent constants.
+# ---------------------------------------------------------------------------
+def test_constants_scaled_below_64_px_official_from_64():
+    scaled32 = {"translate_const": 10, "cutout_const": 10, "scaled": True}
+    assert aa.autoaugment_constants(32) == scaled32
+    assert aa.autoaugment_constants(32, "randaugment") == scaled32
+    assert aa.autoaugment_constants(224) == {"translate_const": 250, "cutout_const": 100,
+                                             "scaled": False}
+    assert aa.autoaugment_constants(224, "randaugment") == {
+        "translate_const": 100, "cutout_const": 40, "scaled": False}
+    assert aa.autoaugment_constants(64) == aa.autoaugment_constants(600)
+    assert aa.autoaugment_constants(63)["translate_const"] == 20  # round(63 * 10 / 32)
+    assert aa.autoaugment_constants(16)["cutout_const"] == 5
+    assert aa.autoaugment_constants((48, 200))["translate_const"] == 15  # smaller side
+    assert aa.autoaugment_constants(32, constants="official")["translate_const"] == 250
+    assert aa.autoaugment_constants(224, constants="scaled")["translate_const"] == 70
+    for bad in (0, -3, 32.0, True, (), "32"):
+        with pytest.raises(ValueError, match="image_size"):
+            aa.autoaugment_constants(bad)
+    with pytest.raises(ValueError, match="constants"):
+        aa.autoaugment_constants(32, constants="imagenet")
+    with pytest.raises(ValueError, match="augment"):
+        aa.autoaugment_constants(32, "v1")
+
+
+def _seeds_with_translate(count):
+    """Seeds for which policy v0 picks sub-policy 15 (Rotate, TranslateY at level 9)
+    and its TranslateY fires: the only v0 op with a pixel constant."""
+    assert aa.POLICY_V0[15][1] == ("TranslateY", 0.8, 9)
+    found = []
+    for s in range(2000):
+        seed = tf.constant([s, 3], tf.int64)
+        if (int(aa._randint(aa._fold(seed, 0), 25)) == 15
+                and float(aa._uniform(aa._fold(aa._fold(seed, 2), 0))) < 0.8):
+            found.append(seed)
+            if len(found) == count:
+                return found
+    raise AssertionError("no seed picks sub-policy 15")
+
+
+def test_autoaugment_default_constants_follow_the_image_size(cifar_image):
+    seeds = _seeds_with_translate(3)
+    small = cifar_image
+    large = np.asarray(tf.image.resize(cifar_image[None], [224, 224], "nearest")[0])
+    for seed in seeds:
+        out = {c: aa.distort_image_with_autoaugment(small, seed, constants=c).numpy()
+               for c in ("auto", "scaled", "official")}
+        np.testing.assert_array_equal(out["auto"], out["scaled"])
+        # Official: a 225-px shift leaves nothing of a 32-px image; scaled: 9 px.
+        assert (out["official"] == 128).all()
+        assert (out["scaled"] == 128).all(-1).mean() < 0.5
+        big = {c: aa.distort_image_with_autoaugment(large, seed, constants=c).numpy()
+               for c in ("auto", "official")}
+        np.testing.assert_array_equal(big["auto"], big["official"])
+    tiny = aa.distort_image_with_randaugment(small, 2, 10, seeds[0], constants="auto")
+    np.testing.assert_array_equal(
+        tiny.numpy(),
+        aa.distort_image_with_randaugment(small, 2, 10, seeds[0], constants="scaled").numpy())
+    unknown = tf.TensorSpec([None, None, 3], tf.float32)
+    with pytest.raises(ValueError, match="static"):
+        tf.function(lambda x: aa.distort_image_with_autoaugment(x, SEED)).get_concrete_function(
+            unknown)
+    tf.function(lambda x: aa.distort_image_with_randaugment(  # official: no size needed
+        x, 0, 10, SEED, constants="official")).get_concrete_function(unknown)
+
+
+def test_preprocess_for_train_passes_the_constants_on(cifar_image):
+    from efficientnet_advprop.data import preprocessing
+
+    png = tf.io.encode_png(tf.constant(np.round(cifar_image).astype(np.uint8)))
+    differs = 0
+    for s in range(12):
+        out = {c: preprocessing.preprocess_for_train(
+            png, 32, tf.constant([s, 4], tf.int64), "none", auto_augment="randaugment",
+            auto_augment_constants=c).numpy() for c in ("auto", "scaled", "official")}
+        np.testing.assert_array_equal(out["auto"], out["scaled"])
+        differs += not np.array_equal(out["auto"], out["official"])
+    assert differs >= 2
+
+
+@pytest.fixture(scope="module")
+def cifar_batch():
+    """64 real 32x32 CIFAR-10 images (float32) from the embedded set."""
+    ds = data.make_dataset(data.resolve_dataset("embedded"), None, "eval", batch_size=64,
+                           image_size=32, is_training=False, augmentation="none")
+    return next(iter(ds))[0].numpy()
+
+
+def _fill_fraction(images, constants):
+    """Per image, the share of pixels that RandAugment (2 ops, magnitude 10) sets to the
+    fill colour (128, 128, 128): pixels that came from outside the image or from a
+    cutout square."""
+    out = np.stack([
+        aa.distort_image_with_randaugment(image, 2, 10, tf.constant([i, 9], tf.int64),
+                                          constants=constants).numpy()
+        for i, image in enumerate(images)])
+    return (out == 128).all(-1).mean((1, 2)) - (images == 128).all(-1).mean((1, 2))
+
+
+def test_scaled_constants_keep_most_of_real_cifar_images(cifar_batch):
+    """RandAugment (2 ops, magnitude 10) on real CIFAR images: with the official
+    ImageNet constants TranslateX/Y (100 px) and Cutout (pad 40) erase a 32-px image,
+    about a quarter of all images; the scaled constants (10 px, pad 10) erase none.
+    (Policy v0's only pixel op is tested above.)"""
+    official = _fill_fraction(cifar_batch, "official")
+    scaled = _fill_fraction(cifar_batch, "auto")
+    assert (official > 0.9).mean() > 0.15
+    assert (scaled > 0.9).mean() == 0.0
+    assert scaled.mean() < 0.5 * official.mean()
+    assert (scaled < 0.5).mean() > 0.9  # most images keep most of their pixels
+
+
+# ---------------------------------------------------------------------------
 # Input pipeline.
 # ---------------------------------------------------------------------------
 def _train(info, **kw):
@@ -382,8 +495,10 @@ def _train(info, **kw):
 def test_make_dataset_source_tags_and_clean_images():
     info = data.resolve_dataset("embedded")
     x0, y0 = [t.numpy() for t in next(iter(_train(info)))]
-    x, y, src = next(iter(_train(info, auto_augment="v0", auto_augment_fraction=0.5,
-                                 source_tags=True)))
+    x, y, extras = next(iter(_train(info, auto_augment="v0", auto_augment_fraction=0.5,
+                                    source_tags=True)))
+    assert set(extras) == {"source_tags"}
+    src = extras["source_tags"]
     assert src.dtype == tf.int32 and src.shape == (32,)
     x, y, src = x.numpy(), y.numpy(), src.numpy()
     assert set(src.tolist()) == {0, 1}
@@ -394,19 +509,19 @@ def test_make_dataset_source_tags_and_clean_images():
     np.testing.assert_array_equal(aug, np.round(aug))
     assert not np.array_equal(aug, x0[src == 1])
     # Tags are a function of (seed, epoch, index): same again, all 1 at fraction 1.
-    _, _, src_again = next(iter(_train(info, auto_augment="v0", auto_augment_fraction=0.5,
-                                       source_tags=True)))
-    np.testing.assert_array_equal(src_again.numpy(), src)
-    xr, _, src_ra = next(iter(_train(info, auto_augment="randaugment", randaugment_layers=1,
-                                     randaugment_magnitude=5, source_tags=True)))
-    np.testing.assert_array_equal(src_ra.numpy(), np.ones(32, np.int32))
+    _, _, again = next(iter(_train(info, auto_augment="v0", auto_augment_fraction=0.5,
+                                   source_tags=True)))
+    np.testing.assert_array_equal(again["source_tags"].numpy(), src)
+    xr, _, ra = next(iter(_train(info, auto_augment="randaugment", randaugment_layers=1,
+                                 randaugment_magnitude=5, source_tags=True)))
+    np.testing.assert_array_equal(ra["source_tags"].numpy(), np.ones(32, np.int32))
     assert not np.array_equal(xr.numpy(), x0)
-    _, _, src_none = next(iter(_train(info, source_tags=True)))
-    np.testing.assert_array_equal(src_none.numpy(), np.zeros(32, np.int32))
+    _, _, none = next(iter(_train(info, source_tags=True)))
+    np.testing.assert_array_equal(none["source_tags"].numpy(), np.zeros(32, np.int32))
     xe, ye, se = next(iter(data.make_dataset(
         info, None, "eval", batch_size=4, image_size=32, is_training=False,
         augmentation="none", auto_augment="v0", source_tags=True)))
-    np.testing.assert_array_equal(se.numpy(), np.zeros(4, np.int32))
+    np.testing.assert_array_equal(se["source_tags"].numpy(), np.zeros(4, np.int32))
 
 
 @pytest.mark.parametrize(
@@ -418,6 +533,8 @@ def test_make_dataset_source_tags_and_clean_images():
         (dict(auto_augment_fraction=1.5), "auto_augment_fraction"),
         (dict(auto_augment_fraction="half"), "auto_augment_fraction"),
         (dict(source_tags="yes"), "source_tags"),
+        (dict(auto_augment_constants="imagenet"), "constants"),
+        (dict(extra_views=("deepaugment",)), "extra_views"),
     ],
 )
 def test_make_dataset_validates_auto_augment_args(kw, name):

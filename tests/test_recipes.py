@@ -323,11 +323,15 @@ def _step(strategy, name, tmp_path, jit):
                          lr_warmup_epochs=0, moving_average_decay=0.9, jit_compile=jit)
     trainer = Trainer(strategy, lambda: micro_model(max(1, recipe.num_aux)), recipe, config)
     images, labels = _batch(20)
-    tags = (np.arange(20) % 2).astype("int32")
+    extras = {}
+    if recipe.needs_source_tags:
+        extras["source_tags"] = (np.arange(20) % 2).astype("int32")
+    if "tda" in recipe.input_views:  # a stand-in view: the images mirrored
+        extras["tda_images"] = images[:, :, ::-1].copy()
 
     def dataset_fn(ctx, start):
         per = ctx.get_per_replica_batch_size(20)
-        parts = (images, labels, tags) if recipe.needs_source_tags else (images, labels)
+        parts = (images, labels, extras) if extras else (images, labels)
         ds = tf.data.Dataset.from_tensor_slices(parts).shard(ctx.num_input_pipelines,
                                                              ctx.input_pipeline_id)
         return ds.batch(per, drop_remainder=True).repeat()
@@ -402,18 +406,21 @@ def test_fast_advprop_mixes_only_the_clean_share():
 
 
 def test_nofrost_star_augments_half_deepaugment_half_tda():
+    """First half: DeepAugment-style of the batch; second half: the input pipeline's TDA
+    views (made from the decoded images, tests/test_extra_views.py)."""
     from efficientnet_advprop.data.deepaugment import deep_augment
-    from efficientnet_advprop.data.tda import texture_debiased_augment
     from efficientnet_advprop.recipes.nofrost import augmented_view
 
     images, _ = _batch(6)
+    tda_images, _ = _batch(6, seed=1)
     seed = tf.constant([5, 6], tf.int64)
-    view = augmented_view(images, seed).numpy()
+    view = augmented_view(images, seed, tda_images).numpy()
     fold = tf.random.experimental.stateless_fold_in
     np.testing.assert_allclose(view[:3], deep_augment(images[:3], fold(seed, 0)).numpy())
-    np.testing.assert_allclose(view[3:],
-                               texture_debiased_augment(images[3:], fold(seed, 1)).numpy())
-    assert np.abs(view - images).mean() > 1.0
+    np.testing.assert_array_equal(view[3:], tda_images[3:])
+    assert np.abs(view[:3] - images[:3]).mean() > 1.0
+    with pytest.raises(ValueError, match="shape"):
+        augmented_view(images, seed, tda_images[:, :8])
 
 
 def test_step_schedule_decays_at_each_milestone():

@@ -10,11 +10,14 @@ Public API::
                     augmentation="inception", input_context=None,
                     auto_augment=None, randaugment_layers=2,
                     randaugment_magnitude=10, auto_augment_fraction=1.0,
-                    source_tags=False, holdout_shards=None,
+                    auto_augment_constants="auto",
+                    source_tags=False, extra_views=(), holdout_shards=None,
                     skip_bad_records=False, skip_counter=None)
+  # -> (images, labels), or (images, labels, extras) with source_tags/extra_views
   counter = make_skip_counter()     # int64 variable for skip_counter
   image = distort_image_with_autoaugment(image, seed)            # policy v0
   image = distort_image_with_randaugment(image, 2, 10, seed)
+  autoaugment_constants(image_size)  # {"translate_const", "cutout_const", "scaled"}
 
 Datasets:
 
@@ -42,8 +45,25 @@ and block).
 
 Training images can additionally be augmented with AutoAugment policy v0 or
 RandAugment (``auto_augment``; :mod:`efficientnet_advprop.data.autoaugment`),
-on all of them or on a random, per-example share (``auto_augment_fraction``);
-``source_tags=True`` adds a per-image int32 tag (0 clean, 1 augmented).
+on all of them or on a random, per-example share (``auto_augment_fraction``).
+Their translate/cutout pixel constants are the official ImageNet ones from 64 px
+and scaled to the image below (``auto_augment_constants``, see
+:func:`autoaugment_constants`).
+
+Training elements are ``(images, labels)``, or ``(images, labels, extras)`` when
+per-image side information is asked for; ``extras`` is a dict:
+
+* ``"source_tags"`` (``source_tags=True``): int32 [B], 0 clean, 1 augmented by
+  AutoAugment/RandAugment;
+* ``"tda_images"`` (``extra_views=("tda",)``): float32 [B, H, W, 3] in [0, 255],
+  the texture-debiased view of each image (NoFrost*), made from the *decoded*
+  image -- random resized crop with scale (0.64, 1), flip, colour distortion
+  (:func:`efficientnet_advprop.data.tda.tda_view`) -- and seeded from the same
+  (seed, epoch, index) as the image's other augmentation.
+
+Recipes say what they need (``Recipe.needs_source_tags``, ``Recipe.input_views``):
+``make_dataset(..., source_tags=recipe.needs_source_tags,
+extra_views=recipe.input_views)``.
 
 Holdout shards (TFRecord layouts only, as the official EfficientNet
 ``--holdout_shards``): ``resolve_dataset(..., holdout_shards=N)`` makes the
@@ -76,6 +96,7 @@ from efficientnet_advprop.data import image_folder
 from efficientnet_advprop.data import preprocessing
 from efficientnet_advprop.data import tfds_reader
 from efficientnet_advprop.data import tfrecord
+from efficientnet_advprop.data.autoaugment import autoaugment_constants
 from efficientnet_advprop.data.autoaugment import distort_image_with_autoaugment
 from efficientnet_advprop.data.autoaugment import distort_image_with_randaugment
 from efficientnet_advprop.data.tfrecord import write_tfrecords
@@ -83,6 +104,9 @@ from efficientnet_advprop.data.tfrecord import write_tfrecords
 EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded")
 AUGMENTATIONS = preprocessing.AUGMENTATIONS
 AUTO_AUGMENTS = preprocessing.AUTO_AUGMENTS
+EXTRA_VIEWS = preprocessing.EXTRA_VIEWS
+# extra view name -> key of the extras dict it fills.
+EXTRA_VIEW_KEYS = {"tda": "tda_images"}
 # Splits above this total size are not counted at resolve time when no
 # dataset_info.json is present (official ImageNet sizes are used instead).
 _COUNT_LIMIT_BYTES = 2 * 1024**3
@@ -96,6 +120,9 @@ __all__ = [
     "EMBEDDED_DIR",
     "AUGMENTATIONS",
     "AUTO_AUGMENTS",
+    "EXTRA_VIEWS",
+    "EXTRA_VIEW_KEYS",
+    "autoaugment_constants",
     "distort_image_with_autoaugment",
     "distort_image_with_randaugment",
     "autoaugment",
@@ -360,6 +387,7 @@ def _train_dataset(
     shuffle_buffer,
     auto_augment_options,
     source_tags,
+    extra_views=(),
     skip_bad_records=False,
     skip_counter=None,
 ):
@@ -410,15 +438,23 @@ def _train_dataset(
 
     def process(epoch, index, el):
         image_bytes, label = _element(source, el)
+        example_seed = preprocessing.example_seed(seed, epoch, index)
         image, tag = preprocessing.preprocess_for_train(
             image_bytes,
             image_size,
-            preprocessing.example_seed(seed, epoch, index),
+            example_seed,
             augmentation,
             return_source=True,
             **auto_augment_options,
         )
-        out = (image, tf.cast(label, tf.int32)) + ((tag,) if source_tags else ())
+        extras = {}
+        if source_tags:
+            extras["source_tags"] = tag
+        if "tda" in extra_views:
+            extras[EXTRA_VIEW_KEYS["tda"]] = preprocessing.tda_view_for_train(
+                image_bytes, image_size, example_seed
+            )
+        out = (image, tf.cast(label, tf.int32)) + ((extras,) if extras else ())
         return (epoch, index) + out if skip_bad_records else out
 
     ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -437,7 +473,7 @@ def _eval_dataset(source, *, batch_size, image_size, augmentation, cache, source
         image_bytes, label = _element(source, el if len(el) > 1 else el[0])
         image = preprocessing.preprocess_for_eval(image_bytes, image_size, augmentation)
         if source_tags:
-            return image, tf.cast(label, tf.int32), tf.constant(0, tf.int32)
+            return image, tf.cast(label, tf.int32), {"source_tags": tf.constant(0, tf.int32)}
         return image, tf.cast(label, tf.int32)
 
     ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -464,15 +500,20 @@ def make_dataset(
     randaugment_layers=2,
     randaugment_magnitude=10,
     auto_augment_fraction=1.0,
+    auto_augment_constants="auto",
     source_tags=False,
+    extra_views=(),
     holdout_shards=None,
     skip_bad_records=False,
     skip_counter=None,
 ) -> tf.data.Dataset:
     """Batched (images float32 [B,H,W,3] in [0,255], labels int32 [B]) dataset.
 
-    With ``source_tags=True`` each element is (images, labels, sources), sources
-    int32 [B]: 0 = clean image, 1 = augmented by AutoAugment/RandAugment.
+    With ``source_tags=True`` or a non-empty ``extra_views`` each element is
+    ``(images, labels, extras)``, extras a dict (module docstring): with
+    ``source_tags``, ``extras["source_tags"]`` int32 [B] (0 = clean image, 1 =
+    augmented by AutoAugment/RandAugment); with "tda" in ``extra_views``,
+    ``extras["tda_images"]`` float32 [B,H,W,3] in [0,255].
 
     Args:
       info: DatasetInfo from resolve_dataset.
@@ -505,7 +546,16 @@ def make_dataset(
       auto_augment_fraction: share of training images, in [0, 1], that get
         ``auto_augment`` (a stateless coin per example from the run seed, epoch
         and index); the others are exactly the images of ``auto_augment=None``.
-      source_tags: also yield the per-image source tags (eval: all 0).
+      auto_augment_constants: "auto" (default), "official" or "scaled": the
+        translate/cutout pixel constants of ``auto_augment``.  "auto": the
+        official ImageNet constants when ``image_size >= 64``, scaled to the
+        image below (``autoaugment_constants(image_size, ...)`` says which).
+      source_tags: also yield the per-image source tags (eval: all 0), as
+        ``extras["source_tags"]``.
+      extra_views: names from EXTRA_VIEWS of extra per-image views to add to
+        each training element's extras: "tda" -> ``extras["tda_images"]``, the
+        texture-debiased view made from the decoded image (NoFrost*).
+        Training only.
       holdout_shards: None: use ``info.holdout_shards`` (set by
         ``resolve_dataset(..., holdout_shards=N)``, the way to use it, since
         the info's num_train/num_eval then match).  N >= 1 (TFRecord data
@@ -530,8 +580,12 @@ def make_dataset(
             auto_augment, randaugment_layers, randaugment_magnitude, auto_augment_fraction
         )
     )
+    autoaugment.check_constants(auto_augment_constants)
     if not isinstance(source_tags, bool):
         raise ValueError(f"source_tags={source_tags!r}: expected True or False")
+    extra_views = preprocessing.check_extra_views(extra_views)
+    if extra_views and not is_training:
+        raise ValueError(f"extra_views={extra_views}: training data only")
     batch_size = int(batch_size)
     image_size = int(image_size)
     if batch_size < 1 or image_size < 1:
@@ -574,8 +628,10 @@ def make_dataset(
                 randaugment_layers=randaugment_layers,
                 randaugment_magnitude=randaugment_magnitude,
                 auto_augment_fraction=auto_augment_fraction,
+                auto_augment_constants=auto_augment_constants,
             ),
             source_tags=source_tags,
+            extra_views=extra_views,
             skip_bad_records=skip_bad_records,
             skip_counter=skip_counter,
         )

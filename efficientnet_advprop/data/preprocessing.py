@@ -32,6 +32,10 @@ stateless per-image share of them (``auto_augment_fraction``); the rest stay
 exactly as without augmentation.  Augmented images are quantised to integers
 (rounded) on the way.
 
+NoFrost*'s texture-debiased view (:func:`tda_view_for_train`, make_dataset's
+``extra_views=("tda",)``) is made separately, from the whole decoded image (not
+from the training crop), with its own sub-seed of the example's seed.
+
 All randomness is stateless: every random op takes a seed derived from the
 per-example seed passed in (a shape-[2] integer tensor), so results depend
 only on that seed and never on op order, threads or ``tf.random`` state.
@@ -45,6 +49,7 @@ import numbers
 import tensorflow as tf
 
 from efficientnet_advprop.data import autoaugment
+from efficientnet_advprop.data import tda
 
 CROP_PADDING = 32
 AUGMENTATIONS = ("inception", "cifar", "cifar_zeros", "none")
@@ -59,6 +64,9 @@ AUTO_AUGMENTS = (None, "v0", "randaugment")
 # Sub-seed (fold_in data) of the per-example seed used by AutoAugment/RandAugment;
 # the crop/flip seeds (stateless_split) are unaffected.
 _AUTO_AUGMENT_STREAM = 0xA0A0
+# Sub-seed of the per-example seed used by the TDA view (extra_views=("tda",)).
+_TDA_STREAM = 0x7DA0
+EXTRA_VIEWS = ("tda",)
 
 
 def check_augmentation(augmentation):
@@ -277,6 +285,7 @@ def preprocess_for_train(
     randaugment_layers=2,
     randaugment_magnitude=10,
     auto_augment_fraction=1.0,
+    auto_augment_constants="auto",
     return_source=False,
 ):
     """Training preprocessing of one encoded image; seed: shape-[2] int tensor.
@@ -287,7 +296,10 @@ def preprocess_for_train(
     ``auto_augment_fraction`` in [0, 1] is the probability (a stateless coin per
     image) that an image is augmented; the others are returned exactly as with
     ``auto_augment=None``.  Augmented images are rounded to integers in
-    [0, 255] (the ops work on uint8).
+    [0, 255] (the ops work on uint8).  ``auto_augment_constants`` ("auto",
+    "official" or "scaled") picks the ops' translate/cutout pixel constants:
+    "auto" scales them down below 64 px and keeps the official ones from 64 px
+    (:func:`efficientnet_advprop.data.autoaugment.autoaugment_constants`).
 
     Returns float32 [image_size, image_size, 3] in [0, 255], or
     ``(image, source)`` when ``return_source``: int32 scalar, 0 = clean,
@@ -297,6 +309,7 @@ def preprocess_for_train(
     auto_augment, layers, magnitude, fraction = check_auto_augment(
         auto_augment, randaugment_layers, randaugment_magnitude, auto_augment_fraction
     )
+    constants = autoaugment.check_constants(auto_augment_constants)
     if augmentation == "none":
         image = resize(_decode_full(image_bytes), image_size)
     else:
@@ -321,9 +334,11 @@ def preprocess_for_train(
 
         def augmented():
             if auto_augment == "v0":
-                return autoaugment.distort_image_with_autoaugment(clean, distort_seed, "v0")
+                return autoaugment.distort_image_with_autoaugment(
+                    clean, distort_seed, "v0", constants=constants
+                )
             return autoaugment.distort_image_with_randaugment(
-                clean, layers, magnitude, distort_seed
+                clean, layers, magnitude, distort_seed, constants=constants
             )
 
         if fraction >= 1.0:
@@ -340,6 +355,39 @@ def preprocess_for_train(
     if return_source:
         return image, source
     return image
+
+
+def tda_view_for_train(image_bytes, image_size, seed):
+    """NoFrost*'s texture-debiased view of one encoded training image: the TDA random
+    resized crop (scale 0.64-1) of the whole *decoded* image, resized to
+    ``image_size``, flipped and colour-distorted (:func:`efficientnet_advprop.data.tda.
+    tda_view`).  ``seed`` is the example's seed (:func:`example_seed`); the view uses a
+    sub-seed of it, so it is independent of the example's crop/flip/AutoAugment draws.
+
+    Returns float32 [image_size, image_size, 3] in [0, 255].
+    """
+    view_seed = tf.random.experimental.stateless_fold_in(
+        seed, tf.constant(_TDA_STREAM, tf.int64)
+    )
+    return tda.tda_view(_decode_full(image_bytes), image_size, view_seed)
+
+
+def check_extra_views(extra_views):
+    """Validates make_dataset's ``extra_views`` (an iterable of names from
+    EXTRA_VIEWS); returns them as a tuple without repeats, in EXTRA_VIEWS order."""
+    if isinstance(extra_views, str):
+        extra_views = (extra_views,)
+    try:
+        views = tuple(extra_views or ())
+    except TypeError:
+        raise ValueError(
+            f"extra_views={extra_views!r}: expected a tuple of names from {EXTRA_VIEWS}"
+        ) from None
+    unknown = [v for v in views if v not in EXTRA_VIEWS]
+    if unknown:
+        raise ValueError(f"extra_views: unknown view(s) {unknown}; expected names from "
+                         f"{EXTRA_VIEWS}")
+    return tuple(v for v in EXTRA_VIEWS if v in views)
 
 
 def preprocess_for_eval(

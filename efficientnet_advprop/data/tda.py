@@ -42,6 +42,18 @@ output; eager, ``tf.function`` and ``jit_compile=True`` agree up to float roundi
 ops).  Under ``tf.distribute`` fold the replica id into the seed for per-replica
 randomness.
 
+Input-pipeline view (:func:`tda_view`): NoFrost's reference code
+(amazon-research/normalizer-free-robust-training) applies TDA to the *decoded* image,
+not to an already cropped training image: ``RandomResizedCrop(size, scale=(0.64, 1))``
+on the original picture, then the flip and the colour distortion above.
+:func:`tda_view` does that for one decoded image of any size ``[h, w, 3]``: the crop box
+is drawn with the same rule on the original ``h x w`` (same draws as
+:func:`sample_tda_params` for a batch of one), the crop is resized to
+``image_size x image_size`` with ``tf.image.resize`` bilinear, ``antialias=True`` (like
+torchvision's PIL bilinear resize, which filters when it shrinks), then flipped and
+colour-distorted exactly as :func:`apply_tda`.  ``make_dataset(...,
+extra_views=("tda",))`` uses it to add ``extras["tda_images"]`` to each training batch.
+
 XLA notes (TF 2.21, CPU): ``tf.image.crop_and_resize`` has no XLA kernel, so the crop is
 a hand-written separable bilinear resampler (two batched ``tf.gather`` + lerp; the flip
 is folded into the column sample positions).  ``tf.image.rgb_to_hsv`` /
@@ -57,6 +69,7 @@ from efficientnet_advprop.data.mixing import stateless_uniform01
 
 __all__ = [
     "texture_debiased_augment",
+    "tda_view",
     "sample_tda_params",
     "apply_tda",
     "resized_crops",
@@ -77,13 +90,33 @@ _LUMA = (0.299, 0.587, 0.114)
 
 
 def _fallback_box(height, width):
-    """torchvision's central-crop fallback, (h, w)."""
-    in_ratio = width / height
-    if in_ratio < RATIO[0]:
-        return int(round(width / RATIO[0])), width
-    if in_ratio > RATIO[1]:
-        return height, int(round(height * RATIO[1]))
-    return height, width
+    """torchvision's central-crop fallback, (h, w): Python ints in, Python ints out;
+    int32 scalar tensors in, int32 tensors out."""
+    if isinstance(height, int) and isinstance(width, int):
+        in_ratio = width / height
+        if in_ratio < RATIO[0]:
+            return int(round(width / RATIO[0])), width
+        if in_ratio > RATIO[1]:
+            return height, int(round(height * RATIO[1]))
+        return height, width
+    h = tf.cast(height, tf.float64)
+    w = tf.cast(width, tf.float64)
+    in_ratio = w / h
+    narrow = in_ratio < RATIO[0]
+    wide = in_ratio > RATIO[1]
+    fb_h = tf.where(narrow, tf.cast(tf.round(w / RATIO[0]), tf.int32), height)
+    fb_w = tf.where(wide, tf.cast(tf.round(h * RATIO[1]), tf.int32), width)
+    return fb_h, fb_w
+
+
+def _size(value):
+    """A Python int as is; anything else as an int32 scalar tensor."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return int(value)  # numpy ints, eager scalar tensors
+    except (TypeError, ValueError):
+        return tf.cast(value, tf.int32)
 
 
 def sample_tda_params(batch_size, height, width, seed):
@@ -95,14 +128,17 @@ def sample_tda_params(batch_size, height, width, seed):
       ``jitter``: bool [B], colour jitter applied (colour-distortion coin and jitter coin);
       ``gray``: bool [B], grayscale applied (colour-distortion coin and grayscale coin);
       ``factors``: float32 [B, 4], (brightness, contrast, saturation, hue shift).
-    ``height`` and ``width`` are Python ints; ``batch_size`` may be a scalar tensor.
+    ``height`` and ``width`` are Python ints or int32 scalar tensors (a decoded image's
+    dynamic size); ``batch_size`` may be a scalar tensor.
     """
-    height, width = int(height), int(width)
+    height, width = _size(height), _size(width)
     # One random op for all per-image draws (columns below); fewer random ops keep the XLA
     # compile time down.
     k = CROP_ATTEMPTS
     u = stateless_uniform01([batch_size, 2 * k + 10], canonical_seed(seed))
-    area = float(height * width) * (SCALE[0] + (SCALE[1] - SCALE[0]) * u[:, :k])
+    pixels = (float(height * width) if isinstance(height, int) and isinstance(width, int)
+              else tf.cast(height, tf.float32) * tf.cast(width, tf.float32))
+    area = pixels * (SCALE[0] + (SCALE[1] - SCALE[0]) * u[:, :k])
     log_lo, log_hi = math.log(RATIO[0]), math.log(RATIO[1])
     ratio = tf.exp(log_lo + (log_hi - log_lo) * u[:, k:2 * k])
     top_u, left_u, flip_u, color_u, jitter_u, gray_u = tf.unstack(u[:, 2 * k:2 * k + 6], axis=1)
@@ -190,6 +226,16 @@ def _color_jitter(x, factors):
     return tf.clip_by_value(tf.image.hsv_to_rgb(tf.concat([hue, hsv[..., 1:]], -1)), 0.0, 1.0)
 
 
+def _color_distort(x, params):
+    """The colour part of TDA (jitter, then grayscale, per the params' coins) of float32
+    [B, H, W, 3] images in [0, 255]."""
+    jittered = _color_jitter(x * (1.0 / 255.0), params["factors"]) * 255.0
+    x = tf.where(params["jitter"][:, None, None, None], jittered, x)
+    gray = tf.broadcast_to(_gray(x), tf.shape(x))
+    x = tf.where(params["gray"][:, None, None, None], gray, x)
+    return tf.clip_by_value(x, 0.0, 255.0)
+
+
 def apply_tda(images, params):
     """Applies :func:`sample_tda_params` decisions to float [B, H, W, 3] images in [0, 255].
 
@@ -197,11 +243,40 @@ def apply_tda(images, params):
     """
     images = tf.cast(tf.convert_to_tensor(images), tf.float32)
     x = resized_crops(images, params["box"], params["flip"])
-    jittered = _color_jitter(x * (1.0 / 255.0), params["factors"]) * 255.0
-    x = tf.where(params["jitter"][:, None, None, None], jittered, x)
-    gray = tf.broadcast_to(_gray(x), tf.shape(x))
-    x = tf.where(params["gray"][:, None, None, None], gray, x)
-    return tf.clip_by_value(x, 0.0, 255.0)
+    return _color_distort(x, params)
+
+
+def tda_view(image, image_size, seed):
+    """TDA of one decoded image, as NoFrost's reference input pipeline makes it.
+
+    Random resized crop of the *original* image (scale (0.64, 1), aspect ratio (3/4, 4/3),
+    torchvision's attempts and fallback), resized to ``image_size`` x ``image_size``
+    (bilinear, antialiased), random flip, colour distortion; the decisions are those of
+    ``sample_tda_params(1, h, w, seed)`` (module docstring).
+
+    Args:
+      image: [h, w, 3] uint8 or float in [0, 255], any (dynamic) h and w.
+      image_size: output side (Python int).
+      seed: shape-[2] integer tensor.
+
+    Returns:
+      float32 [image_size, image_size, 3] in [0, 255].
+    """
+    image = tf.convert_to_tensor(image)
+    if image.shape.rank != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must be [h, w, 3], got {image.shape}")
+    image_size = int(image_size)
+    shape = tf.shape(image)
+    params = sample_tda_params(1, shape[0], shape[1], seed)
+    top, left, crop_h, crop_w = tf.unstack(params["box"][0])
+    crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([crop_h, crop_w, 3]))
+    x = tf.image.resize(tf.cast(crop, tf.float32), [image_size, image_size],
+                        method=tf.image.ResizeMethod.BILINEAR, antialias=True)
+    x = tf.clip_by_value(x, 0.0, 255.0)
+    x = tf.where(params["flip"][0], tf.reverse(x, axis=[1]), x)
+    out = _color_distort(x[tf.newaxis], params)[0]
+    out.set_shape([image_size, image_size, 3])
+    return out
 
 
 def texture_debiased_augment(images, seed):

@@ -35,31 +35,52 @@ class StepContext:
       shared_seed: int64 [2], the same on every replica (different per step).
       step: int64 scalar, the global step being computed (0-based).
       num_replicas: replicas in sync (a Python int).
-      source_tags: int32 [B] per-image data-source tags from the input pipeline
-        (0 = plain clean image, 1 = AutoAugment/RandAugment image), or None.
       compile: fn -> fn; wraps the pieces a recipe wants XLA-compiled when the loop
         runs with jit_compile but cannot compile the whole step (identity otherwise).
+      extras: dict of per-image side information from the input pipeline, this
+        replica's share of the batch (the third element of a training batch, see
+        `efficientnet_advprop.data.make_dataset`); keys present only when the
+        pipeline made them:
+          "source_tags": int32 [B], 0 = plain clean image, 1 = AutoAugment/RandAugment
+            image (`make_dataset(..., source_tags=True)`);
+          "tda_images": float32 [B, H, W, 3], the texture-debiased view of each image
+            made from the decoded image (`make_dataset(..., extra_views=("tda",))`).
+      source_tags: `extras.get("source_tags")` (read-only). The constructor also takes
+        `source_tags=` and stores it in `extras`.
     """
 
     seed: tf.Tensor
     shared_seed: tf.Tensor = None
     step: tf.Tensor = None
     num_replicas: int = 1
-    source_tags: tf.Tensor = None
+    source_tags: dataclasses.InitVar[tf.Tensor] = None
     compile: object = None
+    extras: dict = None
 
-    def __post_init__(self):
+    def __post_init__(self, source_tags):
         if self.shared_seed is None:
             self.shared_seed = self.seed
         if self.step is None:
             self.step = tf.constant(0, tf.int64)
         if self.compile is None:
             self.compile = lambda fn: fn
+        self.extras = dict(self.extras or {})
+        if source_tags is not None:
+            if self.extras.get("source_tags") is not None:
+                raise ValueError("StepContext: source_tags given twice (argument and "
+                                 "extras['source_tags'])")
+            self.extras["source_tags"] = source_tags
 
     def fold(self, tag, shared=False):
         """A seed for one random decision of this step, independent of other tags."""
         base = self.shared_seed if shared else self.seed
         return tf.random.experimental.stateless_fold_in(tf.cast(base, tf.int64), tag)
+
+
+# Defined after the dataclass so that the constructor keeps its `source_tags=None`
+# argument (an InitVar) while the attribute reads `extras`.
+StepContext.source_tags = property(lambda self: self.extras.get("source_tags"),
+                                   doc="extras.get('source_tags'): int32 [B] or None.")
 
 
 def as_context(ctx):
@@ -221,8 +242,11 @@ class Recipe:
       attack: the AttackConfig used to make training examples, or None.
       attack_bn_set: the BN set the attack runs through (and the set that normalises
         adversarial images; evaluation reports it next to the main set).
-      needs_source_tags: the input pipeline must tag each image with its source.
-      input_views: extra views of each image the input pipeline must produce.
+      needs_source_tags: the input pipeline must tag each image with its source
+        (`make_dataset(..., source_tags=True)` -> `ctx.extras["source_tags"]`).
+      input_views: extra per-image views the input pipeline must make, names from
+        `efficientnet_advprop.data.EXTRA_VIEWS` (`make_dataset(...,
+        extra_views=recipe.input_views)`); "tda" -> `ctx.extras["tda_images"]`.
       preferred_preprocessing: the model's input normalisation this recipe's paper
         uses (None: the model family's default).
       exchanges_across_replicas: the step exchanges images between replicas (the

@@ -96,29 +96,48 @@ class NoFrost(Recipe):
                 f"{a.epsilon:g} step {a.step_size:g}, separate forwards)")
 
 
-def augmented_view(images, seed):
-    """NoFrost*'s augmented view: DeepAugment-style on the first half of the batch,
-    texture-debiased augmentation on the second half."""
+def augmented_view(images, seed, tda_images):
+    """NoFrost*'s augmented view of a batch: DeepAugment-style of the first half of
+    `images` (a random network drawn from `seed`), then the second half of
+    `tda_images` -- the input pipeline's texture-debiased views of the same images
+    (same shape as `images`). Returns float32, the shape of `images`.
+
+    As in the reference code (amazon-research/normalizer-free-robust-training), TDA is
+    made from the decoded image -- random resized crop with scale (0.64, 1) of the
+    original picture, flip, colour distortion -- not from the already cropped training
+    image: NoFrostStar declares `input_views = ("tda",)` and reads
+    `ctx.extras["tda_images"]` (`make_dataset(..., extra_views=recipe.input_views)`;
+    `efficientnet_advprop.data.tda.tda_view`). DeepAugment-style runs here, in the step,
+    on the training batch."""
     from efficientnet_advprop.data.deepaugment import deep_augment
-    from efficientnet_advprop.data.tda import texture_debiased_augment
 
     images = tf.cast(images, tf.float32)
+    tda_images = tf.cast(tda_images, tf.float32)
+    if not images.shape.is_compatible_with(tda_images.shape):
+        raise ValueError(f"tda_images {tda_images.shape} must have the shape of the "
+                         f"images {images.shape}")
     half = images.shape[0] // 2
     deep = deep_augment(images[:half], tf.random.experimental.stateless_fold_in(seed, 0))
-    tda = texture_debiased_augment(images[half:],
-                                   tf.random.experimental.stateless_fold_in(seed, 1))
-    return tf.concat([deep, tda], axis=0)
+    return tf.concat([deep, tda_images[half:]], axis=0)
 
 
 class NoFrostStar(NoFrost):
     name = "nofrost_star"
     title = "NoFrost*: NoFrost with an augmented view (Wang et al., ICML 2022)"
+    input_views = ("tda",)
 
     def compute(self, model, images, labels, ctx):
         ctx = as_context(ctx)
+        tda_images = ctx.extras.get("tda_images")
+        if tda_images is None:
+            raise ValueError(
+                "nofrost_star needs the TDA view of each image from the input pipeline "
+                "(StepContext.extras['tda_images'], missing): build the training data "
+                "with make_dataset(..., extra_views=recipe.input_views), i.e. "
+                "extra_views=('tda',)")
         adv = attack_model(model, images, labels, self.attack, bn_set=MAIN,
                            num_classes=self.num_classes, seed=ctx.fold(0))
-        augmented = augmented_view(images, ctx.fold(1))
+        augmented = augmented_view(images, ctx.fold(1), tda_images)
         metrics = {}
         total = (self._forward(model, images, labels, "clean", metrics)
                  + self._forward(model, tf.cast(augmented, images.dtype), labels,

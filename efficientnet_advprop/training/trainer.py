@@ -244,6 +244,17 @@ class ScaleGradient(keras.layers.Layer):
         return scaled(inputs)
 
 
+def as_extras(extras):
+    """A batch's third element as the extras dict: None -> {}; a dict (of tensors or
+    per-replica values) as is; anything else is the source tags of the older
+    (images, labels, source_tags) batches -> {"source_tags": extras}."""
+    if extras is None:
+        return {}
+    if isinstance(extras, dict):
+        return dict(extras)
+    return {"source_tags": extras}
+
+
 class Trainer:
     """Trains `model_fn()` with `recipe` under `strategy`.
 
@@ -357,11 +368,12 @@ class Trainer:
         return self.manager.save(checkpoint_number=int(self.step.numpy()))
 
     # ------------------------------------------------------------------ the step
-    def _gradients(self, images, labels, seed, shared_seed, step, source_tags):
+    def _gradients(self, images, labels, seed, shared_seed, step, extras):
         """Replica gradients of the recipe loss, each divided by the global number of
-        (weighted) samples that produced it; weight decay comes later."""
+        (weighted) samples that produced it; weight decay comes later. `extras`: the
+        batch's dict of per-image side information (StepContext.extras)."""
         ctx = StepContext(seed=seed, shared_seed=shared_seed, step=step,
-                          num_replicas=self.num_replicas, source_tags=source_tags,
+                          num_replicas=self.num_replicas, extras=extras,
                           compile=self._piece_compiler)
         variables = self.model.trainable_variables
         out = self.recipe.gradients(self.train_model, variables, images, labels, ctx)
@@ -428,7 +440,7 @@ class Trainer:
         poison = tf.where(failed > 0.0, float("nan"), 0.0)
         return [None if g is None else g + tf.cast(poison, g.dtype) for g in grads]
 
-    def _replica_step(self, images, labels, seed, step, source_tags):
+    def _replica_step(self, images, labels, seed, step, extras):
         """One replica's step: recipe gradients, AGC and weight decay, optimizer.
 
         float16 (loss scaling): the recipe differentiates through `train_model`, so its
@@ -445,7 +457,7 @@ class Trainer:
         replica_seed = tf.random.experimental.stateless_fold_in(
             seed, tf.cast(context.replica_id_in_sync_group, tf.int64))
         grads, loss, metrics = self._grad_fn(images, labels, replica_seed, seed, step,
-                                             source_tags)
+                                             extras)
         grads = list(grads)
         if self.loss_scaling:
             grads = self._unscale(grads)
@@ -458,11 +470,16 @@ class Trainer:
         self.optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
         return loss, metrics
 
-    def _distributed_step(self, images, labels, source_tags=None):
+    def _distributed_step(self, images, labels, extras=None):
+        """One step on a batch (images, labels[, extras]): extras is the input
+        pipeline's dict of per-image side information ("source_tags", "tda_images", see
+        make_dataset), passed to the recipe as StepContext.extras; a bare tensor there
+        is taken as the source tags (the older 3-tuple batches)."""
+        extras = as_extras(extras)
         seed = tf.stack([tf.constant(self.config.seed, tf.int64), self.step])
         step = tf.identity(self.step)
         loss, metrics = self.strategy.run(self._replica_step,
-                                          args=(images, labels, seed, step, source_tags))
+                                          args=(images, labels, seed, step, extras))
         total_loss = self.strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
         reduced = {name: (self.strategy.reduce(tf.distribute.ReduceOp.SUM, s, axis=None),
                           self.strategy.reduce(tf.distribute.ReduceOp.SUM, c, axis=None))
@@ -536,7 +553,11 @@ class Trainer:
 
         Args:
           dataset_fn: (input_context, start_step) -> per-replica batched dataset of
-            (images, labels) or (images, labels, source_tags); called through
+            (images, labels) or (images, labels, extras), extras a dict of per-image
+            side information that reaches the recipe as StepContext.extras
+            ("source_tags", "tda_images": make_dataset(..., source_tags=
+            recipe.needs_source_tags, extra_views=recipe.input_views)); a bare
+            source-tags tensor in place of the dict is accepted too. Called through
             distribute_datasets_from_function.
           sample_images: optional (images, labels) numpy batch whose adversarial
             versions are written as TensorBoard images at each checkpoint.
