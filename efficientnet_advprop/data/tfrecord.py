@@ -10,7 +10,7 @@ Layout: ``data_dir/train-*`` and ``data_dir/validation-*`` shard files (e.g.
   ``image/format``, ``image/filename``.
 
 Holdout shards (the official EfficientNet ``--holdout_shards`` option): with
-``holdout_shards=N`` the last N ``train-*`` files (in sorted order) are the
+``holdout_shards=N`` the first N ``train-*`` files (in sorted order) are the
 eval split and training reads only the others, so a train-only copy of a
 dataset can still be evaluated on images it never trains on; ``validation-*``
 files are then ignored.
@@ -227,7 +227,7 @@ def make_source(
     """Builds the :class:`Source` of one pipeline's part of ``split``.
 
     ``holdout_shards=N``: the split is taken from the train-* files as
-    described in :func:`split_file_infos` (last N files = eval).
+    described in :func:`split_file_infos` (first N files = eval).
     ``skip_bad_records``: read damaged files as the module docstring says,
     adding the records lost in memory-held shards to ``skip_counter`` (an
     int64 tf.Variable, or None).
