@@ -211,8 +211,8 @@ def test_bad_input_in_process_is_one_line_and_exit_status_2(tmp_path, main_in_pr
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--train_batch_size=7"], "--train_batch_size=7: is not divisible by the 2 replicas"),
-    (["--train_batch_size=8", "--sync_batch_norm_group_size=3"],
+    (["--train_batch_size=33"], "--train_batch_size=33: is not divisible by the 2 replicas"),
+    (["--train_batch_size=64", "--sync_batch_norm_group_size=3"],
      "--sync_batch_norm_group_size=3: does not divide the 2 replicas"),
     (["--recipe=advprop", "--train_batch_size=16"],
      "--train_batch_size=16: gives BN batches of 8 images (replica batch) per replica, below "
