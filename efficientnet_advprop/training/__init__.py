@@ -1,15 +1,21 @@
 """The recipe-agnostic training loop and its parts."""
 
+from efficientnet_advprop.training.determinism import (DeterminismError,
+                                                       determinism_requested,
+                                                       enable_determinism)
 from efficientnet_advprop.training.distribute import STRATEGIES, make_strategy
 from efficientnet_advprop.training.ema import ExponentialMovingAverage
 from efficientnet_advprop.training.optimizers import OPTIMIZERS, TF1RMSprop, make_optimizer
+from efficientnet_advprop.training.run_lock import RunLock, RunLockedError
 from efficientnet_advprop.training.schedules import (WarmupCosineDecay, WarmupExponentialDecay,
                                                      WarmupStepDecay, scaled_learning_rate)
 from efficientnet_advprop.training.trainer import (PRECISIONS, InputDataError, TrainConfig,
                                                    Trainer, TrainingError, set_global_seed)
 
-__all__ = ["OPTIMIZERS", "PRECISIONS", "STRATEGIES", "ExponentialMovingAverage",
-           "InputDataError", "TF1RMSprop",
+__all__ = ["OPTIMIZERS", "PRECISIONS", "STRATEGIES", "DeterminismError",
+           "ExponentialMovingAverage", "InputDataError", "RunLock", "RunLockedError",
+           "TF1RMSprop",
            "TrainConfig", "Trainer", "TrainingError", "WarmupCosineDecay",
-           "WarmupExponentialDecay", "WarmupStepDecay", "make_optimizer", "make_strategy",
+           "WarmupExponentialDecay", "WarmupStepDecay", "determinism_requested",
+           "enable_determinism", "make_optimizer", "make_strategy",
            "scaled_learning_rate", "set_global_seed"]

@@ -346,10 +346,35 @@ class Trainer:
 
     # ----------------------------------------------------------------- checkpoints
     def restore(self):
-        """Restores the latest checkpoint in model_dir; returns the restored step."""
+        """Restores the newest readable checkpoint in model_dir; returns its step.
+
+        A listed checkpoint that cannot be read back whole -- a truncated data file, a
+        missing or damaged index: what a machine lost while its files were not yet on
+        disk can leave -- is skipped with a note on stderr, and the one before it is
+        restored (every variable: whatever the failed attempt had assigned is
+        overwritten). When no listed checkpoint can be read, raises TrainingError
+        rather than start again from scratch over them.
+        """
+        listed = list(self.manager.checkpoints)
         latest = self.manager.latest_checkpoint
-        if latest:
-            self.checkpoint.restore(latest).assert_consumed()
+        if latest and latest not in listed:
+            listed.append(latest)
+        failed = []
+        for path in reversed(listed):  # newest first
+            try:
+                self.checkpoint.restore(path).assert_consumed()
+            except (tf.errors.OpError, ValueError, AssertionError, IndexError, KeyError,
+                    OSError) as e:
+                failed.append(f"{os.path.basename(path)} ({op_error_reason(e)})")
+                continue
+            if failed:
+                print(f"note: skipped unreadable checkpoint(s) {'; '.join(failed)}; "
+                      f"restored {os.path.basename(path)}", file=sys.stderr)
+                self.manager._latest_checkpoint = path  # error messages name this one
+            return int(self.step.numpy())
+        if failed:
+            raise TrainingError(f"no checkpoint in {self.config.model_dir} can be read: "
+                                f"{'; '.join(failed)}")
         return int(self.step.numpy())
 
     def initialize_from(self, load_fn):
