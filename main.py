@@ -228,8 +228,9 @@ flags.DEFINE_integer("summary_every_steps", 100, "Steps between TensorBoard scal
 
 flags.DEFINE_bool("print_config", False, "Print the resolved configuration, each value "
                   "with where it came from, and exit (reads no data, writes nothing).")
-flags.DEFINE_bool("deterministic", False, "Deterministic ops and input pipeline: the "
-                  "same command gives bitwise the same run (README, Reliability).")
+flags.DEFINE_bool("deterministic", False, "Bitwise reproducible runs on one machine: op "
+                  "determinism, seeds, one inter-op thread (README, Reliability; also "
+                  "on with TF_DETERMINISTIC_OPS=1).")
 
 
 def _define_recipe_options():
@@ -334,7 +335,10 @@ def resolve_config():
 def run():
     from efficientnet_advprop import experiment
     from efficientnet_advprop.config import ConfigError
+    from efficientnet_advprop.training import determinism_requested, enable_determinism
 
+    if FLAGS.deterministic or determinism_requested():  # before TensorFlow's runtime
+        enable_determinism(FLAGS.seed)
     config, info = resolve_config()
     if FLAGS.print_config:
         print(config.describe())
@@ -614,11 +618,11 @@ def main(argv):
         print(f"main.py: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         sys.exit(2)
     # after absl handled --help
-    from efficientnet_advprop.training import InputDataError, TrainingError
+    from efficientnet_advprop.training import InputDataError, RunLockedError, TrainingError
 
     try:
         run()
-    except UsageError as e:
+    except (UsageError, RunLockedError) as e:
         print(f"main.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except (FileNotFoundError, FileExistsError) as e:

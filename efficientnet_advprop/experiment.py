@@ -207,11 +207,13 @@ def initialize(run, checkpoint, log=_stderr):
 
 
 def train(run):
-    """Trains to config.optim.train_steps (resuming from model_dir's checkpoint)."""
+    """Trains to config.optim.train_steps (resuming from model_dir's checkpoint), holding
+    model_dir's run lock (a second run on the same directory raises RunLockedError)."""
     samples = next(iter(run.eval_dataset().unbatch().batch(4).take(1)))
-    run.config.save(run.config.run.model_dir)
-    return run.trainer.train(run.train_dataset,
-                             sample_images=(samples[0].numpy(), samples[1].numpy()))
+    with training.RunLock(run.config.run.model_dir):
+        run.config.save(run.config.run.model_dir)
+        return run.trainer.train(run.train_dataset,
+                                 sample_images=(samples[0].numpy(), samples[1].numpy()))
 
 
 def restore(run):
