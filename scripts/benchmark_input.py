@@ -19,7 +19,6 @@ with its load: compare rows of one run.
 
 import os
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -43,32 +42,13 @@ flags.DEFINE_string("augmentation", None, "Crop/flip augmentation; default cifar
 flags.DEFINE_integer("holdout_shards", None, "Read the train split of a TFRecord dir "
                      "without its last N train-* files.")
 flags.DEFINE_integer("seed", 0, "Run seed.")
+flags.DEFINE_integer("threads", None, "tf.data threads (a private pool); default: the "
+                     "shared pool over every core. 1 gives the images/s of one core.")
 
 
 def _fail(message):
     print(f"benchmark_input.py: error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-def measure(info, data_dir, *, image_size, batch_size, steps, warmup, augmentation,
-            auto_augment, seed=0):
-    """(images/s, seconds per batch, setup seconds) of the training stream."""
-    from efficientnet_advprop import data  # pylint: disable=g-import-not-at-top
-
-    start = time.perf_counter()
-    ds = data.make_dataset(
-        info, data_dir, "train", batch_size=batch_size, image_size=image_size,
-        is_training=True, seed=seed, augmentation=augmentation,
-        auto_augment=None if auto_augment == "none" else auto_augment)
-    it = iter(ds)
-    for _ in range(warmup):
-        next(it)
-    setup = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(steps):
-        next(it)
-    elapsed = time.perf_counter() - start
-    return steps * batch_size / elapsed, elapsed / steps, setup
 
 
 def main(argv):
@@ -77,6 +57,8 @@ def main(argv):
     for flag in ("batch_size", "steps"):
         if getattr(FLAGS, flag) < 1:
             _fail(f"--{flag}={getattr(FLAGS, flag)}: must be >= 1")
+    if FLAGS.threads is not None and FLAGS.threads < 1:
+        _fail(f"--threads={FLAGS.threads}: must be >= 1")
     if FLAGS.warmup < 0:
         _fail(f"--warmup={FLAGS.warmup}: must be >= 0")
     for value in FLAGS.auto_augment:
@@ -84,6 +66,7 @@ def main(argv):
             _fail(f"--auto_augment={value}: expected none, v0 or randaugment")
 
     from efficientnet_advprop import data  # pylint: disable=g-import-not-at-top
+    from efficientnet_advprop.benchmarking import measure_input
 
     try:
         info = data.resolve_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.holdout_shards)
@@ -97,10 +80,10 @@ def main(argv):
     print("|---|---|---|---|---|---|---|---|---|")
     for auto_augment in FLAGS.auto_augment:
         try:
-            rate, per_batch, setup = measure(
+            rate, per_batch, setup = measure_input(
                 info, FLAGS.data_dir, image_size=image_size, batch_size=FLAGS.batch_size,
                 steps=FLAGS.steps, warmup=FLAGS.warmup, augmentation=augmentation,
-                auto_augment=auto_augment, seed=FLAGS.seed)
+                auto_augment=auto_augment, seed=FLAGS.seed, threads=FLAGS.threads)
         except ValueError as e:
             _fail(str(e))
         print(f"| {info.name} | {image_size} | {FLAGS.batch_size} | {augmentation} | "

@@ -267,3 +267,18 @@ def test_sync_batch_norm_defaults_follow_the_official_tpu_groups():
     assert settings({"sync_batch_norm_group_size": 4}, use_tpu=False, replicas=8) == (
         True, 4)
     assert settings({"sync_batch_norm": False}, use_tpu=True, replicas=32) == (False, None)
+
+
+def test_a_second_run_on_a_locked_model_dir_is_refused_in_one_line(tmp_path,
+                                                                    main_in_process):
+    from efficientnet_advprop.training import RunLock
+
+    model_dir = tmp_path / "m"
+    with RunLock(model_dir):  # a live run (this process) holds the directory
+        status, out, err = main_in_process(
+            "--model=resnet-18-cifar", "--width_multiplier=0.125", "--train_steps=1",
+            "--mode=train", f"--model_dir={model_dir}")
+    assert status == 2, err[-5:]
+    assert err[-1].startswith("main.py: error:") and str(model_dir) in err[-1]
+    assert f"pid {os.getpid()}" in err[-1] or str(os.getpid()) in err[-1]
+    assert not (model_dir / "checkpoint").exists()  # nothing trained or written
