@@ -121,16 +121,20 @@ class StepBench:
     warm_step_seconds: float = None  # the last warm-up step (already compiled)
 
 
-def random_batch(batch_size, image_size, num_classes, source_tags=False, seed=0):
-    """(images float32 in [0, 255], labels int32[, source tags int32]) on the device."""
+def random_batch(batch_size, image_size, num_classes, source_tags=False, seed=0,
+                 extra_views=()):
+    """(images float32 in [0, 255], labels int32[, extras]) on the device; extras holds
+    the source tags and the extra views (here: the images themselves) a recipe needs."""
     rng = np.random.default_rng(seed)
     images = tf.constant(rng.uniform(0, 255, (batch_size, image_size, image_size, 3)),
                          tf.float32)
     labels = tf.constant(rng.integers(0, num_classes, batch_size), tf.int32)
-    inputs = (images, labels)
+    extras = {}
     if source_tags:  # half the images tagged as AutoAugment ones
-        inputs += (tf.constant(np.arange(batch_size) % 2, tf.int32),)
-    return inputs
+        extras["source_tags"] = tf.constant(np.arange(batch_size) % 2, tf.int32)
+    if "tda" in extra_views:
+        extras["tda_images"] = images
+    return (images, labels, extras) if extras else (images, labels)
 
 
 def build_config(name, *, model_name, image_size, batch_size, model_dir,
@@ -169,7 +173,7 @@ def build_config(name, *, model_name, image_size, batch_size, model_dir,
                          checkpoint_every_steps=10 ** 9, summary_every_steps=10 ** 9)
     trainer = Trainer(tf.distribute.get_strategy(), model_fn, recipe, config)
     inputs = random_batch(batch_size, image_size, num_classes, recipe.needs_source_tags,
-                          seed=seed)
+                          seed=seed, extra_views=recipe.input_views)
     warm = None
     for _ in range(warmup):
         step_start = time.perf_counter()
