@@ -32,10 +32,6 @@ import tensorflow as tf
 REFERENCE = "keras_applications"
 BASE_CONFIGS = ("keras_applications", "vanilla", "advprop_pgd1", "advprop_pgd5")
 
-PAPER_ATTACKS = {  # (epsilon, iterations, step, targeted) of each paper's training attack
-    "madry_at": (8.0, 10, 2.0, False), "sat": (8.0, 10, 2.0, False),
-    "fine_grained_advprop": (1.0, 1, 1.0, False),
-}
 
 
 def all_configs():
@@ -87,22 +83,23 @@ def fast_advprop_group_size(batch_size, adv_fraction=0.2, preferred=16):
 
 
 def make_benchmark_recipe(name, num_classes, batch_size):
-    """The recipe of configuration `name` (see `parse_config`) for `batch_size` drawn
-    images per step (Fast AdvProp's shuffle-BN groups follow the batch)."""
-    from efficientnet_advprop.attacks import AttackConfig
-    from efficientnet_advprop.recipes import make_recipe
+    """The recipe of configuration `name` (see `parse_config`) with its paper's training
+    attack (the recipe file's `paper` table) for `batch_size` drawn images per step
+    (Fast AdvProp's shuffle-BN groups follow the batch)."""
+    from efficientnet_advprop.config import AttackSettings
+    from efficientnet_advprop.recipes import RECIPES
 
     recipe_name, eps, _ = parse_config(name)
-    if recipe_name == "advprop":
-        return make_recipe("advprop", num_classes, attack=AttackConfig(epsilon=eps))
-    if recipe_name in PAPER_ATTACKS:
-        eps, iters, step, targeted = PAPER_ATTACKS[recipe_name]
-        return make_recipe(recipe_name, num_classes, attack=AttackConfig(
-            epsilon=eps, num_iter=iters, step_size=step, targeted=targeted))
-    if recipe_name == "fast_advprop":
-        return make_recipe("fast_advprop", num_classes,
-                           shuffle_bn_group_size=fast_advprop_group_size(batch_size))
-    return make_recipe(recipe_name, num_classes)  # the recipe's default attack is the paper's
+    cls = RECIPES[recipe_name]
+    fields = {f.name for f in dataclasses.fields(AttackSettings)}
+    settings = {k: c.value for k, c in cls.paper.items() if k in fields}
+    if eps is not None:  # advprop_pgdK: AdvProp's eps = K - 1 (1 for K = 1), n = eps + 1
+        settings.update(epsilon=float(eps), attack_iterations=None)
+    attack = AttackSettings(**settings).training_attack() if cls.adversarial else None
+    options = {}
+    if "shuffle_bn_group_size" in {o.name for o in cls.options}:
+        options["shuffle_bn_group_size"] = fast_advprop_group_size(batch_size)
+    return cls.from_options(num_classes, attack=attack, **options)
 
 
 @dataclasses.dataclass
