@@ -3,7 +3,9 @@ command is run again, and ends with the same weights as an uninterrupted run.
 
 The command is the embedded default's (batch 64: 64 clean + 64 adversarial images per
 step), killed at three moments: right after a checkpoint, in the middle of the steps
-after it, and while the next checkpoint is being written. It runs deterministically
+after it, and as the next checkpoint's write starts (a small checkpoint is written in
+milliseconds: the kill often lands just after it; tests/test_resume.py rebuilds the
+exact state a kill in mid-write leaves). It runs deterministically
 (one inter-op thread and TF op determinism, what
 efficientnet_advprop.training.enable_determinism sets up): without that, two
 uninterrupted runs at this batch already differ (tests/test_determinism.py), so a
@@ -62,7 +64,7 @@ def _mid_steps(line, model_dir, seen):
     return bool(match) and EVERY + 3 <= int(match.group(1)) < 2 * EVERY
 
 
-def _during_write(line, model_dir, seen):
+def _at_checkpoint_write(line, model_dir, seen):
     # TensorFlow logs this as it starts writing a checkpoint's tensors; the second one
     # is checkpoint 2 * EVERY. (Should a TF version stop logging it, the kill comes
     # right after that checkpoint instead: still a valid moment.)
@@ -114,8 +116,8 @@ def straight(tmp_path_factory):
 @pytest.mark.slow  # per moment: a killed and a resumed main.py run, 2-4 minutes
 @pytest.mark.parametrize("moment,resumed_at", [
     (_after_checkpoint, {EVERY}), (_mid_steps, {EVERY}),
-    (_during_write, {EVERY, 2 * EVERY})], ids=["after_checkpoint", "mid_steps",
-                                                "during_checkpoint_write"])
+    (_at_checkpoint_write, {EVERY, 2 * EVERY})], ids=["after_checkpoint", "mid_steps",
+                                                       "at_checkpoint_write"])
 def test_sigkill_then_same_command_equals_uninterrupted_run(tmp_path, straight, moment,
                                                             resumed_at):
     killed = tmp_path / "killed"
