@@ -36,7 +36,6 @@ op determinism (not measured here).
 import os
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from efficientnet_advprop.training.trainer import TrainingError
@@ -74,15 +73,5 @@ def enable_determinism(seed):
             "inter-op threads; call it before the first op, strategy or dataset (or "
             "set TF_NUM_INTEROP_THREADS=1 in the environment)") from None
     tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(int(seed))
-    np.random.seed(int(seed))
+    keras.utils.set_random_seed(int(seed))  # Python, NumPy, TensorFlow, Keras
 
-
-def determinism_enabled():
-    """True when this process runs with op determinism and a single inter-op thread
-    (what `enable_determinism` sets; TF_NUM_INTEROP_THREADS=1 gives the latter)."""
-    single = (tf.config.threading.get_inter_op_parallelism_threads() == 1
-              or os.environ.get("TF_NUM_INTEROP_THREADS", "").strip() == "1")
-    from tensorflow.python.framework import config as tf_config  # no public getter
-
-    return bool(single and tf_config.is_op_determinism_enabled())

@@ -169,11 +169,15 @@ class RunLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._record(), f)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._record(), f)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            os.remove(self.path)  # an empty lock would refuse every later run
+            raise
         return True
 
     def _read(self, path=None):

@@ -8,7 +8,10 @@ Reproducibility and resume: the attack/recipe randomness of step s is seeded by
 (seed, s) folded with the replica id; the data stream is a deterministic function of
 (seed, start_step); model-internal randomness (dropout, drop-connect) lives in Keras
 seed-generator variables, which the checkpoint carries with the weights, optimizer
-slots, EMA shadows and the step.
+slots, EMA shadows and the step. The arithmetic is bitwise reproducible (and a resumed
+run bitwise equal to an uninterrupted one) only under
+`efficientnet_advprop.training.enable_determinism`; `restore` skips a newest
+checkpoint that cannot be read back.
 
 Steps per call: `iterations_per_loop` steps run inside one tf.function call (a loop
 over the distributed iterator), as the official TPU code's --iterations_per_loop; a
