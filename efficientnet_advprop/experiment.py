@@ -206,11 +206,24 @@ def initialize(run, checkpoint, log=_stderr):
             f"({report['source']}); skipped: {skipped or 'none'}")
 
 
+def is_chief(strategy):
+    """True unless this process is a non-chief worker of a multi-worker run."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True
+    cluster = resolver.cluster_spec().as_dict()
+    if "chief" in cluster:
+        return resolver.task_type == "chief"
+    return resolver.task_type == "worker" and int(resolver.task_id or 0) == 0
+
+
 def train(run):
     """Trains to config.optim.train_steps (resuming from model_dir's checkpoint), holding
     model_dir's run lock (a second run on the same directory raises RunLockedError)."""
     samples = next(iter(run.eval_dataset().unbatch().batch(4).take(1)))
-    with training.RunLock(run.config.run.model_dir):
+    lock = (training.RunLock(run.config.run.model_dir) if is_chief(run.strategy)
+            else contextlib.nullcontext())  # the other workers of the run hold none
+    with lock:
         run.config.save(run.config.run.model_dir)
         return run.trainer.train(run.train_dataset,
                                  sample_images=(samples[0].numpy(), samples[1].numpy()))
