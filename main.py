@@ -197,7 +197,7 @@ flags.DEFINE_string("mce_baseline", None, "Normalise the mCE: 'alexnet' (ImageNe
 flags.DEFINE_enum("robustness_profile", "auto", ["auto", "quick", "full"],
                   "full: the papers' protocol (the defaults of the flags above); quick: "
                   "PGD and APGD-CE-20, a 10/20/50 curve, 3 MBN modes, 5 corruptions at "
-                  "severity 3, no properties, at most 500 images, for flags you did not "
+                  "severity 3, no properties, at most 250 images, for flags you did not "
                   "set (minutes on a CPU). auto: quick on a CPU or the embedded data.")
 flags.DEFINE_list("shift_datasets", None, "Extra evaluation sets, NAME or NAME:PATH "
                   "(PATH: a folder of class subfolders or a TFDS data dir): imagenet_a, "
@@ -438,7 +438,7 @@ QUICK_PROFILE = {
                     "jpeg_compression"],  # one or two of each family
     "corruption_severities": ["3"],
 }
-QUICK_MAX_IMAGES = 500
+QUICK_MAX_IMAGES = 250
 
 
 def robustness_profile(info):
