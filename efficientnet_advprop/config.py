@@ -375,11 +375,8 @@ class ExperimentConfig:
 
     def make_recipe(self):
         """The recipe object, built from its options and the training attack."""
-        cls = RECIPES[self.recipe.name]
-        attack = self.attack.training_attack() if cls.adversarial else None
-        recipe = cls.from_options(self.num_classes, attack=attack,
-                                  label_smoothing=self.optim.label_smoothing,
-                                  **self.recipe.values)
+        recipe = _build_recipe(self.recipe.name, self.recipe, self.attack, self.optim,
+                               self.num_classes)
         recipe.configure_schedule(self.optim.train_steps, self.optim.steps_per_epoch)
         return recipe
 

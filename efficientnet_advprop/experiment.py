@@ -175,8 +175,7 @@ def prepare(config, info=None, log=_stderr):
         checkpoint_every_steps=run_cfg.checkpoint_every_steps or optim.steps_per_epoch,
         keep_checkpoints=run_cfg.keep_checkpoints,
         summary_every_steps=summary_every_steps(
-            config, "summary_every_steps" not in config.sources
-            or config.sources["summary_every_steps"] == "set"))
+            config, config.sources.get("summary_every_steps", "set") == "set"))
     tf.io.gfile.makedirs(run_cfg.model_dir)
     trainer = Trainer(strategy, model_fn, recipe, train_config)
     log(f"{name} {recipe.describe()} | {info.name} {config.model.image_size}px | batch "
