@@ -59,9 +59,10 @@ flags.DEFINE_string("init_checkpoint", None, "Start a new run from these weights
                     "classifier is skipped when its shape differs.")
 flags.DEFINE_enum("augmentation", None, ["inception", "cifar", "none"],
                   "Training crop: inception (official) or cifar (pad-4 random crop).")
-flags.DEFINE_enum("auto_augment", None, ["v0", "randaugment"],
+flags.DEFINE_enum("auto_augment", None, ["v0", "randaugment", "none"],
                   "AutoAugment policy v0 or RandAugment after the crop (official "
-                  "EfficientNet; off by default; fine_grained_advprop: v0).")
+                  "EfficientNet); none turns it off. Default: off, but v0 for advprop, "
+                  "fine_grained_advprop and sat (their paper's setting).")
 flags.DEFINE_integer("randaugment_layers", 2, "RandAugment: ops per image.")
 flags.DEFINE_float("randaugment_magnitude", 10.0, "RandAugment magnitude (0..10 is the "
                    "official range; B7/B8 recipes use 28, the mapping stays linear).")
@@ -279,6 +280,8 @@ def setting_overrides():
         if FLAGS.recipe not in (None, "advprop"):
             raise UsageError(f"--advprop conflicts with --recipe={FLAGS.recipe}")
         out["recipe"] = "advprop"
+    if out.get("auto_augment") == "none":
+        out["auto_augment"] = None  # off, also where the recipe's paper uses it
     if "lr_milestones" in out:
         try:
             out["lr_milestones"] = tuple(float(m) for m in out["lr_milestones"])

@@ -216,16 +216,19 @@ def is_chief(strategy):
     return resolver.task_type == "worker" and int(resolver.task_id or 0) == 0
 
 
-def train(run):
+def train(run, on_checkpoint=None):
     """Trains to config.optim.train_steps (resuming from model_dir's checkpoint), holding
-    model_dir's run lock (a second run on the same directory raises RunLockedError)."""
+    model_dir's run lock (a second run on the same directory raises RunLockedError).
+    `on_checkpoint(trainer)` runs after each checkpoint (every epoch unless
+    config.run.checkpoint_every_steps says otherwise)."""
     samples = next(iter(run.eval_dataset().unbatch().batch(4).take(1)))
     lock = (training.RunLock(run.config.run.model_dir) if is_chief(run.strategy)
             else contextlib.nullcontext())  # the other workers of the run hold none
     with lock:
         run.config.save(run.config.run.model_dir)
         return run.trainer.train(run.train_dataset,
-                                 sample_images=(samples[0].numpy(), samples[1].numpy()))
+                                 sample_images=(samples[0].numpy(), samples[1].numpy()),
+                                 on_checkpoint=on_checkpoint)
 
 
 def restore(run):

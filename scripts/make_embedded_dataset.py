@@ -17,10 +17,7 @@ Usage (from the repository root):
 
 import argparse
 import os
-import random
-import struct
 import sys
-import tarfile
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -31,72 +28,7 @@ DEFAULT_SOURCE = os.path.join(
 )
 DEFAULT_OUTPUT = os.path.join(REPO_ROOT, "efficientnet_advprop", "data", "embedded")
 
-
-def read_tar(source):
-    """{class_name: {file_name: jpeg bytes}} from the tar.gz."""
-    images = {}
-    with tarfile.open(source, "r:gz") as tar:
-        for member in tar:
-            if not member.isfile() or not member.name.lower().endswith((".jpg", ".jpeg")):
-                continue
-            parts = member.name.strip("./").split("/")
-            if len(parts) < 3 or parts[-3] != "train":
-                continue
-            cls, fname = parts[-2], parts[-1]
-            images.setdefault(cls, {})[fname] = tar.extractfile(member).read()
-    return images
-
-
-def jpeg_size(data):
-    """(height, width) from the JPEG SOF marker."""
-    i = 2
-    while i < len(data):
-        if data[i] != 0xFF:
-            i += 1
-            continue
-        marker = data[i + 1]
-        if marker in (
-            0xC0,
-            0xC1,
-            0xC2,
-            0xC3,
-            0xC5,
-            0xC6,
-            0xC7,
-            0xC9,
-            0xCA,
-            0xCB,
-            0xCD,
-            0xCE,
-            0xCF,
-        ):
-            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
-            return h, w
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
-        i += 2 + length
-    raise ValueError("no SOF marker in JPEG")
-
-
-def select(images, train_per_class, eval_per_class, seed):
-    """Deterministic disjoint per-class draw; returns (train, eval) lists."""
-    class_names = sorted(images)
-    rng = random.Random(seed)
-    train, evals = [], []
-    for label, cls in enumerate(class_names):
-        names = sorted(images[cls])
-        if len(names) < train_per_class + eval_per_class:
-            raise ValueError(f"class {cls}: only {len(names)} images")
-        rng.shuffle(names)
-        for n in names[:train_per_class]:
-            train.append((cls, n, label))
-        for n in names[train_per_class : train_per_class + eval_per_class]:
-            evals.append((cls, n, label))
-    rng.shuffle(train)
-    rng.shuffle(evals)
-    return class_names, train, evals
+from efficientnet_advprop.data.cifar_tar import read_tar, select, write_split  # noqa: E402
 
 
 def main(argv=None):
@@ -113,43 +45,16 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
 
-    # pylint: disable=g-import-not-at-top
-    from efficientnet_advprop.data.tfrecord import write_tfrecords
-
     images = read_tar(args.source)
     class_names, train, evals = select(
         images, args.train_per_class, args.eval_per_class, args.seed
     )
+    write_split(images, class_names, train, evals, args.output_dir,
+                train_shards=args.train_shards, eval_shards=args.eval_shards,
+                compression=args.compression,
+                description=f"embedded default: {args.train_per_class} train + "
+                            f"{args.eval_per_class} held-out per class, seed {args.seed}")
 
-    def examples(items):
-        for cls, name, label in items:
-            data = images[cls][name]
-            h, w = jpeg_size(data)
-            yield {
-                "image": data,
-                "label": label,
-                "text": cls,
-                "height": h,
-                "width": w,
-                "format": "JPEG",
-            }
-
-    write_tfrecords(
-        examples(train),
-        args.output_dir,
-        "train",
-        args.train_shards,
-        compression=args.compression,
-        class_names=class_names,
-    )
-    write_tfrecords(
-        examples(evals),
-        args.output_dir,
-        "validation",
-        args.eval_shards,
-        compression=args.compression,
-        class_names=class_names,
-    )
     total = sum(
         os.path.getsize(os.path.join(args.output_dir, f))
         for f in os.listdir(args.output_dir)

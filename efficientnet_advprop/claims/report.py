@@ -1,0 +1,321 @@
+"""Verdicts, tables and plots from the claims suite's result files.
+
+Each claim is tested on the per-seed values of its runs. A comparison "a > b" *holds*
+when mean(a) - sd(a) > mean(b) + sd(b) (the one-standard-deviation bars do not
+overlap), *does not hold* when the bars do not overlap the other way, and is
+*inconclusive* otherwise. With one seed there are no bars: the verdict then follows the
+sign and says "(1 seed)". sd is the sample standard deviation over seeds.
+"""
+
+import glob
+import json
+import os
+
+import numpy as np
+
+HOLDS, FAILS, INCONCLUSIVE, MISSING = "holds", "does not hold", "inconclusive", "not run"
+
+
+def load_results(results_dir, tier):
+    """{run name: [result dicts, by seed]} of one tier."""
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(results_dir, tier, "*", "seed*.json"))):
+        with open(path) as f:
+            record = json.load(f)
+        runs.setdefault(record["run"], []).append(record)
+    for records in runs.values():
+        records.sort(key=lambda r: r["seed"])
+    return runs
+
+
+def values(runs, run, key):
+    """Per-seed values of results[key] (a fraction) of `run`, or [] when not run."""
+    return [r["results"][key] for r in runs.get(run, []) if key in r["results"]]
+
+
+def stats(xs):
+    xs = np.asarray(xs, dtype=float)
+    sd = float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+    return float(np.mean(xs)), sd
+
+
+def fmt(xs, scale=100.0, unit=""):
+    """'mean ± sd (n)' in percent by default."""
+    if not len(xs):
+        return "–"
+    mean, sd = stats(xs)
+    return f"{scale * mean:.1f} ± {scale * sd:.1f}{unit} (n={len(xs)})"
+
+
+def greater(a, b):
+    """Verdict of 'a > b' from per-seed values (see the module docstring)."""
+    if not len(a) or not len(b):
+        return MISSING
+    (ma, sa), (mb, sb) = stats(a), stats(b)
+    if min(len(a), len(b)) < 2:
+        return (HOLDS if ma > mb else FAILS) + " (1 seed)"
+    if ma - sa > mb + sb:
+        return HOLDS
+    if mb - sb > ma + sa:
+        return FAILS
+    return INCONCLUSIVE
+
+
+def combine(*verdicts):
+    """One verdict of several required parts: missing if any is, else the weakest."""
+    for v in (MISSING, FAILS, INCONCLUSIVE):
+        if any(x.startswith(v) for x in verdicts):
+            worst = [x for x in verdicts if x.startswith(v)][0]
+            return worst
+    return verdicts[0] if verdicts else MISSING
+
+
+# --------------------------------------------------------------- the checks
+def check_disentangled_bn(runs):
+    a, b = values(runs, "advprop_eps4", "clean_accuracy"), values(runs, "sat_eps4", "clean_accuracy")
+    return [("AdvProp main-BN clean > shared-BN AT clean (eps 4)",
+             f"{fmt(a)} vs {fmt(b)}", greater(a, b))]
+
+
+def check_aux_bn_worse(runs):
+    rows = []
+    for run in ("advprop_eps1", "advprop_eps4"):
+        main, aux = values(runs, run, "clean_accuracy"), values(runs, run, "aux_clean_accuracy")
+        rows.append((f"{run}: main-BN clean > aux-BN clean", f"{fmt(main)} vs {fmt(aux)}",
+                     greater(main, aux)))
+    return rows
+
+
+def check_advprop_vs_vanilla(runs):
+    a, v = values(runs, "advprop_eps1", "clean_accuracy"), values(runs, "vanilla", "clean_accuracy")
+    ca = values(runs, "advprop_eps1", "mean_corruption_error")
+    cv = values(runs, "vanilla", "mean_corruption_error")
+    return [("AdvProp (PGD-1 eps 1) clean > vanilla clean", f"{fmt(a)} vs {fmt(v)}",
+             greater(a, v)),
+            ("AdvProp mean corruption error < vanilla's", f"{fmt(ca)} vs {fmt(cv)}",
+             greater(cv, ca))]
+
+
+def check_fast_advprop_cost(runs):
+    f, v = values(runs, "fast_advprop", "clean_accuracy"), values(runs, "vanilla", "clean_accuracy")
+    verdict = greater(f, v)
+    if verdict.startswith(FAILS) and len(f) > 1:
+        verdict = FAILS
+    elif verdict == INCONCLUSIVE:
+        verdict = INCONCLUSIVE + " (within the error bars of vanilla)"
+    cf = values(runs, "fast_advprop", "mean_corruption_error")
+    cv = values(runs, "vanilla", "mean_corruption_error")
+    ratio = cost_ratio(runs, "fast_advprop", "vanilla")
+    cost = "–" if ratio is None else f"{ratio:.2f}x"
+    return [("Fast AdvProp clean >= vanilla clean at 1x budget",
+             f"{fmt(f)} vs {fmt(v)}", verdict),
+            ("Fast AdvProp mean corruption error < vanilla's", f"{fmt(cf)} vs {fmt(cv)}",
+             greater(cv, cf)),
+            ("Fast AdvProp training time within 1.3x of vanilla's", cost,
+             MISSING if ratio is None else (HOLDS if ratio <= 1.3 else FAILS))]
+
+
+def cost_ratio(runs, run, baseline):
+    """Mean training seconds of `run` over `baseline`'s (same tier and budget)."""
+    a = [r["train_seconds"] for r in runs.get(run, [])]
+    b = [r["train_seconds"] for r in runs.get(baseline, [])]
+    if not a or not b:
+        return None
+    return float(np.mean(a) / np.mean(b))
+
+
+def check_bn_statistics(runs):
+    rows = []
+    fractions = [r["results"]["bn_statistics_summary"]["aux_larger_variance_layers"]
+                 / r["results"]["bn_statistics_summary"]["layers"]
+                 for r in runs.get("advprop_eps4", [])
+                 if r["results"].get("bn_statistics_summary")]
+    if fractions:
+        verdict = HOLDS if min(fractions) > 0.5 else (FAILS if max(fractions) <= 0.5
+                                                      else INCONCLUSIVE)
+        if len(fractions) < 2:
+            verdict += " (1 seed)"
+        text = ", ".join(f"{100 * f:.0f}%" for f in fractions) + " of BN layers"
+    else:
+        verdict, text = MISSING, "–"
+    rows.append(("aux-BN running variance > main's in most layers (advprop_eps4)", text,
+                 verdict))
+    sweeps = [r["results"]["mbn_sweep"] for r in runs.get("advprop_eps4", [])
+              if r["results"].get("mbn_sweep")]
+    if sweeps:
+        gammas = [row["gamma"] for row in sweeps[0]]
+        clean = np.mean([[row["clean_accuracy"] for row in s] for s in sweeps], axis=0)
+        robust = np.mean([[row["pgd_accuracy"] for row in s] for s in sweeps], axis=0)
+        monotone = bool(np.all(np.diff(clean) <= 0) and np.all(np.diff(robust) >= 0))
+        verdict = HOLDS if monotone else FAILS
+        if len(sweeps) < 2:
+            verdict += " (1 seed)"
+        text = "; ".join(f"g={g:g}: {100 * c:.1f}/{100 * r:.1f}"
+                         for g, c, r in zip(gammas, clean, robust))
+        rows.append(("MBN logit interpolation: clean falls, PGD accuracy rises with gamma "
+                     "(clean/PGD-10 eps 4)", text, verdict))
+    else:
+        rows.append(("MBN logit interpolation monotone", "–", MISSING))
+    return rows
+
+
+def check_nofrost(runs):
+    nc, bc = values(runs, "nofrost_eps8", "clean_accuracy"), values(runs, "bn_sat_eps8", "clean_accuracy")
+    nr, br = values(runs, "nofrost_eps8", "pgd_accuracy"), values(runs, "bn_sat_eps8", "pgd_accuracy")
+    comparable = MISSING
+    if nr and br:
+        gap = stats(br)[0] - stats(nr)[0]
+        comparable = HOLDS if gap <= 0.02 else FAILS
+        if min(len(nr), len(br)) < 2:
+            comparable += " (1 seed)"
+    return [("NF-ResNet + SAT clean > BN-ResNet + SAT(BN) clean (eps 8)",
+             f"{fmt(nc)} vs {fmt(bc)}", greater(nc, bc)),
+            ("... at comparable PGD-10 robustness (NF at most 2 points lower)",
+             f"{fmt(nr)} vs {fmt(br)}", comparable)]
+
+
+CHECKS = {
+    "disentangled_bn": check_disentangled_bn,
+    "aux_bn_worse": check_aux_bn_worse,
+    "advprop_vs_vanilla": check_advprop_vs_vanilla,
+    "fast_advprop_cost": check_fast_advprop_cost,
+    "bn_statistics": check_bn_statistics,
+    "nofrost": check_nofrost,
+}
+
+
+def verdicts(runs):
+    """[(claim, [(test, ours, verdict)], overall verdict)] for every claim."""
+    from efficientnet_advprop.claims.suite import CLAIMS
+
+    out = []
+    for claim in CLAIMS:
+        rows = CHECKS[claim.key](runs)
+        out.append((claim, rows, combine(*[v for _, _, v in rows])))
+    return out
+
+
+# ------------------------------------------------------------------ output
+def runs_table(runs):
+    lines = ["| run | model | seeds | clean (main BN) | clean (adv. BN) | PGD-10 (main BN) "
+             "| mean corruption error | train s | train img/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, records in runs.items():
+        eps = records[0]["eval_epsilon"]
+        pgd = values(runs, name, "pgd_accuracy")
+        lines.append(
+            f"| {name} | {records[0]['model_name']} x{records[0]['width_multiplier']:g} | "
+            f"{len(records)} | {fmt(values(runs, name, 'clean_accuracy'))} | "
+            f"{fmt(values(runs, name, 'aux_clean_accuracy'))} | "
+            f"{fmt(pgd) + f' @ eps {eps:g}' if pgd else '–'} | "
+            f"{fmt(values(runs, name, 'mean_corruption_error'))} | "
+            f"{np.mean([r['train_seconds'] for r in records]):.0f} | "
+            f"{np.mean([r['train_images_per_second'] or 0 for r in records]):.0f} |")
+    return "\n".join(lines)
+
+
+def claims_table(results):
+    lines = ["| claim | paper | test | ours (mean ± sd over seeds) | verdict |",
+             "|---|---|---|---|---|"]
+    for claim, rows, _ in results:
+        for i, (test, ours, verdict) in enumerate(rows):
+            first = i == 0
+            lines.append(f"| {claim.title if first else ''} | {claim.paper if first else ''} "
+                         f"| {test} | {ours} | **{verdict}** |")
+    return "\n".join(lines)
+
+
+def plot_curves(runs, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, records in runs.items():
+        curves = [r["results"].get("curve") or [] for r in records]
+        if not curves[0]:
+            continue
+        length = min(len(c) for c in curves)
+        epochs = [p["epoch"] for p in curves[0][:length]]
+        accs = np.mean([[p["clean_accuracy"] for p in c[:length]] for c in curves], axis=0)
+        ax.plot(epochs, 100 * accs, marker="o", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("held-out clean accuracy, main BN (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_frontier(runs, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, eps in zip(axes, (4.0, 8.0)):
+        for name, records in runs.items():
+            if records[0]["eval_epsilon"] != eps:
+                continue
+            clean = values(runs, name, "clean_accuracy")
+            pgd = values(runs, name, "pgd_accuracy")
+            if clean and pgd:
+                ax.scatter(100 * np.mean(pgd), 100 * np.mean(clean), label=name)
+            aux_c, aux_p = (values(runs, name, "aux_clean_accuracy"),
+                            values(runs, name, "aux_pgd_accuracy"))
+            if aux_c and aux_p:
+                ax.scatter(100 * np.mean(aux_p), 100 * np.mean(aux_c), marker="x",
+                           label=f"{name} (adv. BN)")
+            sweeps = [r["results"].get("mbn_sweep") for r in records
+                      if r["results"].get("mbn_sweep")]
+            if sweeps:
+                c = np.mean([[row["clean_accuracy"] for row in s] for s in sweeps], 0)
+                p = np.mean([[row["pgd_accuracy"] for row in s] for s in sweeps], 0)
+                ax.plot(100 * p, 100 * c, "--", marker=".", label=f"{name} MBN gamma 0..1")
+        ax.set_xlabel(f"PGD-10 eps {eps:g} accuracy (%)")
+        ax.set_ylabel("clean accuracy (%)")
+        ax.set_title(f"clean vs robust, eps {eps:g}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results_dir, tiers=("cpu", "gpu", "smoke"), out_name="README.md",
+                 header=""):
+    """Writes results_dir/README.md (and each tier's plots); returns its text."""
+    from efficientnet_advprop.evaluation.report import plot_bn_statistics
+
+    parts = [header.strip(), ""] if header else []
+    for tier in tiers:
+        runs = load_results(results_dir, tier)
+        if not runs:
+            continue
+        tier_dir = os.path.join(results_dir, tier)
+        results = verdicts(runs)
+        parts += [f"## Tier `{tier}`", "", "### Claims", "", claims_table(results), "",
+                  "### Runs", "", runs_table(runs), ""]
+        first = next(iter(runs.values()))[0]
+        parts.append(f"Data: {first['data']['dataset']} ({first['data']['num_train']} train"
+                     f" / {first['data']['num_held_out']} held-out); git "
+                     f"{sorted({r['git_revision'] for rs in runs.values() for r in rs})}; "
+                     f"machine: {first['machine']['cpu']}, {first['machine']['cpu_count']} "
+                     f"CPUs, GPUs {first['machine']['gpus'] or 'none'}.")
+        parts.append("")
+        plot_curves(runs, os.path.join(tier_dir, "curves.png"))
+        plot_frontier(runs, os.path.join(tier_dir, "frontier.png"))
+        parts += [f"![held-out accuracy over training]({tier}/curves.png)",
+                  f"![clean vs robust]({tier}/frontier.png)"]
+        stats_runs = [r for r in runs.get("advprop_eps4", [])
+                      if r["results"].get("bn_statistics")]
+        if stats_runs:
+            plot_bn_statistics(stats_runs[0]["results"]["bn_statistics"],
+                               os.path.join(tier_dir, "bn_statistics.png"))
+            parts.append(f"![BN statistics, main vs auxiliary]({tier}/bn_statistics.png)")
+        parts.append("")
+    text = "\n".join(parts)
+    with open(os.path.join(results_dir, out_name), "w") as f:
+        f.write(text + "\n")
+    return text

@@ -1,0 +1,247 @@
+"""Trains and evaluates one run of the claims suite and writes its result file.
+
+`run_one` is resumable: the training resumes from the run's model_dir (its checkpoints
+and the held-out curve so far, `claims_curve.json`), and a finished run is recognised
+by its result file, `results/claims/<tier>/<run>/seed<k>.json`, which holds the
+command, git revision, data split, seed, wall time, machine and every number measured.
+"""
+
+import json
+import os
+import platform
+import subprocess
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from efficientnet_advprop import config as config_lib
+from efficientnet_advprop import experiment
+from efficientnet_advprop.attacks import attack as run_attack
+from efficientnet_advprop.claims import suite
+from efficientnet_advprop.data.corruptions import corrupt
+from efficientnet_advprop.evaluation import eval_attack_config
+from efficientnet_advprop.evaluation import evaluate as evaluate_model
+from efficientnet_advprop.evaluation.bn_stats import bn_statistics, summarize_bn_statistics
+from efficientnet_advprop.evaluation.mbn import mbn_logits_fn
+from efficientnet_advprop.layers.split_batch_norm import MAIN, bn_route
+
+CURVE_FILE = "claims_curve.json"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def result_path(results_dir, tier, run_name, seed):
+    return os.path.join(results_dir, tier, run_name, f"seed{seed}.json")
+
+
+def pending(tier, results_dir, run_names=None):
+    """(run, seed) pairs of the tier without a result file, in suite order."""
+    wanted = run_names or [r.name for r in suite.RUNS]
+    return [(suite.RUNS_BY_NAME[name], seed) for name in wanted for seed in tier.seeds
+            if not os.path.exists(result_path(results_dir, tier.name, name, seed))]
+
+
+def git_revision(repo=REPO):
+    """Short commit of the checkout, "+dirty" when tracked files differ from it."""
+    try:
+        rev = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "-uno"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
+def machine():
+    """What the run ran on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    gpus = []
+    for device in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(device)
+        gpus.append(details.get("device_name", device.name))
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "gpus": gpus,
+            "platform": platform.platform(), "tensorflow": tf.__version__,
+            "load_average_at_start": (list(os.getloadavg())
+                                      if hasattr(os, "getloadavg") else None)}
+
+
+def held_out_arrays(run, count):
+    """The first `count` held-out images (eval preprocessing) as numpy arrays."""
+    images, labels = [], []
+    have = 0
+    for x, y in experiment.eval_dataset(run.config, run.info):
+        images.append(x.numpy())
+        labels.append(y.numpy())
+        have += len(labels[-1])
+        if have >= count:
+            break
+    return np.concatenate(images)[:count], np.concatenate(labels)[:count]
+
+
+def _batches(images, labels, batch):
+    return tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch)
+
+
+def accuracy(model, images, labels, *, batch, attack=None, bn_set=MAIN, seed=0):
+    return evaluate_model(model, _batches(images, labels, batch), attack=attack,
+                          bn_set=bn_set, seed=seed)
+
+
+def corruption_errors(model, images, labels, names, severities, *, batch, seed):
+    """{name: {severity: top-1 error}} of the main BNs on generated corruptions."""
+    @tf.function
+    def predict(x):
+        with bn_route(MAIN):
+            return tf.argmax(model(x, training=False), axis=-1, output_type=tf.int32)
+
+    errors = {}
+    for k, name in enumerate(names):
+        errors[name] = {}
+        for severity in severities:
+            wrong = 0
+            for start in range(0, len(labels), batch):
+                x = tf.constant(images[start:start + batch], tf.float32)
+                x = corrupt(x, name, severity, seed=tf.constant([seed, 1000 * k + start],
+                                                                tf.int64))
+                wrong += int(np.sum(predict(x).numpy() != labels[start:start + batch]))
+            errors[name][str(severity)] = wrong / len(labels)
+    return errors
+
+
+def mbn_sweep(model, images, labels, gammas, attack_config, *, batch, seed):
+    """Clean and PGD accuracy of the logit interpolation (1 - g) z_main + g z_aux."""
+    gamma = tf.Variable(0.0, trainable=False, dtype=tf.float32)
+    logits_fn = mbn_logits_fn(model, "logits", gamma)
+    num_classes = model.output_shape[-1]
+
+    @tf.function
+    def correct(x, y, step_seed):
+        clean = tf.argmax(logits_fn(x), -1, output_type=tf.int32)
+        adv = run_attack(logits_fn, x, y, attack_config, num_classes=num_classes,
+                         seed=step_seed)
+        robust = tf.argmax(logits_fn(adv), -1, output_type=tf.int32)
+        y = tf.cast(y, tf.int32)
+        return (tf.reduce_sum(tf.cast(clean == y, tf.float32)),
+                tf.reduce_sum(tf.cast(robust == y, tf.float32)))
+
+    rows = []
+    for g in gammas:
+        gamma.assign(float(g))
+        clean = robust = 0.0
+        for index, start in enumerate(range(0, len(labels), batch)):
+            c, r = correct(tf.constant(images[start:start + batch], tf.float32),
+                           tf.constant(labels[start:start + batch]),
+                           tf.constant([seed, index], tf.int64))
+            clean, robust = clean + float(c), robust + float(r)
+        rows.append({"gamma": float(g), "clean_accuracy": clean / len(labels),
+                     "pgd_accuracy": robust / len(labels)})
+    return rows
+
+
+def run_one(tier, spec, seed, *, data_dir, work_dir, results_dir, command, log=print):
+    """Trains (or resumes) and evaluates one run; writes and returns its result dict."""
+    model_dir = os.path.join(work_dir, tier.name, f"{spec.name}-seed{seed}")
+    overrides = suite.tier_overrides(tier, spec, seed, data_dir, model_dir)
+    cfg = config_lib.resolve(overrides)
+    start_wall = time.time()
+    info_machine = machine()
+    run = experiment.prepare(cfg, log=log)
+    batch = cfg.data.eval_batch_size
+    need = max(tier.curve_images, tier.eval_images, tier.attack_images,
+               tier.corruption_images, tier.mbn_images)
+    images, labels = held_out_arrays(run, need)
+
+    curve_path = os.path.join(model_dir, CURVE_FILE)
+    curve = []
+    if os.path.exists(curve_path):
+        with open(curve_path) as f:
+            curve = json.load(f)
+    steps_per_epoch = cfg.optim.steps_per_epoch
+
+    def on_checkpoint(trainer):
+        step = int(trainer.step.numpy())
+        acc = accuracy(trainer.model, images[:tier.curve_images],
+                       labels[:tier.curve_images], batch=batch)["clean_accuracy"]
+        curve.append({"step": step, "epoch": round(step / steps_per_epoch, 3),
+                      "clean_accuracy": acc})
+        with open(curve_path, "w") as f:
+            json.dump(curve, f)
+        log(f"{spec.name} seed {seed}: step {step} held-out clean {acc:.4f}")
+
+    start_train = time.time()
+    experiment.train(run, on_checkpoint=on_checkpoint)
+    train_seconds = time.time() - start_train
+    model = run.trainer.model
+    results = {"step": int(run.trainer.step.numpy()), "curve": curve}
+    ev = images[:tier.eval_images], labels[:tier.eval_images]
+    at = images[:tier.attack_images], labels[:tier.attack_images]
+    aux_set = run.recipe.attack_bn_set
+    attack = eval_attack_config(spec.eval_epsilon, tier.eval_iterations)
+    results["clean_accuracy"] = accuracy(model, *ev, batch=batch)["clean_accuracy"]
+    if "aux" in spec.evals:
+        results["aux_clean_accuracy"] = accuracy(model, *ev, batch=batch,
+                                                 bn_set=aux_set)["clean_accuracy"]
+    if "pgd" in spec.evals:
+        results["pgd_accuracy"] = accuracy(model, *at, batch=batch, attack=attack,
+                                           seed=seed)["adversarial_accuracy"]
+        if "aux" in spec.evals:
+            results["aux_pgd_accuracy"] = accuracy(
+                model, *at, batch=batch, attack=attack, bn_set=aux_set,
+                seed=seed)["adversarial_accuracy"]
+    if "corruptions" in spec.evals:
+        errors = corruption_errors(model, images[:tier.corruption_images],
+                                   labels[:tier.corruption_images], tier.corruptions,
+                                   tier.severities, batch=batch, seed=seed)
+        results["corruption_errors"] = errors
+        results["mean_corruption_error"] = float(np.mean(
+            [e for per in errors.values() for e in per.values()]))
+    if "bn_stats" in spec.evals:
+        records = bn_statistics(model, MAIN, aux_set)
+        results["bn_statistics"] = records
+        results["bn_statistics_summary"] = summarize_bn_statistics(records)
+    if "mbn" in spec.evals:
+        results["mbn_sweep"] = mbn_sweep(model, images[:tier.mbn_images],
+                                         labels[:tier.mbn_images], tier.mbn_gammas,
+                                         attack, batch=batch, seed=seed)
+    record = {
+        "run": spec.name, "title": spec.title, "recipe": spec.recipe, "tier": tier.name,
+        "seed": int(seed), "command": command, "git_revision": git_revision(),
+        "data": {"dataset": run.info.name, "data_dir": data_dir,
+                 "num_train": run.info.num_train, "num_held_out": run.info.num_eval,
+                 "split": read_split(data_dir)},
+        "machine": info_machine, "model_name": cfg.model.model_name,
+        "width_multiplier": cfg.model.width_multiplier,
+        "train_steps": cfg.optim.train_steps, "steps_per_epoch": steps_per_epoch,
+        "train_batch_size": cfg.data.train_batch_size,
+        "eval_epsilon": spec.eval_epsilon, "eval_attack_iterations": tier.eval_iterations,
+        "overrides": {k: v for k, v in overrides.items() if k != "model_dir"},
+        "train_seconds": round(train_seconds, 1),
+        "train_images_per_second": (round(run.trainer.images_per_second, 1)
+                                    if run.trainer.images_per_second else None),
+        "wall_seconds": round(time.time() - start_wall, 1),
+        "results": results,
+    }
+    path = result_path(results_dir, tier.name, spec.name, seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+    return record
+
+
+def read_split(data_dir):
+    """The split.json of a data directory (None for the embedded data)."""
+    from efficientnet_advprop.data.cifar_tar import SPLIT_FILE
+
+    if not data_dir or not os.path.exists(os.path.join(data_dir, SPLIT_FILE)):
+        return None
+    with open(os.path.join(data_dir, SPLIT_FILE)) as f:
+        return json.load(f)

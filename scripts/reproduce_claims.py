@@ -1,0 +1,132 @@
+"""Runs the claims suite and writes its report (efficientnet_advprop/claims).
+
+    python scripts/reproduce_claims.py --tier=cpu            # ~4 h on 2 CPU cores, resumable
+    python scripts/reproduce_claims.py --tier=cpu --claims=advprop_vs_vanilla
+    python scripts/reproduce_claims.py --tier=gpu            # one GPU, 3 seeds
+    python scripts/reproduce_claims.py --tier=smoke          # a few steps of each run
+    python scripts/reproduce_claims.py --report_only         # tables and plots only
+
+Each (run, seed) without a result file in --results_dir/<tier>/<run>/seed<k>.json is
+trained (resuming from --work_dir when it was interrupted) and evaluated in a fresh
+process, then the report results/claims/README.md is rewritten from every result file.
+The first call builds the fixed 45,000 / 5,000 split of ../shared/data in --data_dir.
+"""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from efficientnet_advprop.claims import suite  # noqa: E402
+
+flags.DEFINE_enum("tier", "cpu", list(suite.TIERS), "Scale of the suite.")
+flags.DEFINE_list("claims", None, "Claims to run (default: all): "
+                  + ", ".join(c.key for c in suite.CLAIMS))
+flags.DEFINE_list("runs", None, "Runs to run instead (default: those of --claims): "
+                  + ", ".join(r.name for r in suite.RUNS))
+flags.DEFINE_list("seeds", None, "Seeds (default: the tier's).")
+flags.DEFINE_string("results_dir", os.path.join(REPO, "results", "claims"),
+                    "Result files and the report.")
+flags.DEFINE_string("work_dir", os.path.join(REPO, "runs", "claims"),
+                    "Checkpoints of the runs (resumable).")
+flags.DEFINE_string("data_dir", os.path.join(REPO, "runs", "claims-data"),
+                    "The 45,000 / 5,000 split (built here on first use).")
+flags.DEFINE_string("source", os.path.join(os.path.dirname(REPO), "shared", "data",
+                                           "cifar10-train-jpeg.tar.gz"),
+                    "The CIFAR-10 training JPEGs (tar.gz).")
+flags.DEFINE_bool("report_only", False, "Only rewrite the report.")
+flags.DEFINE_bool("isolate", None, "Each run in a fresh process (default: on the cpu tier, "
+                  "whose runs take long enough that a clean process is worth its start).")
+flags.DEFINE_string("only", None, "run:seed -- train and evaluate just this one here "
+                    "(what an isolated run executes).")
+FLAGS = flags.FLAGS
+
+
+def fail(message):
+    raise SystemExit(f"reproduce_claims.py: error: {message}")
+
+
+def selected_runs():
+    if FLAGS.runs:
+        unknown = sorted(set(FLAGS.runs) - set(suite.RUNS_BY_NAME))
+        if unknown:
+            fail(f"--runs: unknown {', '.join(unknown)}")
+        return FLAGS.runs
+    keys = FLAGS.claims or [c.key for c in suite.CLAIMS]
+    unknown = sorted(set(keys) - set(suite.CLAIMS_BY_KEY))
+    if unknown:
+        fail(f"--claims: unknown {', '.join(unknown)}")
+    wanted = {r for k in keys for r in suite.CLAIMS_BY_KEY[k].runs}
+    return [r.name for r in suite.RUNS if r.name in wanted]
+
+
+def run_here(tier, spec, seed, data_dir, command):
+    """One run in this process; a bad setting ends with one line naming it."""
+    from efficientnet_advprop.claims import runner
+    from efficientnet_advprop.config import ConfigError
+    from efficientnet_advprop.training import RunLockedError, TrainingError
+
+    try:
+        runner.run_one(tier, spec, seed, data_dir=data_dir, work_dir=FLAGS.work_dir,
+                       results_dir=FLAGS.results_dir, command=command,
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (ConfigError, RunLockedError, TrainingError) as e:
+        fail(f"{spec.name} seed {seed}: {e}")
+
+
+def main(argv):
+    del argv
+    from efficientnet_advprop.claims import ensure_split, report, runner
+
+    tier = suite.TIERS[FLAGS.tier]
+    if FLAGS.seeds:
+        try:
+            tier = dataclasses.replace(tier, seeds=tuple(int(s) for s in FLAGS.seeds))
+        except ValueError:
+            fail(f"--seeds={','.join(FLAGS.seeds)}: expected integers")
+    if FLAGS.report_only:
+        print(report.write_report(FLAGS.results_dir))
+        return
+    data_dir = None
+    if tier.data == "split":
+        try:
+            ensure_split(FLAGS.source, FLAGS.data_dir)
+        except ValueError as e:
+            fail(str(e))
+        data_dir = FLAGS.data_dir
+    command = "python scripts/reproduce_claims.py " + " ".join(sys.argv[1:])
+    if FLAGS.only:
+        name, _, seed = FLAGS.only.partition(":")
+        if name not in suite.RUNS_BY_NAME or not seed.isdigit():
+            fail(f"--only={FLAGS.only}: expected run:seed with a run of the suite")
+        run_here(tier, suite.RUNS_BY_NAME[name], int(seed), data_dir, command)
+        return
+    isolate = FLAGS.isolate if FLAGS.isolate is not None else tier.name == "cpu"
+    todo = runner.pending(tier, FLAGS.results_dir, selected_runs())
+    print(f"tier {tier.name} ({tier.budget}): {len(todo)} run(s) to do: "
+          + ", ".join(f"{spec.name}:{seed}" for spec, seed in todo), flush=True)
+    for spec, seed in todo:
+        if isolate:
+            cmd = [sys.executable, os.path.abspath(__file__), f"--tier={tier.name}",
+                   f"--only={spec.name}:{seed}", f"--results_dir={FLAGS.results_dir}",
+                   f"--work_dir={FLAGS.work_dir}", f"--data_dir={FLAGS.data_dir}",
+                   f"--source={FLAGS.source}"]
+            if FLAGS.seeds:
+                cmd.append(f"--seeds={','.join(FLAGS.seeds)}")
+            done = subprocess.run(cmd)
+            if done.returncode:
+                fail(f"{spec.name} seed {seed} failed (exit {done.returncode}); rerun to "
+                     f"resume")
+        else:
+            run_here(tier, spec, seed, data_dir, command)
+        print(f"done {spec.name}:{seed}", flush=True)
+    print(report.write_report(FLAGS.results_dir))
+
+
+if __name__ == "__main__":
+    app.run(main)

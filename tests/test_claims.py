@@ -1,0 +1,150 @@
+"""The claims suite (efficientnet_advprop/claims, scripts/reproduce_claims.py).
+
+The fast tests run two smoke-tier runs in-process (together they reach every kind of
+evaluation: clean, auxiliary BN, PGD, corruptions, BN statistics, the MBN sweep) and
+write the report; the slow one runs the whole smoke tier through the script.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from efficientnet_advprop.claims import report, runner, suite
+from efficientnet_advprop.data.cifar_tar import names_digest, select
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_TAR = os.path.join(os.path.dirname(REPO), "shared", "data",
+                          "cifar10-train-jpeg.tar.gz")
+
+
+def test_verdicts_follow_the_error_bars():
+    assert report.greater([0.80, 0.82], [0.70, 0.71]) == report.HOLDS
+    assert report.greater([0.70, 0.71], [0.80, 0.82]) == report.FAILS
+    assert report.greater([0.75, 0.80], [0.74, 0.79]) == report.INCONCLUSIVE
+    assert report.greater([0.8], [0.7]) == "holds (1 seed)"
+    assert report.greater([], [0.7]) == report.MISSING
+    assert report.combine(report.HOLDS, report.INCONCLUSIVE) == report.INCONCLUSIVE
+    assert report.combine(report.HOLDS, report.FAILS, report.MISSING) == report.MISSING
+    assert report.combine(report.HOLDS, "holds (1 seed)") == report.HOLDS
+
+
+def test_every_claim_names_runs_of_the_suite_and_has_a_check():
+    for claim in suite.CLAIMS:
+        assert set(claim.runs) <= set(suite.RUNS_BY_NAME), claim.key
+        assert claim.key in report.CHECKS
+    for run in suite.RUNS:
+        assert set(run.evals) <= set(suite.EVALS), run.name
+
+
+def test_runs_of_a_tier_share_everything_but_the_method():
+    tier = suite.TIERS["cpu"]
+    shared = ("optimizer", "base_learning_rate", "lr_schedule", "weight_decay",
+              "label_smoothing", "moving_average_decay", "augmentation", "auto_augment",
+              "width_multiplier", "seed")
+    configs = [suite.tier_overrides(tier, run, 1, "/data", "/m") for run in suite.RUNS]
+    for key in shared:
+        assert len({repr(c[key]) for c in configs}) == 1, key
+    # Fast AdvProp draws 1 / (1 - p_adv) as many images so that its clean batch is the
+    # others' batch; every other run trains the same batch.
+    batches = {run.name: c["train_batch_size"] for run, c in zip(suite.RUNS, configs)}
+    assert batches.pop("fast_advprop") == tier.batch_size / 0.8
+    assert set(batches.values()) == {tier.batch_size}
+
+
+def test_held_out_part_does_not_depend_on_the_train_count():
+    images = {c: {f"{i:04d}.jpg": b"" for i in range(30)} for c in ("cat", "dog")}
+    _, train_a, held_a = select(images, None, 5, seed=0, eval_first=True)
+    _, train_b, held_b = select(images, 10, 5, seed=0, eval_first=True)
+    assert names_digest(held_a) == names_digest(held_b)
+    assert len(held_a) == 10 and len(train_a) == 50 and len(train_b) == 20
+    names = lambda items: {(c, n) for c, n, _ in items}  # noqa: E731
+    assert not names(train_a) & names(held_a)
+    assert names(train_b) <= names(train_a)
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("claims")
+    tier = suite.TIERS["smoke"]
+    records = {}
+    for name in ("advprop_eps4", "vanilla"):
+        records[name] = runner.run_one(
+            tier, suite.RUNS_BY_NAME[name], 0, data_dir=None,
+            work_dir=str(root / "work"), results_dir=str(root / "results"),
+            command="pytest", log=lambda m: None)
+    return root, tier, records
+
+
+def test_smoke_runs_write_complete_result_files(smoke_results):
+    root, tier, records = smoke_results
+    for name, record in records.items():
+        path = runner.result_path(str(root / "results"), "smoke", name, 0)
+        with open(path) as f:
+            saved = json.load(f)
+        assert saved == json.loads(json.dumps(record))
+        for key in ("command", "git_revision", "seed", "wall_seconds", "machine", "data"):
+            assert saved[key] not in (None, ""), key
+        assert saved["results"]["step"] == tier.train_steps
+        curve = saved["results"]["curve"]
+        assert [p["step"] for p in curve] == [tier.train_steps]
+        assert 0.0 <= saved["results"]["clean_accuracy"] <= 1.0
+        assert 0.0 <= saved["results"]["pgd_accuracy"] <= 1.0
+    adv = records["advprop_eps4"]["results"]
+    assert 0.0 <= adv["aux_clean_accuracy"] <= 1.0
+    assert [row["gamma"] for row in adv["mbn_sweep"]] == list(tier.mbn_gammas)
+    summary = adv["bn_statistics_summary"]
+    assert summary["layers"] == len(adv["bn_statistics"]) > 0
+    errors = records["vanilla"]["results"]["corruption_errors"]
+    assert set(errors) == set(tier.corruptions)
+    assert all(set(e) == {str(s) for s in tier.severities} for e in errors.values())
+    # Both runs are done: nothing of them is pending any more.
+    left = runner.pending(tier, str(root / "results"), ["advprop_eps4", "vanilla", "sat_eps4"])
+    assert [(spec.name, seed) for spec, seed in left] == [("sat_eps4", 0)]
+
+
+def test_report_has_every_claim_and_the_plots(smoke_results):
+    root, _, _ = smoke_results
+    text = report.write_report(str(root / "results"), tiers=("smoke",))
+    for claim in suite.CLAIMS:
+        assert claim.title in text
+    assert "advprop_eps4" in text and "vanilla" in text
+    assert report.MISSING in text  # the runs not made here are marked, not invented
+    for plot in ("curves.png", "frontier.png", "bn_statistics.png"):
+        assert os.path.getsize(root / "results" / "smoke" / plot) > 1000
+
+
+def test_script_rejects_unknown_claims_in_one_line(tmp_path):
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "reproduce_claims.py"),
+         "--tier=smoke", "--claims=nope", f"--results_dir={tmp_path}"],
+        capture_output=True, text=True)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        "reproduce_claims.py: error: --claims: unknown nope")
+
+
+@pytest.mark.slow
+def test_whole_smoke_tier_through_the_script(tmp_path):
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "reproduce_claims.py"),
+         "--tier=smoke", f"--results_dir={tmp_path / 'results'}",
+         f"--work_dir={tmp_path / 'work'}"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = report.load_results(str(tmp_path / "results"), "smoke")
+    assert sorted(runs) == sorted(r.name for r in suite.RUNS)
+    assert "not run" not in open(tmp_path / "results" / "README.md").read()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(SHARED_TAR), reason="needs ../shared/data")
+def test_split_of_the_shared_images_is_the_committed_one(tmp_path):
+    from efficientnet_advprop.claims import ensure_split
+
+    split = ensure_split(SHARED_TAR, str(tmp_path / "split"))
+    with open(os.path.join(REPO, "results", "claims", "split.json")) as f:
+        committed = json.load(f)
+    assert split == committed
+    assert (split["num_train"], split["num_held_out"]) == (45000, 5000)
