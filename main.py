@@ -42,8 +42,12 @@ flags.DEFINE_string("dataset", None, "imagenet | tfds:NAME | folder | embedded "
                     "(default: inferred from --data_dir).")
 flags.DEFINE_string("model_dir", None, "Checkpoints and TensorBoard logs "
                     "(default: runs/<model_name>-<recipe>). Resumes automatically.")
-flags.DEFINE_string("export_dir", None, "Write a SavedModel (main BNs only, EMA weights, "
-                    "preprocessing inside) here after training/eval.")
+flags.DEFINE_string("export_dir", None, "Write the exported model (main BNs only, EMA "
+                    "weights, preprocessing inside) here after training/eval: see "
+                    "--export_format.")
+flags.DEFINE_list("export_format", ["saved_model"], "What --export_dir gets, one or more "
+                  "of: saved_model (the SavedModel itself), tflite (model.tflite, "
+                  "float32), tflite_dynamic (model_dynamic_range.tflite, int8 weights).")
 flags.DEFINE_enum("export_bn_set", "main", ["main", "adversarial"],
                   "BN set the SavedModel keeps (adversarial: the recipe's adversarial "
                   "set, e.g. MBN-adv of mbn_at).")
@@ -282,6 +286,8 @@ def setting_overrides():
         out["recipe"] = "advprop"
     if out.get("auto_augment") == "none":
         out["auto_augment"] = None  # off, also where the recipe's paper uses it
+    if "export_format" in out:
+        out["export_format"] = tuple(out["export_format"])
     if "lr_milestones" in out:
         try:
             out["lr_milestones"] = tuple(float(m) for m in out["lr_milestones"])
@@ -384,9 +390,10 @@ def run():
             print(f"--skip_bad_records: dropped {results['skipped_records']} unreadable "
                   f"training records (each time one was read)", file=sys.stderr)
         if export_dir:
-            bn_set = experiment.export(job, export_dir, config.run.export_bn_set)
-            print(f"exported SavedModel (BN set {bn_set} only) to {export_dir}",
-                  file=sys.stderr)
+            bn_set = experiment.export(job, export_dir, config.run.export_bn_set,
+                                       formats=config.run.export_format)
+            print(f"exported {', '.join(config.run.export_format)} (BN set {bn_set} "
+                  f"only) to {export_dir}", file=sys.stderr)
     except ConfigError as e:
         raise UsageError(flag_message(e)) from None
     print(json.dumps(results))

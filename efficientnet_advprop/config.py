@@ -30,6 +30,9 @@ OPTIMIZERS = ("rmsprop", "momentum", "sgd", "adam")
 LR_SCHEDULES = ("exponential", "cosine", "step")
 NORMALIZERS = ("split_batch_norm", "group_norm", "instance_norm", "none")
 MODES = ("train", "eval", "train_and_eval", "eval_robustness")
+# What --export_dir gets (experiment.export): the SavedModel, a float32 TFLite model
+# (model.tflite), a dynamic-range quantised one (model_dynamic_range.tflite).
+EXPORT_FORMATS = ("saved_model", "tflite", "tflite_dynamic")
 CONFIG_FILE = "experiment_config.json"
 
 # The dataset preset of the embedded CIFAR-10 subset, chosen by measurement (README,
@@ -292,6 +295,7 @@ class RunConfig:
     model_dir: str = None  # None: runs/<model_name>-<recipe> (resolved)
     export_dir: str = None
     export_bn_set: str = "main"
+    export_format: tuple = ("saved_model",)
     seed: int = 0
     deterministic: bool = False
     min_bn_batch: int = 16
@@ -308,10 +312,18 @@ class RunConfig:
     summary_every_steps: int = 100
 
     def __post_init__(self):
+        formats = self.export_format
+        if isinstance(formats, str):  # "tflite" or "saved_model,tflite"
+            formats = [f.strip() for f in formats.split(",") if f.strip()]
+        object.__setattr__(self, "export_format", tuple(formats))
         _check(self, [
             ("mode", self.mode in MODES, f"choose from {', '.join(MODES)}"),
             ("export_bn_set", self.export_bn_set in ("main", "adversarial"),
              "choose from main, adversarial"),
+            ("export_format", bool(self.export_format) and all(
+                f in EXPORT_FORMATS for f in self.export_format)
+             and len(set(self.export_format)) == len(self.export_format),
+             f"choose one or more of {', '.join(EXPORT_FORMATS)}, each once"),
             ("min_bn_batch", self.min_bn_batch >= 1, "must be >= 1"),
             ("iterations_per_loop", self.iterations_per_loop >= 1, "must be >= 1"),
             ("precision", self.precision in ("float32", "bfloat16", "float16"),

@@ -280,20 +280,36 @@ def evaluate(run, log=_stderr):
     return results
 
 
-def export(run, export_dir, bn_set="main"):
-    """SavedModel of one BN set ("main" or "adversarial"), EMA weights and the
-    preprocessing inside."""
+# --export_format -> (file name inside --export_dir, export_tflite's quantize).
+TFLITE_FILES = {"tflite": ("model.tflite", None),
+                "tflite_dynamic": ("model_dynamic_range.tflite", "dynamic_range")}
+
+
+def export(run, export_dir, bn_set="main", formats=("saved_model",)):
+    """Exports one BN set ("main" or "adversarial") with the EMA weights and the
+    preprocessing inside, in each of `formats` (config.EXPORT_FORMATS): the
+    SavedModel is `export_dir` itself, TFLite models are files in it (TFLITE_FILES)
+    with their metadata beside them (<file>.json)."""
     from efficientnet_advprop import export as exporter
 
     cfg = run.config
     bn_index = run.recipe.attack_bn_set if bn_set == "adversarial" else MAIN
+    metadata = {
+        "model_name": cfg.model.model_name, "recipe": cfg.recipe.name,
+        "preprocessing": cfg.model.preprocessing, "num_classes": cfg.num_classes,
+        "class_names": list(run.info.class_names),
+        "step": int(run.trainer.step.numpy()), "ema": bool(run.trainer.ema),
+        "bn_set": bn_index}
     with run.averaged():
-        exporter.export_saved_model(run.trainer.model, export_dir, metadata={
-            "model_name": cfg.model.model_name, "recipe": cfg.recipe.name,
-            "preprocessing": cfg.model.preprocessing, "num_classes": cfg.num_classes,
-            "class_names": list(run.info.class_names),
-            "step": int(run.trainer.step.numpy()), "ema": bool(run.trainer.ema),
-            "bn_set": bn_index}, eval_crop=cfg.data.augmentation, bn_set=bn_index)
+        if "saved_model" in formats:
+            exporter.export_saved_model(run.trainer.model, export_dir, metadata=metadata,
+                                        eval_crop=cfg.data.augmentation, bn_set=bn_index)
+        for name in formats:
+            if name in TFLITE_FILES:
+                file_name, quantize = TFLITE_FILES[name]
+                exporter.export_tflite(run.trainer.model, f"{export_dir.rstrip('/')}/"
+                                       f"{file_name}", quantize=quantize,
+                                       metadata=metadata, bn_set=bn_index)
     return bn_index
 
 

@@ -29,13 +29,17 @@ def test_advprop_run_trains_evaluates_checkpoints_exports_and_resumes(tmp_path):
     saved = json.loads((model_dir / "eval_results.json").read_text())
     assert saved["step"] == 2
 
-    second = run_main(*common, "--train_steps=3", f"--export_dir={export_dir}", cwd=tmp_path)
+    second = run_main(*common, "--train_steps=3", f"--export_dir={export_dir}",
+                      "--export_format=saved_model,tflite", cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "at step 2" in second.stderr  # resumed, not restarted
     assert json.loads(second.stdout.strip().splitlines()[-1])["step"] == 3
     assert (export_dir / "saved_model.pb").exists()
     meta = json.loads((export_dir / "efficientnet_advprop.json").read_text())
     assert meta["preprocessing"] == "advprop" and meta["step"] == 3
+    assert (export_dir / "model.tflite").stat().st_size > 0
+    tflite_meta = json.loads((export_dir / "model.tflite.json").read_text())
+    assert tflite_meta["step"] == 3 and tflite_meta["quantization"] == "none (float32)"
 
     # Evaluation needs no training flags: the run's saved config supplies them.
     third = run_main("--mode=eval", f"--model_dir={model_dir}", "--num_eval_images=100",
@@ -200,6 +204,9 @@ def _no_tfrecords(tmp_path):
      "of the shuffle-BN group size 16; use --train_batch_size=160"),
     (lambda p: ["--recipe=trades", "--p_adv=0.3"], "--p_adv=0.3: is not an option of "
                                                   "recipe trades"),
+    (lambda p: ["--export_format=saved_model,onnx"], "--export_format=saved_model,onnx: "
+                                                     "choose one or more of saved_model, "
+                                                     "tflite, tflite_dynamic"),
 ])
 def test_bad_input_in_process_is_one_line_and_exit_status_2(tmp_path, main_in_process,
                                                             make_args, message):

@@ -6,7 +6,7 @@ from efficientnet_advprop.recipes.adversarial_training import (
 from efficientnet_advprop.recipes.advprop import AdvProp
 from efficientnet_advprop.recipes.base import (SHARED, Cite, Option, Recipe, RecipeGradients,
                                                RecipeOutput, StepContext, cross_entropy,
-                                               kl_divergence)
+                                               kl_divergence, recipe_argument)
 from efficientnet_advprop.recipes.fast_advprop import FastAdvProp
 from efficientnet_advprop.recipes.fine_grained_advprop import FineGrainedAdvProp
 from efficientnet_advprop.recipes.mbn_at import (MixtureBNAdversarialTraining, alp_penalty,
@@ -30,10 +30,20 @@ def make_recipe(name, num_classes, **options):
     return RECIPES[name](num_classes, **options)
 
 
+def recipe_from_config(config):
+    """Rebuilds a recipe from `Recipe.get_config()` (the same class and arguments)."""
+    name = config["name"]
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+    arguments = {k: recipe_argument(v) for k, v in config["arguments"].items()}
+    return RECIPES[name](**arguments)
+
+
 __all__ = ["RECIPES", "SHARED", "AdvProp", "Cite", "Option",
            "SeparateForwardAdversarialTraining", "FastAdvProp", "FineGrainedAdvProp",
            "FriendlyAdversarialTraining", "MadryAdversarialTraining",
            "MixtureBNAdversarialTraining", "NoFrost", "NoFrostStar", "Recipe",
            "RecipeGradients", "RecipeOutput", "StandardAdversarialTraining", "StepContext",
            "Trades", "TradesFat", "Vanilla", "alp_penalty", "consistent_bn_start_step",
-           "cross_entropy", "kl_divergence", "make_recipe", "trades_loss"]
+           "cross_entropy", "kl_divergence", "make_recipe", "recipe_from_config",
+           "trades_loss"]

@@ -8,7 +8,8 @@ the input gradient) override `gradients`.
 Conventions:
 - Losses are *sums* of weighted per-sample losses over the replica's local batch. The
   loop divides each parameter's gradient by the global number of (weighted) samples
-  that produced it: by default the global batch size for every parameter; a recipe can
+  that produced it (`training.gradients.mean_gradients`, shared by `Trainer` and
+  `RecipeModel`): by default the global batch size for every parameter; a recipe can
   return `sample_weights` per parameter group ("shared" weights, BN set k) instead --
   Fast AdvProp's "update-speed synchronisation". Either way the result does not depend
   on the number of replicas.
@@ -18,6 +19,7 @@ Conventions:
 """
 
 import dataclasses
+import inspect
 
 import tensorflow as tf
 
@@ -269,6 +271,13 @@ class Recipe:
     exchanges_across_replicas = False
     calibrates_budget = False
 
+    def __new__(cls, *args, **kwargs):
+        recipe = super().__new__(cls)
+        # What the recipe was built from, so that `get_config` can rebuild it (a Keras
+        # model that trains with it, RecipeModel, saves it in its config).
+        recipe._constructor_arguments = (args, kwargs)
+        return recipe
+
     def __init__(self, num_classes, label_smoothing=0.1):
         self.num_classes = int(num_classes)
         if not 0.0 <= label_smoothing < 1.0:
@@ -356,3 +365,37 @@ class Recipe:
 
     def describe(self):
         return self.name
+
+    def get_config(self):
+        """{"name", "arguments"}: the recipe's --recipe name and the constructor
+        arguments it was built with (JSON-able; an AttackConfig becomes
+        {"attack_config": {...}}). `recipes.recipe_from_config` rebuilds the recipe.
+        State set after construction (`configure_schedule`) is not included."""
+        args, kwargs = getattr(self, "_constructor_arguments", ((), {}))
+        bound = inspect.signature(type(self).__init__).bind(self, *args, **kwargs)
+        arguments = {name: _json_argument(self.name, name, value)
+                     for name, value in list(bound.arguments.items())[1:]}
+        return {"name": self.name, "arguments": arguments}
+
+
+def _json_argument(recipe, name, value):
+    from efficientnet_advprop.attacks import AttackConfig
+
+    if isinstance(value, AttackConfig):
+        return {"attack_config": dataclasses.asdict(value)}
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return value
+    if isinstance(value, (tuple, list)) and all(
+            isinstance(v, (bool, int, float, str)) for v in value):
+        return list(value)
+    raise TypeError(f"recipe {recipe}: argument {name}={value!r} cannot be saved in a "
+                    "config (expected numbers, strings, lists of them or an AttackConfig)")
+
+
+def recipe_argument(value):
+    """A `get_config` argument value back as the constructor takes it."""
+    from efficientnet_advprop.attacks import AttackConfig
+
+    if isinstance(value, dict) and set(value) == {"attack_config"}:
+        return AttackConfig(**value["attack_config"])
+    return value

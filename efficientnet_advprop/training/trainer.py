@@ -40,8 +40,9 @@ from efficientnet_advprop.layers.split_batch_norm import (MAIN, SplitBatchNorm,
                                                           bn_sets_of_variables,
                                                           sync_moving_statistics)
 from efficientnet_advprop.recipes.base import SHARED, StepContext
-from efficientnet_advprop.training.agc import adaptive_clip_gradients, is_classifier_variable
+from efficientnet_advprop.training.agc import is_classifier_variable
 from efficientnet_advprop.training.ema import ExponentialMovingAverage
+from efficientnet_advprop.training.gradients import mean_gradients, regularize_gradients
 from efficientnet_advprop.training.optimizers import make_optimizer
 from efficientnet_advprop.training.progress import Progress
 from efficientnet_advprop.training.schedules import (WarmupCosineDecay,
@@ -406,45 +407,19 @@ class Trainer:
         variables = self.model.trainable_variables
         out = self.recipe.gradients(self.train_model, variables, images, labels, ctx)
         global_batch = float(self.config.global_batch_size)
-        if out.sample_weights is None:
-            divisors = [global_batch] * len(variables)
-        else:
-            weights = {k: tf.cast(v, tf.float32) * float(self.num_replicas)
-                       for k, v in out.sample_weights.items()}
-            divisors = [tf.maximum(weights.get(group, weights[SHARED]), 1e-6)
-                        for group in self._groups]
-        grads = [None if g is None else g / tf.cast(d, g.dtype)
-                 for g, d in zip(out.grads, divisors)]
+        grads = mean_gradients(out.grads, out.sample_weights, self._groups, global_batch,
+                               self.num_replicas)
         return grads, out.loss_sum / global_batch, out.metrics
 
     def _finalize(self, grads):
         """Adds the L2 gradient (after AGC on the global gradient when it is on) and
-        scales for the optimizer's sum over replicas.
-
-        AGC is not linear, so it must see the gradient summed over replicas: the sum is
-        all-reduced here, clipped, and handed to the optimizer divided by the replica
-        count (the optimizer's own all-reduce then restores the global value).
-        Without AGC, each replica adds wd * w / replicas (the gradient of the official
-        0.5 * wd * ||w||^2 term, shared out over the replicas).
-        """
-        variables = self.model.trainable_variables
-        decayed = {id(v) for v in self.decayed_variables}
-        wd = self.config.weight_decay
-        if self.config.agc_clip:
-            if self.num_replicas > 1:
-                context = tf.distribute.get_replica_context()
-                grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-            grads = adaptive_clip_gradients(grads, variables, clip=self.config.agc_clip,
-                                            eps=self.config.agc_eps,
-                                            exclude=self._agc_excluded)
-            scale = 1.0 / self.num_replicas
-            return [None if g is None else
-                    (g + wd * tf.cast(v, g.dtype) if wd and id(v) in decayed else g) * scale
-                    for g, v in zip(grads, variables)]
-        return [None if g is None else
-                (g + wd / self.num_replicas * tf.cast(v, g.dtype)
-                 if wd and id(v) in decayed else g)
-                for g, v in zip(grads, variables)]
+        scales for the optimizer's sum over replicas: `regularize_gradients`."""
+        config = self.config
+        return regularize_gradients(
+            grads, self.model.trainable_variables, weight_decay=config.weight_decay,
+            decayed=self.decayed_variables, agc_clip=config.agc_clip,
+            agc_eps=config.agc_eps, agc_excluded=self._agc_excluded,
+            num_replicas=self.num_replicas)
 
     def _backward_scale(self):
         """Loss scaling: what the backward pass is multiplied by. Recipes return loss
