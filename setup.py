@@ -32,7 +32,7 @@ setup(
         "numpy",
         "matplotlib",  # the robustness report's plots
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3"]},  # -n 2: the suite traces in Python
     py_modules=["main"],
     entry_points={"console_scripts": ["efficientnet-advprop=main:console_main"]},
     license="Apache-2.0",

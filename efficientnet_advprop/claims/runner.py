@@ -152,6 +152,7 @@ def run_one(tier, spec, seed, *, data_dir, work_dir, results_dir, command, log=p
     cfg = config_lib.resolve(overrides)
     start_wall = time.time()
     info_machine = machine()
+    revision = git_revision()  # of the code this process imported (read at its start)
     run = experiment.prepare(cfg, log=log)
     batch = cfg.data.eval_batch_size
     need = max(tier.curve_images, tier.eval_images, tier.attack_images,
@@ -212,7 +213,7 @@ def run_one(tier, spec, seed, *, data_dir, work_dir, results_dir, command, log=p
                                          attack, batch=batch, seed=seed)
     record = {
         "run": spec.name, "title": spec.title, "recipe": spec.recipe, "tier": tier.name,
-        "seed": int(seed), "command": command, "git_revision": git_revision(),
+        "seed": int(seed), "command": command, "git_revision": revision,
         "data": {"dataset": run.info.name, "data_dir": data_dir,
                  "num_train": run.info.num_train, "num_held_out": run.info.num_eval,
                  "split": read_split(data_dir)},
