@@ -298,11 +298,15 @@ def write_report(results_dir, tiers=("cpu", "gpu", "smoke"), out_name="README.md
         parts += [f"## Tier `{tier}`", "", "### Claims", "", claims_table(results), "",
                   "### Runs", "", runs_table(runs), ""]
         first = next(iter(runs.values()))[0]
-        parts.append(f"Data: {first['data']['dataset']} ({first['data']['num_train']} train"
-                     f" / {first['data']['num_held_out']} held-out); git "
+        split = first["data"].get("split") or {}
+        parts.append(f"Data: {split.get('description', first['data']['dataset'])} "
+                     f"({first['data']['num_train']} train / {first['data']['num_held_out']}"
+                     f" held-out); git "
                      f"{sorted({r['git_revision'] for rs in runs.values() for r in rs})}; "
                      f"machine: {first['machine']['cpu']}, {first['machine']['cpu_count']} "
-                     f"CPUs, GPUs {first['machine']['gpus'] or 'none'}.")
+                     f"CPUs, GPUs {first['machine']['gpus'] or 'none'}. Training times "
+                     f"depend on what else ran: each result file records the load "
+                     f"average at its start.")
         parts.append("")
         plot_curves(runs, os.path.join(tier_dir, "curves.png"))
         plot_frontier(runs, os.path.join(tier_dir, "frontier.png"))
