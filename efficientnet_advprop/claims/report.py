@@ -111,17 +111,19 @@ def check_fast_advprop_cost(runs):
              f"{fmt(f)} vs {fmt(v)}", verdict),
             ("Fast AdvProp mean corruption error < vanilla's", f"{fmt(cf)} vs {fmt(cv)}",
              greater(cv, cf)),
-            ("Fast AdvProp training time within 1.3x of vanilla's", cost,
+            ("Fast AdvProp training time within 1.3x of vanilla's (fastest seed of each)", cost,
              MISSING if ratio is None else (HOLDS if ratio <= 1.3 else FAILS))]
 
 
 def cost_ratio(runs, run, baseline):
-    """Mean training seconds of `run` over `baseline`'s (same tier and budget)."""
+    """Training seconds of `run` over `baseline`'s (same tier and budget), each the
+    fastest of its seeds: on a shared machine other work only ever adds time, so the
+    minimum is the estimate least disturbed by it."""
     a = [r["train_seconds"] for r in runs.get(run, [])]
     b = [r["train_seconds"] for r in runs.get(baseline, [])]
     if not a or not b:
         return None
-    return float(np.mean(a) / np.mean(b))
+    return float(min(a) / min(b))
 
 
 def check_bn_statistics(runs):
