@@ -79,6 +79,15 @@ def run_here(tier, spec, seed, data_dir, command):
         fail(f"{spec.name} seed {seed}: {e}")
 
 
+REPORT_HEADER = """# Claims suite: results
+
+Written by `python scripts/reproduce_claims.py --report_only` from the result files
+below it (`<tier>/<run>/seed<k>.json`: command, git revision, data split, seed, wall
+time, machine and every number measured). The method, the budget of each tier and the
+verdict rule are in the top-level README, "Does it reproduce the papers?".
+"""
+
+
 def main(argv):
     del argv
     from efficientnet_advprop.claims import ensure_split, report, runner
@@ -90,7 +99,7 @@ def main(argv):
         except ValueError:
             fail(f"--seeds={','.join(FLAGS.seeds)}: expected integers")
     if FLAGS.report_only:
-        print(report.write_report(FLAGS.results_dir))
+        print(report.write_report(FLAGS.results_dir, header=REPORT_HEADER))
         return
     data_dir = None
     if tier.data == "split":
@@ -125,7 +134,7 @@ def main(argv):
         else:
             run_here(tier, spec, seed, data_dir, command)
         print(f"done {spec.name}:{seed}", flush=True)
-    print(report.write_report(FLAGS.results_dir))
+    print(report.write_report(FLAGS.results_dir, header=REPORT_HEADER))
 
 
 if __name__ == "__main__":
