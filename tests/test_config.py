@@ -199,6 +199,14 @@ def test_print_config_prints_the_resolved_config_and_writes_nothing(tmp_path):
     assert os.listdir(tmp_path) == []  # nothing written: no model_dir, no runs/
 
 
+def test_auto_augment_none_turns_off_the_papers_autoaugment(tmp_path):
+    on = run_main("--print_config", "--recipe=advprop", cwd=tmp_path)
+    off = run_main("--print_config", "--recipe=advprop", "--auto_augment=none", cwd=tmp_path)
+    assert on.returncode == 0 and off.returncode == 0, off.stderr[-2000:]
+    assert "--auto_augment=v0  # recipe advprop" in on.stdout
+    assert "--auto_augment=none  # set" in off.stdout
+
+
 def test_config_round_trips_through_json(tmp_path):
     config = imagenet("mbn_at", "resnet-152")
     config.save(str(tmp_path))
