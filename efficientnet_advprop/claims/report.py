@@ -200,8 +200,8 @@ def verdicts(runs):
 # ------------------------------------------------------------------ output
 def runs_table(runs):
     lines = ["| run | model | seeds | clean (main BN) | clean (adv. BN) | PGD-10 (main BN) "
-             "| mean corruption error | train s | train img/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| PGD-10 (adv. BN) | mean corruption error | train s | train img/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, records in runs.items():
         eps = records[0]["eval_epsilon"]
         pgd = values(runs, name, "pgd_accuracy")
@@ -210,6 +210,7 @@ def runs_table(runs):
             f"{len(records)} | {fmt(values(runs, name, 'clean_accuracy'))} | "
             f"{fmt(values(runs, name, 'aux_clean_accuracy'))} | "
             f"{fmt(pgd) + f' @ eps {eps:g}' if pgd else '–'} | "
+            f"{fmt(values(runs, name, 'aux_pgd_accuracy'))} | "
             f"{fmt(values(runs, name, 'mean_corruption_error'))} | "
             f"{np.mean([r['train_seconds'] for r in records]):.0f} | "
             f"{np.mean([r['train_images_per_second'] or 0 for r in records]):.0f} |")
