@@ -19,6 +19,7 @@ from efficientnet_advprop import config as config_lib
 from efficientnet_advprop import experiment
 from efficientnet_advprop.attacks import attack as run_attack
 from efficientnet_advprop.claims import suite
+from efficientnet_advprop.data.cifar_tar import SPLIT_FILE
 from efficientnet_advprop.data.corruptions import corrupt
 from efficientnet_advprop.evaluation import eval_attack_config
 from efficientnet_advprop.evaluation import evaluate as evaluate_model
@@ -240,8 +241,6 @@ def run_one(tier, spec, seed, *, data_dir, work_dir, results_dir, command, log=p
 
 def read_split(data_dir):
     """The split.json of a data directory (None for the embedded data)."""
-    from efficientnet_advprop.data.cifar_tar import SPLIT_FILE
-
     if not data_dir or not os.path.exists(os.path.join(data_dir, SPLIT_FILE)):
         return None
     with open(os.path.join(data_dir, SPLIT_FILE)) as f:

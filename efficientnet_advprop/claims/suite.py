@@ -39,6 +39,8 @@ class Tier:
     corruptions / severities: the generated CIFAR-10-C-style corruptions evaluated.
     eval_iterations: PGD steps of the evaluation attack.
     min_bn_batch: the smallest BN batch allowed (only the smoke tier lowers it).
+    recipe_options: ((recipe, ((option, value), ...)), ...) set for that recipe's runs
+      (the smoke tier's small shuffle-BN groups, which its small batches need).
     """
 
     name: str
@@ -63,6 +65,7 @@ class Tier:
     mbn_gammas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     train_steps: int = None
     min_bn_batch: int = 16
+    recipe_options: tuple = ()
     iterations_per_loop: int = 10
     budget: str = ""
 
@@ -91,6 +94,7 @@ TIERS = {
         attack_images=32, corruption_images=32, mbn_images=32,
         corruptions=("gaussian_noise", "contrast"), severities=(3,), eval_iterations=2,
         mbn_gammas=(0.0, 0.5, 1.0), min_bn_batch=2, iterations_per_loop=1,
+        recipe_options=(("fast_advprop", (("shuffle_bn_group_size", 2),)),),
         budget="2 steps per run"),
     # This 2-core CPU, 2 seeds (README "Does it reproduce the papers?" for the cost).
     "cpu": Tier(
@@ -165,12 +169,24 @@ RUNS = (  # in the order they run: the cheap pairs of claims first
 RUNS_BY_NAME = {r.name: r for r in RUNS}
 
 
+def drawn_batch(recipe_name, clean_batch):
+    """The smallest batch from which the recipe (with its paper's options) trains on
+    `clean_batch` clean images: the batch itself, except for a recipe that counts only
+    part of its drawn images as clean (`Recipe.lr_batch_size`; Fast AdvProp draws
+    B / (1 - p_adv))."""
+    from efficientnet_advprop.recipes import RECIPES
+
+    recipe = RECIPES[recipe_name].from_options(10)
+    batch = clean_batch
+    while recipe.lr_batch_size(batch) < clean_batch:
+        batch += 1
+    return batch
+
+
 def tier_overrides(tier, run, seed, data_dir, model_dir):
     """The config overrides (efficientnet_advprop.config.resolve) of one run."""
     model = {"bn": tier.bn_model, "nf": tier.nf_model}.get(run.pair, tier.model)
-    batch = tier.batch_size
-    if run.recipe == "fast_advprop":  # draws B / (1 - p_adv) so that B are clean
-        batch = int(round(batch / 0.8))
+    batch = drawn_batch(run.recipe, tier.batch_size)
     out = {
         "recipe": run.recipe, "model_name": model, "width_multiplier": tier.width,
         "train_batch_size": batch, "optimizer": "momentum", "nesterov": True,
@@ -192,8 +208,7 @@ def tier_overrides(tier, run, seed, data_dir, model_dir):
     if data_dir:
         out["data_dir"] = data_dir
     out.update(dict(run.overrides))
-    if run.recipe == "fast_advprop" and tier.min_bn_batch < 16:
-        out["shuffle_bn_group_size"] = max(1, tier.min_bn_batch)
+    out.update(dict(dict(tier.recipe_options).get(run.recipe, ())))
     return out
 
 
