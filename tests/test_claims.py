@@ -31,6 +31,18 @@ def test_verdicts_follow_the_error_bars():
     assert report.combine(report.HOLDS, "holds (1 seed)") == report.HOLDS
 
 
+def test_cost_ratio_leaves_out_resumed_runs():
+    def rec(seconds, start_step=0):
+        return {"train_seconds": seconds, "start_step": start_step}
+
+    runs = {"fast_advprop": [rec(130), rec(40, start_step=300)],
+            "vanilla": [rec(100), rec(120)]}
+    # 40 s timed only the part after a resume: the ratio uses the whole 130 s run.
+    assert report.cost_ratio(runs, "fast_advprop", "vanilla") == pytest.approx(1.3)
+    assert report.cost_ratio({"fast_advprop": [rec(40, start_step=300)],
+                              "vanilla": [rec(100)]}, "fast_advprop", "vanilla") is None
+
+
 def test_every_claim_names_runs_of_the_suite_and_has_a_check():
     for claim in suite.CLAIMS:
         assert set(claim.runs) <= set(suite.RUNS_BY_NAME), claim.key
@@ -88,6 +100,7 @@ def test_smoke_runs_write_complete_result_files(smoke_results):
         for key in ("command", "git_revision", "seed", "wall_seconds", "machine", "data"):
             assert saved[key] not in (None, ""), key
         assert saved["results"]["step"] == tier.train_steps
+        assert saved["start_step"] == 0 and saved["train_seconds"] > 0
         curve = saved["results"]["curve"]
         assert [p["step"] for p in curve] == [tier.train_steps]
         assert 0.0 <= saved["results"]["clean_accuracy"] <= 1.0

@@ -122,6 +122,7 @@ def test_the_run_goes_on_over_the_damaged_checkpoint(tmp_path, two_checkpoints):
     _damage(model_dir, "truncated_data", 4)
     trainer = _tiny_trainer(model_dir, steps=6)
     trainer.train(_dataset_fn)
+    assert trainer.start_step == 2  # resumed from the readable ckpt-2, not from 0
     assert int(trainer.step.numpy()) == 6
     assert _tiny_trainer(model_dir, steps=6).restore() == 6  # ckpt-4 rewritten, ckpt-6
 

@@ -115,12 +115,18 @@ def check_fast_advprop_cost(runs):
              MISSING if ratio is None else (HOLDS if ratio <= 1.3 else FAILS))]
 
 
+def whole_train_seconds(records):
+    """Training seconds of the records that trained from step 0 in one process; a run
+    resumed after an interruption timed only its own part and is left out."""
+    return [r["train_seconds"] for r in records if not r.get("start_step")]
+
+
 def cost_ratio(runs, run, baseline):
     """Training seconds of `run` over `baseline`'s (same tier and budget), each the
-    fastest of its seeds: on a shared machine other work only ever adds time, so the
-    minimum is the estimate least disturbed by it."""
-    a = [r["train_seconds"] for r in runs.get(run, [])]
-    b = [r["train_seconds"] for r in runs.get(baseline, [])]
+    fastest of its seeds trained in one go: on a shared machine other work only ever
+    adds time, so the minimum is the estimate least disturbed by it."""
+    a = whole_train_seconds(runs.get(run, []))
+    b = whole_train_seconds(runs.get(baseline, []))
     if not a or not b:
         return None
     return float(min(a) / min(b))
@@ -212,9 +218,13 @@ def runs_table(runs):
             f"{fmt(pgd) + f' @ eps {eps:g}' if pgd else '–'} | "
             f"{fmt(values(runs, name, 'aux_pgd_accuracy'))} | "
             f"{fmt(values(runs, name, 'mean_corruption_error'))} | "
-            f"{np.mean([r['train_seconds'] for r in records]):.0f} | "
+            f"{mean_or_dash(whole_train_seconds(records))} | "
             f"{np.mean([r['train_images_per_second'] or 0 for r in records]):.0f} |")
     return "\n".join(lines)
+
+
+def mean_or_dash(xs):
+    return f"{np.mean(xs):.0f}" if xs else "–"
 
 
 def claims_table(results):

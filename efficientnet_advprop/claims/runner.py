@@ -224,6 +224,9 @@ def run_one(tier, spec, seed, *, data_dir, work_dir, results_dir, command, log=p
         "train_batch_size": cfg.data.train_batch_size,
         "eval_epsilon": spec.eval_epsilon, "eval_attack_iterations": tier.eval_iterations,
         "overrides": {k: v for k, v in overrides.items() if k != "model_dir"},
+        # train_seconds covers only this process's steps: from start_step (0 unless it
+        # resumed an interrupted run) to train_steps.
+        "start_step": int(run.trainer.start_step),
         "train_seconds": round(train_seconds, 1),
         "train_images_per_second": (round(run.trainer.images_per_second, 1)
                                     if run.trainer.images_per_second else None),

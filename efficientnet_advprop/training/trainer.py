@@ -347,6 +347,7 @@ class Trainer:
         self._writer = None
         self.images_per_second = None  # training throughput of the last train() call,
         # after its first (tracing) step
+        self.start_step = None  # the step the last train() call resumed from (0: fresh)
 
     # ----------------------------------------------------------------- checkpoints
     def restore(self):
@@ -570,6 +571,7 @@ class Trainer:
         """
         config = self.config
         start = self.restore()
+        self.start_step = start
         if start:
             print(f"resumed from {self.manager.latest_checkpoint} at step {start}",
                   file=sys.stderr)
