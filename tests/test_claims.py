@@ -43,6 +43,20 @@ def test_cost_ratio_leaves_out_resumed_runs():
                               "vanilla": [rec(100)]}, "fast_advprop", "vanilla") is None
 
 
+def test_mbn_sweep_must_be_monotone_in_every_seed():
+    def record(clean, robust):
+        sweep = [{"gamma": g, "clean_accuracy": c, "pgd_accuracy": r}
+                 for g, c, r in zip((0.0, 0.5, 1.0), clean, robust)]
+        return {"results": {"mbn_sweep": sweep}}
+
+    good = record([0.7, 0.6, 0.5], [0.1, 0.2, 0.3])
+    # Their mean is monotone (0.65, 0.61, 0.5), but the second seed's clean rises.
+    bad = record([0.6, 0.62, 0.5], [0.1, 0.2, 0.3])
+    verdict = lambda runs: report.check_bn_statistics(runs)[1][2]  # noqa: E731
+    assert verdict({"advprop_eps4": [good, good]}) == report.HOLDS
+    assert verdict({"advprop_eps4": [good, bad]}) == report.FAILS
+
+
 def test_every_claim_names_runs_of_the_suite_and_has_a_check():
     for claim in suite.CLAIMS:
         assert set(claim.runs) <= set(suite.RUNS_BY_NAME), claim.key
