@@ -1,6 +1,6 @@
 """Runs the claims suite and writes its report (efficientnet_advprop/claims).
 
-    python scripts/reproduce_claims.py --tier=cpu            # ~6 h on 2 CPU cores, resumable
+    python scripts/reproduce_claims.py --tier=cpu            # ~3.7 h on 2 idle CPU cores, resumable
     python scripts/reproduce_claims.py --tier=cpu --claims=advprop_vs_vanilla
     python scripts/reproduce_claims.py --tier=gpu            # one GPU, 3 seeds
     python scripts/reproduce_claims.py --tier=smoke          # a few steps of each run
