@@ -31,15 +31,23 @@ def test_verdicts_follow_the_error_bars():
     assert report.combine(report.HOLDS, "holds (1 seed)") == report.HOLDS
 
 
-def test_cost_ratio_leaves_out_resumed_runs():
-    def rec(seconds, start_step=0):
-        return {"train_seconds": seconds, "start_step": start_step}
+def test_cost_ratio_is_per_epoch_and_leaves_out_resumed_runs():
+    def rec(seconds, start_step=0, train_steps=100, steps_per_epoch=25):
+        return {"train_seconds": seconds, "start_step": start_step,
+                "train_steps": train_steps, "steps_per_epoch": steps_per_epoch,
+                "results": {}}
 
-    runs = {"fast_advprop": [rec(130), rec(40, start_step=300)],
+    # Fast AdvProp's calibrated budget: 3 epochs of 25 steps against vanilla's 4.
+    runs = {"fast_advprop": [rec(117, train_steps=75), rec(40, start_step=30, train_steps=75)],
             "vanilla": [rec(100), rec(120)]}
-    # 40 s timed only the part after a resume: the ratio uses the whole 130 s run.
-    assert report.cost_ratio(runs, "fast_advprop", "vanilla") == pytest.approx(1.3)
-    assert report.cost_ratio({"fast_advprop": [rec(40, start_step=300)],
+    # 40 s timed only the part after a resume: the ratio uses the whole 117 s run.
+    assert report.cost_ratio(runs, "fast_advprop", "vanilla",
+                             per_epoch=False) == pytest.approx(1.17)
+    assert report.cost_ratio(runs, "fast_advprop", "vanilla") == pytest.approx(1.56)
+    rows = report.check_fast_advprop_cost(runs)
+    assert rows[-1][1] == "1.56x per epoch (1.17x for the whole calibrated run)"
+    assert rows[-1][2] == report.FAILS  # above 1.3x per epoch, whatever the whole run
+    assert report.cost_ratio({"fast_advprop": [rec(40, start_step=30)],
                               "vanilla": [rec(100)]}, "fast_advprop", "vanilla") is None
 
 

@@ -105,28 +105,43 @@ def check_fast_advprop_cost(runs):
         verdict = INCONCLUSIVE + " (within the error bars of vanilla)"
     cf = values(runs, "fast_advprop", "mean_corruption_error")
     cv = values(runs, "vanilla", "mean_corruption_error")
-    ratio = cost_ratio(runs, "fast_advprop", "vanilla")
-    cost = "–" if ratio is None else f"{ratio:.2f}x"
+    per_epoch = cost_ratio(runs, "fast_advprop", "vanilla")
+    whole = cost_ratio(runs, "fast_advprop", "vanilla", per_epoch=False)
+    cost = ("–" if per_epoch is None else
+            f"{per_epoch:.2f}x per epoch ({whole:.2f}x for the whole calibrated run)")
     return [("Fast AdvProp clean >= vanilla clean at 1x budget",
              f"{fmt(f)} vs {fmt(v)}", verdict),
             ("Fast AdvProp mean corruption error < vanilla's", f"{fmt(cf)} vs {fmt(cv)}",
              greater(cv, cf)),
-            ("Fast AdvProp training time within 1.3x of vanilla's (fastest seed of each)", cost,
-             MISSING if ratio is None else (HOLDS if ratio <= 1.3 else FAILS))]
+            ("Fast AdvProp cost per epoch within 1.3x of vanilla's (the paper's cost model "
+             "says 1.2x; fastest seed of each)", cost,
+             MISSING if per_epoch is None else (HOLDS if per_epoch <= 1.3 else FAILS))]
+
+
+def whole_runs(records):
+    """The records that trained from step 0 in one process: a run resumed after an
+    interruption timed only its own part."""
+    return [r for r in records if not r.get("start_step")]
 
 
 def whole_train_seconds(records):
-    """Training seconds of the records that trained from step 0 in one process; a run
-    resumed after an interruption timed only its own part and is left out."""
-    return [r["train_seconds"] for r in records if not r.get("start_step")]
+    return [r["train_seconds"] for r in whole_runs(records)]
 
 
-def cost_ratio(runs, run, baseline):
-    """Training seconds of `run` over `baseline`'s (same tier and budget), each the
-    fastest of its seeds trained in one go: on a shared machine other work only ever
-    adds time, so the minimum is the estimate least disturbed by it."""
-    a = whole_train_seconds(runs.get(run, []))
-    b = whole_train_seconds(runs.get(baseline, []))
+def epoch_seconds(record):
+    """Training seconds per epoch of the tier's training images (Fast AdvProp's
+    calibrated budget trains fewer epochs than vanilla, so whole-run times differ from
+    the per-epoch cost that the paper's cost model gives)."""
+    return record["train_seconds"] * record["steps_per_epoch"] / record["train_steps"]
+
+
+def cost_ratio(runs, run, baseline, per_epoch=True):
+    """Training seconds (per epoch, or of the whole run) of `run` over `baseline`'s
+    (same tier), each the fastest of its seeds trained in one go: on a shared machine
+    other work only ever adds time, so the minimum is the estimate least disturbed by it."""
+    cost = epoch_seconds if per_epoch else (lambda r: r["train_seconds"])
+    a = [cost(r) for r in whole_runs(runs.get(run, []))]
+    b = [cost(r) for r in whole_runs(runs.get(baseline, []))]
     if not a or not b:
         return None
     return float(min(a) / min(b))
