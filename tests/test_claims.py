@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from efficientnet_advprop import config as config_lib
 from efficientnet_advprop.claims import report, runner, suite
 from efficientnet_advprop.data.cifar_tar import names_digest, select
 
@@ -86,6 +87,19 @@ def test_runs_of_a_tier_share_everything_but_the_method():
     batches = {run.name: c["train_batch_size"] for run, c in zip(suite.RUNS, configs)}
     assert batches.pop("fast_advprop") == tier.batch_size / 0.8
     assert set(batches.values()) == {tier.batch_size}
+
+
+@pytest.mark.parametrize("tier_name", ["cpu", "gpu"])
+def test_every_run_of_the_full_tiers_resolves_to_its_budget(tier_name, tmp_path):
+    # The gpu tier has never run (no lent device had TensorFlow): its configurations must
+    # at least pass every check of the config and keep Fast AdvProp's calibrated budget.
+    # On the embedded data here; the tiers train on the 45,000-image split.
+    tier = suite.TIERS[tier_name]
+    for run in suite.RUNS:
+        cfg = config_lib.resolve(suite.tier_overrides(tier, run, 0, None, str(tmp_path)))
+        epochs = cfg.optim.train_steps / cfg.optim.steps_per_epoch
+        calibrated = tier.epochs / 1.2 if run.recipe == "fast_advprop" else tier.epochs
+        assert epochs == pytest.approx(calibrated, rel=0.02), run.name
 
 
 def test_held_out_part_does_not_depend_on_the_train_count():

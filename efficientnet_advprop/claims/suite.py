@@ -106,8 +106,8 @@ TIERS = {
         corruptions=ALL_CORRUPTIONS, severities=(1, 2, 3, 4, 5),
         budget="4 epochs of 45,000 images per run"),
     # One H100, 3 seeds, twice the width and more epochs, every run in one process
-    # (scripts/reproduce_claims.py --tier=gpu through the device tool). Not yet run:
-    # no accelerator was lent to the session that wrote it.
+    # (scripts/reproduce_claims.py --tier=gpu through the device tool). Not yet run: the
+    # one device lent so far had no TensorFlow (results/device/2026-11-26-h100-probe.md).
     "gpu": Tier(
         name="gpu", data="split", model="resnet-18-cifar",
         pair_models=("resnet-26-cifar", "nf-resnet-26-cifar"), width=0.25,
