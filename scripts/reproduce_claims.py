@@ -28,7 +28,8 @@ flags.DEFINE_enum("tier", "cpu", list(suite.TIERS), "Scale of the suite.")
 flags.DEFINE_list("claims", None, "Claims to run (default: all): "
                   + ", ".join(c.key for c in suite.CLAIMS))
 flags.DEFINE_list("runs", None, "Runs to run instead (default: those of --claims): "
-                  + ", ".join(r.name for r in suite.RUNS))
+                  + ", ".join(r.name for r in suite.RUNS) + "; or the controls that no "
+                  "claim reads: " + ", ".join(r.name for r in suite.DIAGNOSTICS))
 flags.DEFINE_list("seeds", None, "Seeds (default: the tier's).")
 flags.DEFINE_string("results_dir", os.path.join(REPO, "results", "claims"),
                     "Result files and the report.")

@@ -95,7 +95,7 @@ def test_every_run_of_the_full_tiers_resolves_to_its_budget(tier_name, tmp_path)
     # at least pass every check of the config and keep Fast AdvProp's calibrated budget.
     # On the embedded data here; the tiers train on the 45,000-image split.
     tier = suite.TIERS[tier_name]
-    for run in suite.RUNS:
+    for run in suite.RUNS + suite.DIAGNOSTICS:
         cfg = config_lib.resolve(suite.tier_overrides(tier, run, 0, None, str(tmp_path)))
         epochs = cfg.optim.train_steps / cfg.optim.steps_per_epoch
         calibrated = tier.epochs / 1.2 if run.recipe == "fast_advprop" else tier.epochs

@@ -166,7 +166,17 @@ RUNS = (  # in the order they run: the cheap pairs of claims first
     RunSpec("nofrost_eps8", "nofrost", "NF-ResNet-26 + SAT (NoFrost), eps 8 (PGD-1, step 10)",
             overrides=_fast_attack(8), pair="nf", eval_epsilon=8.0, evals=("clean", "pgd")),
 )
-RUNS_BY_NAME = {r.name: r for r in RUNS}
+# Controls that no claim reads: the NoFrost pair's two models trained on clean images
+# only, to tell apart how fast each architecture learns at the tier's budget from what
+# adversarial training costs it. Not in the default suite; run them with
+# `--runs=vanilla_bn26,vanilla_nf26` (and `--seeds=0` for one seed).
+DIAGNOSTICS = (
+    RunSpec("vanilla_bn26", "vanilla", "control: BN-ResNet-26 on clean images only",
+            pair="bn", eval_epsilon=8.0, evals=("clean", "pgd")),
+    RunSpec("vanilla_nf26", "vanilla", "control: NF-ResNet-26 on clean images only",
+            pair="nf", eval_epsilon=8.0, evals=("clean", "pgd")),
+)
+RUNS_BY_NAME = {r.name: r for r in RUNS + DIAGNOSTICS}
 
 
 def drawn_batch(recipe_name, clean_batch):
