@@ -2,6 +2,7 @@
 
     python scripts/reproduce_claims.py --tier=cpu            # ~3.7 h on 2 idle CPU cores, resumable
     python scripts/reproduce_claims.py --tier=cpu --claims=advprop_vs_vanilla
+    python scripts/reproduce_claims.py --tier=cpu --runs=vanilla_nf26 --seeds=0  # a control
     python scripts/reproduce_claims.py --tier=gpu            # one GPU, 3 seeds
     python scripts/reproduce_claims.py --tier=smoke          # a few steps of each run
     python scripts/reproduce_claims.py --report_only         # tables and plots only

@@ -72,6 +72,13 @@ def test_every_claim_names_runs_of_the_suite_and_has_a_check():
         assert claim.key in report.CHECKS
     for run in suite.RUNS:
         assert set(run.evals) <= set(suite.EVALS), run.name
+    # Every run of the suite is read by a claim; the controls by none, and say so.
+    claim_runs = {name for claim in suite.CLAIMS for name in claim.runs}
+    assert claim_runs == {run.name for run in suite.RUNS}
+    for run in suite.DIAGNOSTICS:
+        assert run.name not in claim_runs and set(run.evals) <= set(suite.EVALS)
+        assert report.label(run.name) == f"{run.name} (control)"
+    assert report.label("vanilla") == "vanilla"
 
 
 def test_runs_of_a_tier_share_everything_but_the_method():

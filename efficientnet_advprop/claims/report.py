@@ -231,7 +231,7 @@ def runs_table(runs):
         eps = records[0]["eval_epsilon"]
         pgd = values(runs, name, "pgd_accuracy")
         lines.append(
-            f"| {name} | {records[0]['model_name']} x{records[0]['width_multiplier']:g} | "
+            f"| {label(name)} | {records[0]['model_name']} x{records[0]['width_multiplier']:g} | "
             f"{len(records)} | {fmt(values(runs, name, 'clean_accuracy'))} | "
             f"{fmt(values(runs, name, 'aux_clean_accuracy'))} | "
             f"{fmt(pgd) + f' @ eps {eps:g}' if pgd else '–'} | "
@@ -240,6 +240,14 @@ def runs_table(runs):
             f"{mean_or_dash(whole_train_seconds(records))} | "
             f"{np.mean([r['train_images_per_second'] or 0 for r in records]):.0f} |")
     return "\n".join(lines)
+
+
+def label(name):
+    """The run's name, marked when no claim reads it (suite.DIAGNOSTICS)."""
+    from efficientnet_advprop.claims import suite
+
+    claim_runs = {run for claim in suite.CLAIMS for run in claim.runs}
+    return name if name in claim_runs else f"{name} (control)"
 
 
 def mean_or_dash(xs):
@@ -262,19 +270,21 @@ def plot_curves(runs, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, records in runs.items():
+    colors = plt.get_cmap("tab20")  # more runs than the default cycle's 10 colours
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for index, (name, records) in enumerate(runs.items()):
         curves = [r["results"].get("curve") or [] for r in records]
         if not curves[0]:
             continue
         length = min(len(c) for c in curves)
         epochs = [p["epoch"] for p in curves[0][:length]]
         accs = np.mean([[p["clean_accuracy"] for p in c[:length]] for c in curves], axis=0)
-        ax.plot(epochs, 100 * accs, marker="o", label=name)
+        ax.plot(epochs, 100 * accs, marker="o", color=colors(index % 20),
+                linestyle="-" if label(name) == name else "--", label=label(name))
     ax.set_xlabel("epoch")
     ax.set_ylabel("held-out clean accuracy, main BN (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
