@@ -121,6 +121,9 @@ flags.DEFINE_float("survival_prob", None, "EfficientNet drop-connect survival "
                    "probability (default 0.8).")
 flags.DEFINE_float("drop_path_rate", None, "NF-ResNet stochastic depth rate of the last "
                    "block (default 0; NoFrost: 0.1).")
+flags.DEFINE_bool("zero_init_last_bn", None, "BN ResNets: initialise the last BN of every "
+                  "residual branch at gamma 0 (default off; NoFrost's BN baselines: on, "
+                  "as its code builds them).")
 flags.DEFINE_float("agc_clip", 0.0, "Adaptive gradient clipping threshold (Brock et al. "
                    "2021; 0.01 for NF-ResNets); 0 = off. Clips the global gradient "
                    "before weight decay; the classifier is excluded.")

@@ -83,6 +83,11 @@ def _check(section, rules):
             raise ConfigError(name, getattr(section, name), message)
 
 
+def is_bn_resnet(model_name):
+    """ResNets with normalisation layers (resnet-*, not nf-resnet-*)."""
+    return str(model_name).startswith("resnet-")
+
+
 def _none_or(value, test):
     return value is None or test(value)
 
@@ -99,6 +104,7 @@ class ModelConfig:
     dropout_rate: float = None  # None: the model's
     survival_prob: float = None
     drop_path_rate: float = None
+    zero_init_last_bn: bool = None  # None: off; BN ResNets only
     sync_batch_norm: bool = None  # None: on for TPU (official groups), off elsewhere
     sync_batch_norm_group_size: int = None
     init_checkpoint: str = None
@@ -130,6 +136,9 @@ class ModelConfig:
         if self.width_multiplier != 1.0 and self.model_name.startswith("efficientnet"):
             raise ConfigError("width_multiplier", self.width_multiplier,
                               f"applies to ResNets and NF-ResNets, not {self.model_name}")
+        if self.zero_init_last_bn and not is_bn_resnet(self.model_name):
+            raise ConfigError("zero_init_last_bn", self.zero_init_last_bn,
+                              f"applies to the BN ResNets, not {self.model_name}")
         if self.sync_batch_norm_group_size is not None:
             if self.sync_batch_norm is False:
                 raise ConfigError("sync_batch_norm_group_size",
@@ -554,6 +563,15 @@ def resolve(overrides=None, dataset_info=None):
     if model not in model_names():
         raise ConfigError("model_name", model,
                           f"unknown model; choose from {', '.join(model_names())}")
+    if cls.normalizer_free_only and not is_normalizer_free(model):
+        raise ConfigError("model_name", model,
+                          f"has batch norm, and recipe {recipe_name} trains a normalizer-free "
+                          "network (choose an nf-resnet-*, or recipe bn_sat for SAT of a "
+                          "BN network)")
+    if (values["zero_init_last_bn"] and sources["zero_init_last_bn"] != "set"
+            and not is_bn_resnet(model)):
+        values["zero_init_last_bn"] = None  # a recipe's value for the BN ResNets only
+        sources["zero_init_last_bn"] += f" (not applicable to {model})"
     derive("image_size", default_image_size(model), "the model's resolution")
     derive("preprocessing", cls.preferred_preprocessing or "imagenet",
            f"{recipe_name}'s preferred" if cls.preferred_preprocessing

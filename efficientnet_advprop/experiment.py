@@ -124,6 +124,8 @@ def model_kwargs(config, recipe, sync):
             m.survival_prob if m.survival_prob is not None else 0.8))
     else:
         kwargs["dropout_rate"] = m.dropout_rate or 0.0
+        if m.zero_init_last_bn:
+            kwargs["zero_init_last_bn"] = True
     return kwargs
 
 

@@ -20,7 +20,8 @@ IMAGENET = DatasetInfo("imagenet", 1000, 1281167, 50000, 224)
 
 
 def imagenet(recipe, model, **overrides):
-    return cfg.resolve({"recipe": recipe, "model_name": model, **overrides}, IMAGENET)
+    model = {"model_name": model} if model else {}
+    return cfg.resolve({"recipe": recipe, **model, **overrides}, IMAGENET)
 
 
 # The papers' values (reference.md), typed here rather than read from the recipe files.
@@ -31,7 +32,7 @@ EFFICIENTNET = {"optimizer": "rmsprop", "rmsprop_decay": 0.9, "momentum": 0.9,
                 "label_smoothing": 0.1, "moving_average_decay": 0.9999,
                 "batch_norm_momentum": 0.99, "batch_norm_epsilon": 1e-3,
                 "survival_prob": 0.8}
-NOFROST = {"optimizer": "momentum", "nesterov": True, "momentum": 0.9,
+NOFROST = {"optimizer": "momentum", "nesterov": True, "momentum": 0.9, "train_batch_size": 256,
            "base_learning_rate": 0.1, "weight_decay": 5e-5, "lr_schedule": "cosine",
            "train_epochs": 90.0, "label_smoothing": 0.1, "moving_average_decay": 0.0,
            "epsilon": 8.0, "attack_step_size": 1.0, "attack_iterations": 10,
@@ -40,11 +41,15 @@ PAPERS = {
     ("advprop", "efficientnet-b0"): {
         **EFFICIENTNET, "auto_augment": "v0", "epsilon": 1.0, "attack_step_size": 1.0,
         "attacker": "pgd", "preprocessing": "advprop", "image_size": 224,
-        "augmentation": "inception"},
+        "augmentation": "inception", "targeted_attack": True},
     ("fine_grained_advprop", "efficientnet-b0"): {
-        **EFFICIENTNET, "auto_augment": "v0", "preprocessing": "advprop"},
-    ("sat", "efficientnet-b0"): {**EFFICIENTNET, "epsilon": 1.0, "auto_augment": "v0",
-                                 "preprocessing": "advprop"},
+        **EFFICIENTNET, "auto_augment": "v0", "preprocessing": "advprop",
+        "targeted_attack": True},
+    # AdvProp §5.3: the shared-BN baseline's attacker is PGD5 (eps 4), targeted as
+    # AdvProp's (Fast AdvProp §3.2.2); the loss is Eq. 2's, weight 1 each.
+    ("sat", "efficientnet-b0"): {**EFFICIENTNET, "epsilon": 4.0, "auto_augment": "v0",
+                                 "preprocessing": "advprop", "targeted_attack": True,
+                                 "sat_clean_weight": 1.0},
     ("fast_advprop", "resnet-50"): {
         "optimizer": "momentum", "momentum": 0.9, "base_learning_rate": 0.1,
         "weight_decay": 1e-4, "lr_schedule": "step", "lr_decay_factor": 0.1,
@@ -62,7 +67,7 @@ PAPERS = {
     ("nofrost", "nf-resnet-50"): {**NOFROST, "dropout_rate": 0.25, "drop_path_rate": 0.1,
                                   "agc_clip": 0.0, "clean_loss_weight": 0.5},
     ("nofrost_star", "nf-resnet-50"): {**NOFROST, "clean_loss_weight": 0.5},
-    ("bn_sat", "resnet-50"): {**NOFROST, "clean_loss_weight": 0.5},
+    ("bn_sat", "resnet-50"): {**NOFROST, "clean_loss_weight": 0.5, "zero_init_last_bn": True},
     ("trades", "resnet-50"): {**NOFROST, "trades_beta": 1.0},
     ("fat", "resnet-50"): {**NOFROST, "early_stop_tau": 1},
     ("trades_fat", "resnet-50"): {**NOFROST, "trades_beta": 1.0, "early_stop_tau": 1},
@@ -79,6 +84,9 @@ def test_the_paper_setting_resolves_to_the_papers_values(recipe, model):
         assert isinstance(cite, Cite) and cite.source
         if name == "lr_milestones":
             continue  # fractions of the run: checked below
+        if name == "model_name":
+            assert cite.value == model  # the paper's own network, passed explicitly here
+            continue
         assert config.value(name) == cite.value, name
         assert config.sources[name].startswith(f"recipe {recipe}: "), name
 
@@ -92,7 +100,8 @@ def test_fast_advprop_imagenet_run_is_the_papers_calibrated_budget():
     assert config.optim.lr_milestones == pytest.approx((25, 50, 75, 250 / 3), abs=0.01)
     recipe = config.make_recipe()
     assert recipe.lr_batch_size(320) == 256  # lr 0.1 per 256 *clean* images
-    assert recipe.bn_batches(320) == {"clean share, main BN": 256,
+    # the reference's 4 GPUs of 64 clean + 16 adversarial images each, as BN groups
+    assert recipe.bn_batches(320) == {"clean share, main BN": 64,
                                       "adversarial BN group": 16}
     eps2 = imagenet("fast_advprop", "resnet-50", epsilon=2.0).make_recipe()
     assert eps2.attack.step_size == 2.0  # the reference attacker: max(step, eps / K)
@@ -148,6 +157,26 @@ def test_no_bn_batch_below_the_minimum_in_any_recipe_default(recipe):
             assert re.match(r"--\w+=.*  # \S", line), line  # every value has a source
 
 
+def test_nofrost_trains_the_nf_resnet_and_refuses_a_bn_network():
+    config = imagenet("nofrost", None)  # no model given: NoFrost's NF-ResNet-50
+    assert config.model.model_name == "nf-resnet-50"
+    assert config.sources["model_name"].startswith("recipe nofrost: Wang et al. 2022 §4.1")
+    assert config.data.train_batch_size == 256  # §4.1: "Batch size is 256"
+    assert config.optim.base_learning_rate == 0.1
+    for recipe in ("nofrost", "nofrost_star"):
+        with pytest.raises(cfg.ConfigError, match="model_name=efficientnet-b0: has batch "
+                                                  "norm.*recipe bn_sat"):
+            cfg.resolve({"recipe": recipe, "model_name": "efficientnet-b0"}, IMAGENET)
+    for recipe in ("bn_sat", "trades", "fat", "trades_fat"):  # NoFrost's batch for all
+        assert imagenet(recipe, "resnet-50").data.train_batch_size == 256, recipe
+    # zero-init of the last BN: NoFrost's BN baselines on BN ResNets only
+    assert imagenet("bn_sat", "resnet-50").model.zero_init_last_bn is True
+    assert imagenet("trades", "efficientnet-b0").model.zero_init_last_bn is None
+    assert imagenet("sat", "resnet-50").model.zero_init_last_bn is None
+    with pytest.raises(cfg.ConfigError, match="zero_init_last_bn=True: applies to the BN"):
+        imagenet("vanilla", "efficientnet-b0", zero_init_last_bn=True)
+
+
 def test_a_batch_below_the_minimum_names_the_flag_and_the_value_that_works():
     with pytest.raises(cfg.ConfigError) as e:
         cfg.resolve({"recipe": "fast_advprop", "model_name": "resnet-50",
@@ -155,9 +184,9 @@ def test_a_batch_below_the_minimum_names_the_flag_and_the_value_that_works():
     assert e.value.field == "train_batch_size"
     assert "use train_batch_size=320" in str(e.value)
     ok = cfg.resolve({"recipe": "fast_advprop", "model_name": "resnet-50",
-                      "train_batch_size": 40, "min_bn_batch": 4,
+                      "train_batch_size": 60, "min_bn_batch": 4,
                       "shuffle_bn_group_size": 4}, IMAGENET)  # asked for explicitly
-    assert ok.make_recipe().bn_batches(40)["adversarial BN group"] == 4
+    assert ok.make_recipe().bn_batches(60)["adversarial BN group"] == 4
 
 
 def test_saved_config_is_reused_and_contradictions_are_refused(tmp_path):
@@ -193,7 +222,7 @@ def test_print_config_prints_the_resolved_config_and_writes_nothing(tmp_path):
                       f"--model_dir={tmp_path / 'm'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
-    assert "--train_batch_size=160  # embedded dataset preset (64), raised" in out
+    assert "--train_batch_size=240  # embedded dataset preset (64), raised" in out
     assert "--shuffle_bn_group_size=16  # recipe fast_advprop: meijieru/fast_advprop" in out
     assert "--moving_average_decay=0.0  # recipe fast_advprop" in out
     assert os.listdir(tmp_path) == []  # nothing written: no model_dir, no runs/
@@ -214,3 +243,24 @@ def test_config_round_trips_through_json(tmp_path):
     assert saved["recipe"] == "mbn_at" and saved["epsilon"] == 16.0
     assert saved["lr_milestones"] == pytest.approx([35, 70, 95])
     assert dataclasses.asdict(config.optim)["train_steps"] == saved["train_steps"]
+
+
+def test_bn_sat_builds_its_resnet_with_each_branchs_last_bn_at_zero():
+    """NoFrost's code zero-initialises the last BN of every residual branch of its BN
+    baselines (PGDAT.py); the config carries it to the builder, vanilla does not."""
+    from efficientnet_advprop.experiment import model_kwargs
+    from efficientnet_advprop.models import build_model
+
+    gammas = {}
+    for recipe in ("bn_sat", "vanilla"):
+        config = cfg.resolve({"recipe": recipe, "model_name": "resnet-26-cifar",
+                              "width_multiplier": 0.125})
+        model = build_model(config.model.model_name, config.num_classes,
+                            **model_kwargs(config, config.make_recipe(), (False, None)))
+        gammas[recipe] = {layer.name: layer.gammas[0].numpy() for layer in model.layers
+                          if layer.name.endswith(("_bn3", "_bn1"))}
+    last = [n for n in gammas["bn_sat"] if n.endswith("_bn3")]
+    assert len(last) == 8  # ResNet-26: 8 bottleneck blocks
+    assert all((gammas["bn_sat"][n] == 0).all() for n in last)
+    assert all((gammas["vanilla"][n] == 1).all() for n in last)
+    assert all((g == 1).all() for n, g in gammas["bn_sat"].items() if n.endswith("_bn1"))

@@ -255,7 +255,7 @@ def test_compensated_pool_keeps_white_noise_at_unit_variance():
     results/signal_propagation)."""
     keras.utils.set_random_seed(0)
     model = nf_resnet("nf-resnet-26", image_size=64, preprocessing="none",
-                      include_top=False, compensate_avgpool_var=True)
+                      include_top=False, compensate_avgpool_var=True, stem_gain=False)
     names = _block_names(model)
     probe = keras.Model(model.input, [model.get_layer(p + "out").output for p in names])
     x = np.random.default_rng(6).standard_normal((8, 64, 64, 3)).astype("float32")
@@ -279,11 +279,12 @@ def test_signal_propagation_with_active_branches():
     """With every branch's gain set to 1, block b of a stage adds ~alpha^2 of variance.
 
     (Measured relative to the stage's first block, so the white-noise pooling loss of
-    the transitions drops out.)
+    the transitions drops out; without timm's stem gain, so that the stem hands the
+    first block unit variance.)
     """
     keras.utils.set_random_seed(1)
     model = nf_resnet("nf-resnet-26", image_size=32, preprocessing="none",
-                      include_top=False)
+                      include_top=False, stem_gain=False)
     for layer in model.layers:
         if layer.name.endswith("conv3"):
             layer.gain.assign(np.ones(layer.filters, "float32"))
@@ -295,6 +296,27 @@ def test_signal_propagation_with_active_branches():
     for stage in range(1, 5):
         ratio = var[f"stage{stage}_block2_"] / var[f"stage{stage}_block1_"]
         assert 1.0 < ratio < 1.15, (stage, ratio)
+
+
+def test_stem_output_is_scaled_by_the_activation_gain_as_timm_folds_it():
+    """NoFrost's timm nf_resnet folds the ReLU gain into every scaled-WS conv, the
+    stem's included: the stem's output is gamma times the WS conv's."""
+    keras.utils.set_random_seed(3)
+    x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    outs = {}
+    for gain in (True, False):
+        keras.utils.set_random_seed(3)
+        model = nf_resnet("nf-resnet-26-cifar", num_classes=10, stem_gain=gain)
+        conv = model.get_layer("stem_conv")
+        after = model.get_layer("stem_gain").output if gain else conv.output
+        outs[gain] = (keras.Model(model.input, [conv.output, after])(x))
+        if not gain:
+            with pytest.raises(ValueError):
+                model.get_layer("stem_gain")
+    conv_out, scaled = (np.asarray(t) for t in outs[True])
+    # the project's exact ReLU gain (timm's empirical 1.71396 is 6e-4 above it)
+    np.testing.assert_allclose(scaled, GAMMA_TABLE["relu"] * conv_out, rtol=1e-6)
+    np.testing.assert_allclose(outs[False][0], conv_out, rtol=1e-5, atol=1e-5)  # same conv
 
 
 def test_cifar_variant_and_drop_path_schedule():

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from efficientnet_advprop.attacks import AttackConfig, linf_attack, random_targets
+from efficientnet_advprop.attacks import (AttackConfig, attack_model, linf_attack,
+                                          random_targets)
 from efficientnet_advprop.layers import AUX, MAIN, InputNormalization, SplitBatchNorm, bn_route
 from efficientnet_advprop.recipes import (RECIPES, SHARED, StepContext, alp_penalty,
                                           consistent_bn_start_step, make_recipe, trades_loss)
-from efficientnet_advprop.recipes.fast_advprop import FastAdvProp, ghost_groups
+from efficientnet_advprop.recipes.fast_advprop import (FastAdvProp, derangement_mix,
+                                                      ghost_groups)
 from efficientnet_advprop.training import TrainConfig, Trainer
 
 NUM_CLASSES = 10
@@ -63,74 +65,126 @@ def test_shuffle_bn_keeps_the_reference_bn_batch_of_16():
     # The embedded batch of 64 leaves 13 adversarial images: refused, not 13 groups of 1.
     with pytest.raises(ValueError, match="not a multiple of the shuffle-BN group size 16"):
         recipe.bn_batches(64)
-    with pytest.raises(ValueError, match="at least two ghost-BN groups"):
-        recipe.bn_batches(80)  # 16 adversarial images: one group, nothing to shuffle
-    assert recipe.bn_batches(160) == {"clean share, main BN": 128,
+    # Two groups: a shuffle that moves every image out of its group only swaps them.
+    with pytest.raises(ValueError, match="at least 3 BN groups"):
+        recipe.bn_batches(160)
+    assert recipe.bn_batches(240) == {"clean share, main BN": 64,
                                       "adversarial BN group": 16}
-    assert recipe.bn_batches(320)["adversarial BN group"] == 16  # reference: 64 -> 4 x 16
-    assert recipe.smallest_local_batch(16) == 160
-    # Several replicas: each replica's share is one BN batch, exchanged across replicas.
-    assert recipe.bn_batches(80, num_replicas=8)["adversarial BN group"] == 16
+    # The reference's 4 GPUs of 64 clean + 16 adversarial, on one device.
+    assert recipe.bn_batches(320) == {"clean share, main BN": 64,
+                                      "adversarial BN group": 16}
+    assert recipe.smallest_local_batch(16) == 240
+    # Several replicas: the groups of all replicas are shuffled together.
+    assert recipe.bn_batches(80, num_replicas=8) == {"clean share, main BN": 64,
+                                                     "adversarial BN group": 16}
     assert recipe.smallest_local_batch(16, num_replicas=8) == 80
-    assert ghost_groups(64, 16) == 4 and ghost_groups(16, 16, num_replicas=2) == 1
+    assert recipe.smallest_local_batch(16, num_replicas=2) == 160  # 2 x 2 groups
+    assert ghost_groups(64, 16) == 4 and ghost_groups(16, 16, num_replicas=3) == 1
+    with pytest.raises(ValueError, match="at least 3 BN groups"):
+        ghost_groups(16, 16, num_replicas=2)
 
 
-def test_shuffle_bn_one_device_is_one_random_permutation():
+def _groups_of(perm, size):
+    """[new group, old group] counts of a shuffle-BN permutation."""
+    perm = np.asarray(perm)
+    count = len(perm) // size
+    out = np.zeros((count, count), int)
+    for new, old in enumerate(perm):
+        out[new // size, old // size] += 1
+    return out
+
+
+def test_derangement_mix_moves_every_image_out_of_its_group_evenly():
+    for groups, size in [(3, 16), (4, 16), (5, 3), (7, 2)]:
+        perm = derangement_mix(groups, size, tf.constant([1, groups], tf.int64)).numpy()
+        assert sorted(perm) == list(range(groups * size))  # a permutation
+        counts = _groups_of(perm, size)
+        assert (np.diag(counts) == 0).all()  # no image stays in its own group
+        off = counts[~np.eye(groups, dtype=bool)]
+        assert off.max() - off.min() <= 1  # the other groups in equal shares
+        assert (counts.sum(axis=1) == size).all()  # every group keeps its size
+
+
+def test_shuffle_bn_one_device_is_a_new_derangement_every_step():
     recipe = FastAdvProp(NUM_CLASSES)
-    num_adv = 32
+    num_adv = 48
     images = tf.reshape(tf.range(num_adv, dtype=tf.float32), [num_adv, 1, 1, 1])
     orders = set()
     for seed in range(4):
-        x, labels = recipe.shuffle(images, tf.range(num_adv), num_adv,
-                                   _ctx(step=seed))
+        x, labels = recipe.shuffle(images, tf.range(num_adv), 3, _ctx(step=seed))
         perm = labels.numpy()
-        assert sorted(perm) == list(range(num_adv))  # every image exactly once
         np.testing.assert_array_equal(x.numpy()[:, 0, 0, 0], perm)  # labels travel along
+        # each BN group of 16 holds 8 images of each *other* noisy-pass group
+        np.testing.assert_array_equal(_groups_of(perm, 16),
+                                      [[0, 8, 8], [8, 0, 8], [8, 8, 0]])
         orders.add(tuple(perm))
-        # both ghost-BN groups of 16 receive images of the other noisy-pass group
-        assert (perm[:16] >= 16).any() and (perm[16:] < 16).any()
     assert len(orders) == 4  # a new permutation every step
 
 
 def test_shuffle_bn_across_two_replicas_uses_every_image_once(two_device_strategy):
     recipe = FastAdvProp(NUM_CLASSES)
-    num_adv = 6
+    num_adv, local_groups = 6, 3  # 2 replicas x 3 groups of 2
     shared = tf.constant([3, 4], tf.int64)
 
     def replica_fn():
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-        ids = tf.cast(tf.range(num_adv) + 100 * replica, tf.float32)
+        ids = tf.cast(tf.range(num_adv) + num_adv * replica, tf.float32)
         images = tf.reshape(ids, [num_adv, 1, 1, 1]) * tf.ones([num_adv, 2, 2, 3])
-        labels = tf.range(num_adv) + 100 * replica
+        labels = tf.range(num_adv) + num_adv * replica
         ctx = StepContext(seed=tf.stack([tf.cast(replica, tf.int64), 9]), shared_seed=shared,
                           num_replicas=2)
-        return recipe.shuffle(images, labels, num_adv, ctx)
+        return recipe.shuffle(images, labels, local_groups, ctx)
 
     images, labels = two_device_strategy.run(tf.function(replica_fn))
     got_labels = np.concatenate([t.numpy() for t in
                                  two_device_strategy.experimental_local_results(labels)])
     got_images = np.concatenate([t.numpy()[:, 0, 0, 0] for t in
                                  two_device_strategy.experimental_local_results(images)])
-    expected = sorted(list(range(num_adv)) + list(range(100, 100 + num_adv)))
-    assert sorted(got_labels.tolist()) == expected
+    assert sorted(got_labels.tolist()) == list(range(2 * num_adv))  # each image once
     np.testing.assert_array_equal(got_images, got_labels)  # labels travel with images
+    assert (np.diag(_groups_of(got_labels, 2)) == 0).all()  # none in its own group
     first = two_device_strategy.experimental_local_results(labels)[0].numpy()
-    assert not np.array_equal(np.sort(first), np.arange(num_adv))  # really exchanged
+    assert (first >= num_adv).any()  # really exchanged across replicas
+
+
+def test_noisy_pass_updates_the_auxiliary_statistics_and_reuses_every_step():
+    model = micro_model()
+    recipe = FastAdvProp(NUM_CLASSES, shuffle_bn_group_size=1,
+                         attack=AttackConfig(epsilon=2.0, step_size=1.0, num_iter=2))
+    images, labels = _batch(15)  # 12 clean + 3 adversarial, 3 BN groups
+    bns = [layer for layer in model._flatten_layers() if isinstance(layer, SplitBatchNorm)]
+    before = [(layer.moving_means[AUX].numpy().copy(), layer.moving_means[MAIN].numpy().copy())
+              for layer in bns]
+    calls = []
+    original = recipe.shuffle
+
+    def stop(x_adv, adv_labels, groups, ctx):  # the state after the attack passes
+        calls.append([layer.moving_means[AUX].numpy().copy() for layer in bns])
+        return original(x_adv, adv_labels, groups, ctx)
+
+    recipe.shuffle = stop
+    out = recipe.gradients(model, model.trainable_variables, images, labels, _ctx())
+    # The noisy (and second attack) pass moved the auxiliary statistics before the
+    # adversarial pass, as the reference's attack in train mode does.
+    assert any(np.abs(a - b[0]).max() > 0 for a, b in zip(calls[0], before))
+    # K = 2: the two attack passes and the adversarial pass each count beta * 3.
+    assert out.sample_weights == {SHARED: 12 + 3 * 0.5 * 3, MAIN: 12.0, AUX: 3 * 0.5 * 3}
+    assert recipe.budget_factor == pytest.approx(1.4)
 
 
 def test_update_speed_sync_divides_each_group_by_its_weighted_samples(tmp_path):
     recipe = FastAdvProp(NUM_CLASSES, label_smoothing=0.0, shuffle_bn_group_size=1)
-    config = TrainConfig(model_dir=str(tmp_path), train_steps=1, global_batch_size=10,
+    config = TrainConfig(model_dir=str(tmp_path), train_steps=1, global_batch_size=15,
                          steps_per_epoch=1, optimizer="sgd", weight_decay=0.0,
                          moving_average_decay=0.0)
     trainer = Trainer(tf.distribute.get_strategy(), micro_model, recipe, config)
     model = trainer.model
-    images, labels = _batch(10)
+    images, labels = _batch(15)
     seed, step = tf.constant([7, 0], tf.int64), tf.constant(0, tf.int64)
     normalised, _, _ = trainer._gradients(images, labels, seed, seed, step, None)
     raw = recipe.gradients(model, model.trainable_variables, images, labels,
                            StepContext(seed=seed, step=step))
-    num_clean, num_adv = 8, 2
+    num_clean, num_adv = 12, 3
     weights = {SHARED: num_clean + 2 * 0.5 * num_adv, MAIN: num_clean, AUX: 2 * 0.5 * num_adv}
     bn = {id(v): k for layer in model._flatten_layers() if isinstance(layer, SplitBatchNorm)
           for k in range(2) for v in (layer.gammas[k], layer.betas[k])}
@@ -142,9 +196,9 @@ def test_update_speed_sync_divides_each_group_by_its_weighted_samples(tmp_path):
                                    rtol=1e-5, atol=1e-8)
     assert groups_seen == {SHARED, MAIN, AUX}
     # Independently: the main BN only sees the clean share, so its gradient is the mean
-    # over the 8 clean images of a forward of those images alone.
+    # over the 12 clean images of a forward of those images alone (in the 3 BN groups).
     with tf.GradientTape() as tape:
-        with bn_route(MAIN):
+        with bn_route(MAIN, groups=3):
             logits = model(images[:num_clean], training=True)
         loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
             labels=labels[:num_clean], logits=logits))
@@ -159,7 +213,7 @@ def test_fast_advprop_adversarial_images_stay_in_the_ball():
     model = micro_model()
     recipe = FastAdvProp(NUM_CLASSES, attack=AttackConfig(epsilon=2.0, step_size=1.0,
                                                           num_iter=2), shuffle_bn_group_size=1)
-    images, labels = _batch(10)
+    images, labels = _batch(15)
     captured = {}
     original = recipe.shuffle
 
@@ -170,12 +224,53 @@ def test_fast_advprop_adversarial_images_stay_in_the_ball():
     recipe.shuffle = spy
     out = recipe.gradients(model, model.trainable_variables, images, labels, _ctx())
     x_adv = captured["x"].numpy()
-    np.testing.assert_array_equal(captured["labels"].numpy(), labels[8:])
-    assert np.abs(x_adv - images[8:]).max() <= 2.0 + 1e-4
+    np.testing.assert_array_equal(captured["labels"].numpy(), labels[12:])
+    assert np.abs(x_adv - images[12:]).max() <= 2.0 + 1e-4
     assert x_adv.min() >= 0 and x_adv.max() <= 255
-    assert np.abs(x_adv - images[8:]).max() > 0.5
+    assert np.abs(x_adv - images[12:]).max() > 0.5
     assert set(out.metrics) >= {"loss/clean", "loss/noisy", "loss/adversarial"}
     assert all(g is not None for g in out.grads)
+
+
+# ---------------------------------------------------- AdvProp's attack and baseline
+def test_advprop_family_attacks_a_random_wrong_class_by_default():
+    for name in ("advprop", "fine_grained_advprop", "sat"):
+        assert RECIPES[name](NUM_CLASSES).attack.targeted, name
+    # the untargeted methods stay untargeted
+    for name in ("fast_advprop", "bn_sat", "nofrost", "madry_at", "fat"):
+        assert not RECIPES[name](NUM_CLASSES).attack.targeted, name
+    # the attack descends the target's loss: with the target drawn from the step seed,
+    # advprop's adversarial images are those of linf_attack towards those targets
+    model = micro_model()
+    images, labels = _batch(8)
+    recipe = RECIPES["advprop"](NUM_CLASSES)
+    seed = tf.constant([5, 1], tf.int64)
+    adv = attack_model(model, images, labels, recipe.attack, bn_set=AUX,
+                       num_classes=NUM_CLASSES, seed=seed)
+    fold = tf.random.experimental.stateless_fold_in
+    targets = random_targets(labels, NUM_CLASSES, fold(seed, 1))
+    assert not np.any(targets.numpy() == labels)
+
+    def aux_logits(x):
+        with bn_route(AUX, update_stats=False):
+            return model(x, training=False)
+
+    expected = linf_attack(aux_logits, images, labels, epsilon=1.0, step_size=1.0,
+                           num_iter=1, targets=targets, seed=fold(seed, 0))
+    np.testing.assert_allclose(adv.numpy(), expected.numpy(), atol=1e-5)
+
+
+def test_sat_is_advprops_baseline_pgd5_eps4_with_the_papers_summed_loss():
+    recipe = RECIPES["sat"](NUM_CLASSES)
+    a = recipe.attack
+    assert (a.attacker, a.epsilon, a.iterations, a.step_size, a.targeted) == (
+        "pgd", 4.0, 5, 1.0, True)
+    model = micro_model(0)
+    images, labels = _batch(8)
+    out = recipe.compute(model, images, labels, tf.constant([2, 3], tf.int64))
+    clean, adv = out.metrics["loss/clean"][0], out.metrics["loss/adversarial"][0]
+    # Eq. 2: L(clean) + max L(adv), weight 1 each (not Goodfellow's 0.5 / 0.5)
+    np.testing.assert_allclose(float(out.loss_sum), float(clean) + float(adv), rtol=1e-6)
 
 
 # ----------------------------------------------------------------------- losses
@@ -383,7 +478,7 @@ def test_fast_advprop_mixes_only_the_clean_share():
     model = micro_model()
     recipe = FastAdvProp(NUM_CLASSES, mixup_alpha=0.4, cutmix_alpha=1.0,
                          shuffle_bn_group_size=1)
-    images, labels = _batch(10)
+    images, labels = _batch(15)
     seen = {}
     original_mix, original_shuffle = recipe._mix, recipe.shuffle
 
@@ -399,10 +494,10 @@ def test_fast_advprop_mixes_only_the_clean_share():
     recipe._mix, recipe.shuffle = mix_spy, shuffle_spy
     recipe.gradients(model, model.trainable_variables, images, labels, _ctx())
     mixed_images, soft = seen["clean"]
-    assert seen["clean_in"].shape[0] == 8 and soft.shape == (8, NUM_CLASSES)
+    assert seen["clean_in"].shape[0] == 12 and soft.shape == (12, NUM_CLASSES)
     np.testing.assert_allclose(soft.numpy().sum(-1), 1.0, rtol=1e-5)
-    assert not np.allclose(mixed_images.numpy(), images[:8])  # the clean share is mixed
-    np.testing.assert_array_equal(seen["adv_labels"].numpy(), labels[8:])  # hard, unmixed
+    assert not np.allclose(mixed_images.numpy(), images[:12])  # the clean share is mixed
+    np.testing.assert_array_equal(seen["adv_labels"].numpy(), labels[12:])  # hard, unmixed
 
 
 def test_nofrost_star_augments_half_deepaugment_half_tda():

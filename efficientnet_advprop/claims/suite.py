@@ -15,6 +15,10 @@ Choices the issue leaves open, written down here once:
   training); AdvProp's PGD-1 at eps 1 (step 1) and Fast AdvProp's defaults are the
   papers' own. Evaluation uses PGD-10 (step 2.5 eps / 10, random start) through the
   main BNs in inference mode.
+- Fast AdvProp at the cpu tier's 128 clean images draws 160: 32 adversarial images, in
+  the reference's 4-GPU layout at half its batch (4 BN groups of 32 clean + 8
+  adversarial; the reference: 64 + 16). Its shuffle moves every image out of its group,
+  which needs at least 3 groups, so groups of 16 (2 groups) cannot be used here.
 - NoFrost vs BN-SAT: both use the bottleneck ResNet-26 at the tier's width (the BN one
   with separate clean/adversarial forwards, as NoFrost's SAT(BN) baseline), loss
   (1 - lambda) CE(clean) + lambda CE(adv) with lambda 0.5.
@@ -39,8 +43,8 @@ class Tier:
     corruptions / severities: the generated CIFAR-10-C-style corruptions evaluated.
     eval_iterations: PGD steps of the evaluation attack.
     min_bn_batch: the smallest BN batch allowed (only the smoke tier lowers it).
-    recipe_options: ((recipe, ((option, value), ...)), ...) set for that recipe's runs
-      (the smoke tier's small shuffle-BN groups, which its small batches need).
+    recipe_options: ((recipe, ((setting, value), ...)), ...) set for that recipe's runs
+      (Fast AdvProp's shuffle-BN groups, which the smaller tiers' batches need).
     """
 
     name: str
@@ -104,6 +108,8 @@ TIERS = {
         weight_decay=5e-4, warmup_epochs=0.5, curve_images=1000, eval_images=5000,
         attack_images=1000, corruption_images=500, mbn_images=500,
         corruptions=ALL_CORRUPTIONS, severities=(1, 2, 3, 4, 5),
+        recipe_options=(("fast_advprop", (("shuffle_bn_group_size", 8),
+                                          ("min_bn_batch", 8))),),
         budget="4 epochs of 45,000 images per run"),
     # One H100, 3 seeds, twice the width and more epochs, every run in one process
     # (scripts/reproduce_claims.py --tier=gpu through the device tool). Not yet run: the

@@ -28,12 +28,18 @@ without batch norm). No normalisation layer anywhere; instead:
   every block is the identity on its shortcut.
 
 Stem: with pre-activation blocks the stem ends without an activation (the first block
-applies it), as in the NF-ResNet reference: ``WS conv 7x7/2 (64) -> max-pool 3x3/2``
-for 224-pixel images; the ``-cifar`` variants use ``WS conv 3x3/1 (64)`` and no
-pooling. After the last stage: scaled activation, global average pooling, dropout and
+applies it), as in the NF-ResNet reference: ``WS conv 7x7/2 (64) -> x gamma ->
+max-pool 3x3/2`` for 224-pixel images; the ``-cifar`` variants use ``WS conv 3x3/1
+(64) -> x gamma`` and no pooling. The ``x gamma`` (``stem_gain``, the activation's gain,
+1.714 for ReLU) is timm's: NoFrost builds timm's ``nf_resnet26/50``, which folds the
+activation gain into the weights of *every* scaled-WS convolution, the stem's included
+(``ScaledStdConv2d(..., gamma=...)``); everywhere else the gain sits in the
+`ScaledActivation` in front of the convolution, which is the same product.
+``stem_gain=False`` leaves it out (this project's models before the second fidelity
+pass). After the last stage: scaled activation, global average pooling, dropout and
 the float32 ``predictions`` Dense (logits).
 
-Layer names: ``stem_conv``, ``stem_pool``, ``stage{s}_block{b}_{preact, conv1, act1,
+Layer names: ``stem_conv``, ``stem_gain``, ``stem_pool``, ``stage{s}_block{b}_{preact, conv1, act1,
 conv2, act2, conv3, drop, alpha, shortcut_pool, shortcut_pool_gain (only with
 ``compensate_avgpool_var``), shortcut_conv, out}`` with s, b from 1,
 ``final_activation``, ``avg_pool``, ``top_dropout``, ``predictions``.
@@ -159,7 +165,7 @@ def _block(x, prefix, width, strides, beta, alpha, activation, drop_rate, transi
 def nf_resnet(model_name, num_classes=1000, image_size=None, preprocessing="imagenet",
               activation="relu", alpha=0.2, drop_path_rate=0.0, dropout_rate=0.0,
               small_stem=None, include_top=True, name=None, norm=None,
-              compensate_avgpool_var=False, width_multiplier=1.0):
+              compensate_avgpool_var=False, width_multiplier=1.0, stem_gain=True):
     """Builds a functional NF-ResNet taking float RGB in [0, 255].
 
     Args:
@@ -183,6 +189,9 @@ def nf_resnet(model_name, num_classes=1000, image_size=None, preprocessing="imag
         reference shortcut (timm ``DownsampleAvg``, the NoFrost code). The x 2 keeps
         white-noise activations at unit variance through the pool, but on real images
         it inflates the variance at each stage change (see the module docstring).
+      width_multiplier: scales every width (as ResNet's `scaled_widths`).
+      stem_gain: multiply the stem convolution's output by the activation gain
+        (layer ``stem_gain``), as timm's NF-ResNets that NoFrost trains.
 
     Returns:
       A `keras.Model` whose output is the LOGITS (no softmax).
@@ -204,6 +213,9 @@ def nf_resnet(model_name, num_classes=1000, image_size=None, preprocessing="imag
         x = _conv(stem_filters, 3, "stem_conv")(x)
     else:
         x = _conv(stem_filters, 7, "stem_conv", strides=2)(x)
+    if stem_gain:
+        x = Scale(activation_gamma(activation), name="stem_gain")(x)
+    if not small:
         x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
 
     betas = block_betas(base, alpha)

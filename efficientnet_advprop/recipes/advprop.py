@@ -13,7 +13,12 @@ follows, with AutoAugment v0 ("our networks are trained with AutoAugment by
 default", §5.4; the released checkpoints are "AdvProp + AA") and the [-1, 1] input
 scaling of the released AdvProp checkpoints. The attacker is PGD with step 1 and
 n = eps + 1 iterations (1 for eps 1); eps 1 (PGD1) suits small models, the paper uses
-eps 4 (PGD5) for large ones: set epsilon=4 for B5-B8. Open choice: the attack runs
+eps 4 (PGD5) for large ones: set epsilon=4 for B5-B8. The attack is *targeted*, towards
+a class drawn uniformly among the wrong ones: the AdvProp paper does not say, but its
+authors' follow-up does (Mei et al. 2022, Fast AdvProp §3.2.2: "in order to re-using
+gradient, we need to switch the attack mode from targeted attack to untargeted attack
+in Fast AdvProp"), and the same group's setup draws the target "uniformly at random"
+(Xie & Yuille 2020); targeted_attack=False gives the untargeted variant. Open choice: the attack runs
 through the auxiliary BNs in inference mode (moving statistics); no AdvProp training
 code was released, so this is a setting (attack_bn_mode), and the reference
 implementations of the follow-up papers differ on it.
@@ -46,6 +51,11 @@ EFFICIENTNET_RECIPE = {
     "survival_prob": Cite(0.8, f"{OFFICIAL}: drop-connect survival 0.8"),
 }
 ADVPROP = "Xie et al. 2020"
+TARGETED = ("Mei et al. 2022 (Fast AdvProp) §3.2.2: AdvProp's attack is targeted (Fast "
+            "AdvProp switches 'from targeted attack to untargeted attack'); target uniform "
+            "among the wrong classes as in Xie & Yuille 2020")
+# AdvProp's attacker when none is given: PGD1 (eps 1, one step), targeted.
+DEFAULT_ATTACK = AttackConfig(epsilon=1.0, targeted=True)
 
 
 class AdvProp(Recipe):
@@ -62,12 +72,13 @@ class AdvProp(Recipe):
                              "B5-B8"),
         "attack_step_size": Cite(1.0, f"{ADVPROP} §5.1: step size 1"),
         "attack_iterations": Cite(None, f"{ADVPROP} §5.1: n = eps + 1 (1 for eps 1)"),
+        "targeted_attack": Cite(True, TARGETED),
     }
 
     def __init__(self, num_classes, attack=None, label_smoothing=0.1):
         super().__init__(num_classes, label_smoothing)
-        # Default: PGD1 (eps 1, one step), what the paper prefers for small models.
-        self.attack = attack or AttackConfig(epsilon=1.0)
+        # Default: targeted PGD1 (eps 1, one step), the paper's choice for small models.
+        self.attack = attack or DEFAULT_ATTACK
 
     def compute(self, model, images, labels, ctx):
         adv = attack_model(model, images, labels, self.attack, bn_set=AUX,
@@ -85,5 +96,6 @@ class AdvProp(Recipe):
 
     def describe(self):
         a = self.attack
-        return (f"advprop ({a.attacker}, eps {a.epsilon:g}, step {a.step_size:g}, "
-                f"{a.iterations} iter, aux BN in {a.bn_mode} mode)")
+        return (f"advprop ({'targeted' if a.targeted else 'untargeted'} {a.attacker}, eps "
+                f"{a.epsilon:g}, step {a.step_size:g}, {a.iterations} iter, aux BN in "
+                f"{a.bn_mode} mode)")

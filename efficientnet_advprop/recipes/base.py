@@ -251,6 +251,8 @@ class Recipe:
         extra_views=recipe.input_views)`); "tda" -> `ctx.extras["tda_images"]`.
       preferred_preprocessing: the model's input normalisation this recipe's paper
         uses (None: the model family's default).
+      normalizer_free_only: the method is defined on a normalizer-free network
+        (NoFrost); the config refuses a model with normalisation layers.
       exchanges_across_replicas: the step exchanges images between replicas (the
         loop then keeps the replicas' batches aligned).
       budget_factor: cost of one drawn image relative to vanilla training; a recipe
@@ -268,6 +270,7 @@ class Recipe:
     needs_source_tags = False
     input_views = ()
     preferred_preprocessing = None
+    normalizer_free_only = False
     exchanges_across_replicas = False
     calibrates_budget = False
 

@@ -11,25 +11,39 @@ per 256 clean, p_adv = 0.2. Then:
      pixel range) through the auxiliary BN with batch statistics, untargeted CE on the
      true label, weight beta = 0.5. ONE backward of the sum gives the parameter
      gradient (kept: it is training signal) and the input gradient g (gradient reuse).
-  3. x_adv = x2 + clip(delta + step * sign(g), -eps, eps), clipped to [0, 255];
-     K > 1 adds K - 1 ordinary PGD steps through the auxiliary BN (batch statistics,
-     frozen moving statistics, the noisy pass's grouping).
+     The pass runs in training mode and updates the auxiliary BN's moving statistics,
+     as the reference's attack does ("--attack_in_train": `model.train()` before the
+     attack iterations, meijieru/fast_advprop imagenet.py).
+  3. x_adv = x2 + clip(delta + step * sign(g), -eps, eps), clipped to [0, 255]. With
+     K > 1 attack steps every step is such a pass through the auxiliary BN whose
+     parameter gradient is kept with weight beta (the reference's "--reuse_mid_grad":
+     each attack iteration is a forward-backward over the shared and auxiliary
+     parameters, counted with weight 0.5).
   4. adversarial pass: x_adv through the auxiliary BN, weight beta = 0.5, after
-     "shuffle BN": the adversarial images are shuffled with ONE random permutation
-     across BN batches, so no BN batch normalises the group it was attacked in
-     (else the network reads labels through batch statistics). BN batches keep the
-     reference's size, 16 adversarial images (its per-GPU share):
-       - one device: ghost BN in groups of `shuffle_bn_group_size` (16); the noisy
-         pass normalises consecutive groups, the adversarial pass the same group
-         sizes after a random permutation of all n_adv images. At least two groups
-         are required: with one group the permutation changes no BN batch.
-       - several replicas: every replica's n_adv images form its BN batch; the
-         adversarial images and labels are gathered from all replicas, permuted by
-         ONE permutation drawn from the step's shared seed, and each replica takes
-         its slice: every image is used exactly once.
+     "shuffle BN": the paper's "batch statistics for the images with random noise and
+     the adversarial images come from different subsets".
   5. "synchronise update speed": each parameter's gradient is divided by the weighted
-     number of samples that touched it (per 256 clean: shared weights 256 + 0.5 * 64 +
-     0.5 * 64 = 320, main BN 256, auxiliary BN 64); returned as `sample_weights`.
+     number of samples that touched it (per 256 clean, K = 1: shared weights 256 +
+     0.5 * 64 + 0.5 * 64 = 320, main BN 256, auxiliary BN 64; each further attack step
+     adds 0.5 * 64 to the shared and auxiliary counts); returned as `sample_weights`.
+
+BN batches, as the reference's GPUs hold them. The reference (scripts/run_fastadvprop.sh)
+trains on 4 GPUs: 320 drawn images, per GPU 64 clean and 16 adversarial, each GPU's BN
+normalising its own share. Here the adversarial share of every replica is cut into
+ghost-BN groups of `shuffle_bn_group_size` (16) images, and the clean share into as
+many equal groups: one device holding 320 drawn images normalises like the reference's
+4 GPUs (4 groups of 64 clean, 4 of 16 adversarial). Across replicas the groups of all
+replicas together play the GPUs' part.
+
+Shuffle BN (`derangement_mix`): the adversarial images of all groups (gathered from
+every replica when there are several) are permuted so that *no image returns to its
+own group* and every new group takes its images as evenly as possible from the other
+groups; each replica then takes its slice. The reference draws a plain random
+permutation (torch.randperm), which leaves each GPU about 1/G of its own images; the
+paper's sentence asks for different subsets, and this permutation gives it with none.
+It needs at least 3 groups in all: with 2, moving every image out of its group only
+swaps the two groups, and each adversarial BN batch would be a noisy-pass BN batch
+again (one device therefore needs 48 adversarial images, a drawn batch of 240).
 
 Cost per drawn image (one forward+backward = 1): (1 - p) + p * (K + 1) = 1 + p * K;
 `budget_factor` is that number, and the config divides the epochs and the learning-
@@ -39,8 +53,6 @@ Attack step: with eps != 1 the step is max(step, eps / K), the reference attacke
 rule (K = 1 then steps by eps, FGSM's size from the random start); eps = 1 keeps 1.
 
 Only an untargeted attack is valid (the reused gradient must be the training loss).
-Moving statistics of the auxiliary BN are updated by the adversarial pass only (the
-noisy images are not adversarial yet); the main BN's by the clean pass.
 """
 
 import dataclasses
@@ -54,23 +66,27 @@ from efficientnet_advprop.recipes.base import (SHARED, Cite, Option, Recipe, Rec
                                                as_context, batch_metrics)
 
 
-def ghost_groups(num_adv, group_size, num_replicas=1):
-    """Ghost-BN groups of the noisy pass on one replica: num_adv // group_size groups.
+MIN_SHUFFLE_GROUPS = 3
 
-    One device needs at least two groups (the shuffle must change BN batches); several
-    replicas normalise each replica's num_adv images together (the group is the
-    replica's share) and exchange images instead. Raises ValueError otherwise.
+
+def ghost_groups(num_adv, group_size, num_replicas=1):
+    """Ghost-BN groups of one replica's adversarial share: num_adv // group_size.
+
+    The shuffle needs at least MIN_SHUFFLE_GROUPS groups over all replicas (with two,
+    a permutation that moves every image out of its group only swaps the groups).
+    Raises ValueError otherwise.
     """
-    if num_replicas > 1:
-        return 1
     m = int(group_size)
     if num_adv % m:
         raise ValueError(f"the {num_adv} adversarial images per replica are not a "
                          f"multiple of the shuffle-BN group size {m}")
-    if num_adv // m < 2:
-        raise ValueError(f"shuffle BN on one device needs at least two ghost-BN groups "
-                         f"of {m}, and there are {num_adv} adversarial images")
-    return num_adv // m
+    groups = num_adv // m
+    if groups * num_replicas < MIN_SHUFFLE_GROUPS:
+        raise ValueError(
+            f"shuffle BN needs at least {MIN_SHUFFLE_GROUPS} BN groups of {m} adversarial "
+            f"images over all replicas, and {num_replicas} replica(s) x {num_adv} images "
+            f"give {groups * num_replicas}")
+    return groups
 
 
 def _argsort_uniform(shape, seed):
@@ -78,9 +94,37 @@ def _argsort_uniform(shape, seed):
     return tf.argsort(tf.random.stateless_uniform(shape, seed=seed), axis=-1)
 
 
-def shared_permutation(num, seed):
-    """One random permutation of range(num), equal on every replica for a shared seed."""
-    return _argsort_uniform([num], seed)
+def derangement_mix(num_groups, group_size, seed):
+    """The shuffle-BN permutation: `perm` with new[k] = old[perm[k]] for
+    num_groups * group_size images in consecutive groups, such that no image lands
+    in its own group and every new group draws its images from the other groups as
+    evenly as possible (counts differ by at most one).
+
+    Image i of old group g (in a random order within the group) goes to group
+    (g + 1 + i mod (G - 1)) mod G under a random relabelling of the groups; each
+    group then receives exactly group_size images. Needs G >= 2 (G >= 3 for the
+    groups to change: see `ghost_groups`). Stateless, the same for the same seed.
+    """
+    g_count, m = int(num_groups), int(group_size)
+    if g_count < 2:
+        raise ValueError(f"a derangement needs at least 2 groups, got {g_count}")
+    seed = tf.cast(seed, tf.int64)
+    fold = tf.random.experimental.stateless_fold_in
+    # A random rank of every image inside its group, and a random relabelling of groups.
+    order = _argsort_uniform([g_count, m], fold(seed, 0))
+    rank = tf.reshape(tf.argsort(order, axis=-1), [-1])
+    relabel = _argsort_uniform([g_count], fold(seed, 1))
+    unlabel = tf.argsort(relabel)
+    group = tf.repeat(tf.range(g_count), m)
+    target = tf.gather(unlabel, (tf.gather(relabel, group) + 1 + rank % (g_count - 1))
+                       % g_count)
+    ties = tf.random.stateless_uniform([g_count * m], seed=fold(seed, 2))
+    return tf.argsort(tf.cast(target, tf.float32) + ties)
+
+
+def _add(a, b):
+    """Elementwise sum of two gradient lists (None where a variable got none)."""
+    return [y if x is None else (x if y is None else x + y) for x, y in zip(a, b)]
 
 
 REFERENCE = "meijieru/fast_advprop"
@@ -100,7 +144,7 @@ class FastAdvProp(Recipe):
         "momentum": Cite(0.9, f"{PAPER}, training setup"),
         "nesterov": Cite(False, f"{REFERENCE} (torch.optim.SGD default)"),
         "base_learning_rate": Cite(0.1, f"{PAPER}, training setup: lr 0.1 per 256 clean images"),
-        "weight_decay": Cite(1e-4, f"{PAPER}, training setup"),
+        "weight_decay": Cite(1e-4, f"{REFERENCE} imagenet.py: --weight-decay 1e-4"),
         "lr_schedule": Cite("step", f"{PAPER}, training setup: step decay"),
         "lr_milestones": Cite((30 / 105, 60 / 105, 90 / 105, 100 / 105),
                               f"{PAPER}, training setup: epochs 30/60/90/100 of 105"),
@@ -125,8 +169,9 @@ class FastAdvProp(Recipe):
         Option("fast_advprop_beta", Cite(0.5, f"{PAPER}, method: beta 0.5"), "Weight of the "
                "noisy and of the adversarial pass.", 0.0, None, low_open=True, arg="beta"),
         Option("shuffle_bn_group_size", Cite(16, f"{REFERENCE}: 16 adversarial images per "
-                                                 "GPU"), "One device: images per ghost-BN "
-               "group of the adversarial share (at least two groups).", 1, None),
+                                                 "GPU (64 over 4 GPUs)"), "Adversarial "
+               "images per ghost-BN group (at least three groups over all replicas).", 1,
+               None),
         Option("budget_calibration", Cite(True, f"{PAPER}, budget: epochs and milestones "
                                                 "/ (1 + p_adv K)"), "Divide the epochs and "
                "the learning-rate milestones by 1 + p_adv * K (vanilla's cost)."),
@@ -193,15 +238,26 @@ class FastAdvProp(Recipe):
 
     def bn_batches(self, local_batch, num_replicas=1):
         clean, num_adv = self.split(local_batch)
-        group = num_adv // ghost_groups(num_adv, self.shuffle_bn_group_size, num_replicas)
-        return {"clean share, main BN": clean, "adversarial BN group": group}
+        groups = self.groups(local_batch, num_replicas)
+        return {"clean share, main BN": clean // groups,
+                "adversarial BN group": num_adv // groups}
+
+    def groups(self, local_batch, num_replicas=1):
+        """BN groups per replica: the adversarial share in groups of the shuffle-BN
+        size, the clean share in as many equal groups (ValueError when it does not
+        divide)."""
+        clean, num_adv = self.split(local_batch)
+        groups = ghost_groups(num_adv, self.shuffle_bn_group_size, num_replicas)
+        if clean % groups:
+            raise ValueError(f"the {clean} clean images per replica do not split into the "
+                             f"{groups} BN groups of the adversarial share")
+        return groups
 
     def smallest_local_batch(self, min_bn_batch, num_replicas=1, start=1):
-        """The smallest replica batch >= start whose adversarial share is a whole
-        number of groups of max(min_bn_batch, group size) (two on one device)."""
-        group = max(int(min_bn_batch), self.shuffle_bn_group_size if num_replicas == 1
-                    else 1)
-        for num_adv in range(group * (2 if num_replicas == 1 else 1), 4096 * group, group):
+        """The smallest replica batch >= start whose BN groups are whole and hold at
+        least min_bn_batch images, with at least three groups over all replicas."""
+        for groups in range(1, 4096):
+            num_adv = groups * self.shuffle_bn_group_size
             batch = int(round(num_adv / self.adv_fraction))
             if batch < start:
                 continue
@@ -223,8 +279,9 @@ class FastAdvProp(Recipe):
         return batch - num_adv, num_adv
 
     def sample_weights(self, num_clean, num_adv):
-        """Weighted samples per parameter group (Fast AdvProp's update-speed sync)."""
-        adv = 2.0 * self.beta * num_adv  # the noisy pass and the adversarial pass
+        """Weighted samples per parameter group (Fast AdvProp's update-speed sync): the
+        K attack passes and the adversarial pass each count beta * num_adv."""
+        adv = (self.steps + 1) * self.beta * num_adv
         if not self.sync_update_speed:  # plain normalisation by the drawn batch
             return None
         return {SHARED: num_clean + adv, MAIN: float(num_clean), AUX: adv}
@@ -243,88 +300,97 @@ class FastAdvProp(Recipe):
         images, labels = tf.convert_to_tensor(images), tf.convert_to_tensor(labels)
         batch = images.shape[0]
         num_clean, num_adv = self.split(batch)
-        replicas = ctx.num_replicas
-        noisy_groups = ghost_groups(num_adv, self.shuffle_bn_group_size, replicas)
+        groups = self.groups(batch, ctx.num_replicas)
         eps = float(self.attack.epsilon)
         step = eps if self.attack.attacker == "fgsm" else float(self.attack.step_size)
+        variables = list(variables)
 
         clean, clean_labels = self._mix(images[:num_clean], labels[:num_clean], ctx.fold(3))
         x2 = tf.cast(images[num_clean:], tf.float32)
         adv_labels = tf.cast(labels[num_clean:], tf.int32)
 
-        def noisy_pass(clean, clean_labels, x2, adv_labels):
-            """Steps 1-3: one forward of [clean; noisy], one backward for both."""
+        def attack_passes(clean, clean_labels, x2, adv_labels):
+            """Steps 1-3: K forward-backward passes; the first also carries the clean
+            share. Each backward gives the parameter gradient (kept) and the input
+            gradient (the attack step)."""
             if self.attack.attacker == "fgsm":
-                noise = tf.zeros_like(x2)
+                x = x2
             else:
                 noise = tf.random.stateless_uniform(tf.shape(x2), seed=ctx.fold(0),
                                                     minval=-eps, maxval=eps)
-            x_noisy = tf.clip_by_value(x2 + noise, PIXEL_MIN, PIXEL_MAX)
-            with tf.GradientTape() as tape:
-                tape.watch(x_noisy)
-                joint = tf.concat([tf.cast(clean, tf.float32), x_noisy], axis=0)
-                with bn_route([MAIN, AUX], [num_clean, num_adv], update_stats=(True, False),
-                              groups=(1, noisy_groups)):
-                    logits = model(joint, training=True)
-                clean_loss = self.loss(clean_labels, logits[:num_clean])
-                noisy_loss = self.loss(adv_labels, logits[num_clean:])
-                loss = tf.reduce_sum(clean_loss) + self.beta * tf.reduce_sum(noisy_loss)
-            grads = tape.gradient(loss, list(variables) + [x_noisy])
-            param_grads, g = grads[:-1], grads[-1]
-            x_adv = x2 + tf.clip_by_value(x_noisy - x2 + step * tf.sign(g), -eps, eps)
-            x_adv = tf.clip_by_value(x_adv, PIXEL_MIN, PIXEL_MAX)
-            for _ in range(self.steps - 1):  # PGD-K: the remaining K - 1 steps
-                with tf.GradientTape() as attack_tape:
-                    attack_tape.watch(x_adv)
-                    with bn_route(AUX, update_stats=False, groups=noisy_groups):
-                        attack_logits = model(x_adv, training=True)
-                    attack_loss = tf.reduce_sum(self.loss(adv_labels, attack_logits))
-                g = attack_tape.gradient(attack_loss, x_adv)
-                x_adv = x2 + tf.clip_by_value(x_adv - x2 + step * tf.sign(g), -eps, eps)
-                x_adv = tf.clip_by_value(x_adv, PIXEL_MIN, PIXEL_MAX)
-            metrics = batch_metrics("clean", clean_labels, logits[:num_clean], clean_loss)
-            metrics.update(batch_metrics("noisy", adv_labels, logits[num_clean:], noisy_loss))
-            return param_grads, loss, tf.stop_gradient(x_adv), metrics
+                x = tf.clip_by_value(x2 + noise, PIXEL_MIN, PIXEL_MAX)
+            param_grads, total, metrics = None, 0.0, {}
+            for k in range(self.steps):
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    if k == 0:
+                        joint = tf.concat([tf.cast(clean, tf.float32), x], axis=0)
+                        with bn_route([MAIN, AUX], [num_clean, num_adv], groups=groups):
+                            logits = model(joint, training=True)
+                        clean_loss = self.loss(clean_labels, logits[:num_clean])
+                        noisy_logits = logits[num_clean:]
+                        noisy_loss = self.loss(adv_labels, noisy_logits)
+                        loss = tf.reduce_sum(clean_loss) + self.beta * tf.reduce_sum(noisy_loss)
+                        metrics = batch_metrics("clean", clean_labels, logits[:num_clean],
+                                                clean_loss)
+                        metrics.update(batch_metrics("noisy", adv_labels, noisy_logits,
+                                                     noisy_loss))
+                    else:
+                        with bn_route(AUX, groups=groups):
+                            logits = model(x, training=True)
+                        loss = self.beta * tf.reduce_sum(self.loss(adv_labels, logits))
+                grads = tape.gradient(loss, variables + [x])
+                g = grads[-1]
+                param_grads = grads[:-1] if param_grads is None else _add(param_grads,
+                                                                          grads[:-1])
+                total += loss
+                x = x2 + tf.clip_by_value(x - x2 + step * tf.sign(g), -eps, eps)
+                x = tf.stop_gradient(tf.clip_by_value(x, PIXEL_MIN, PIXEL_MAX))
+            return param_grads, total, x, metrics
 
         def adversarial_pass(x_adv, adv_labels):
-            """Step 4 on images already regrouped (or exchanged) for shuffle BN."""
-            groups = 1 if replicas > 1 else noisy_groups
+            """Step 4 on images already shuffled across BN groups."""
             with tf.GradientTape() as tape:
                 with bn_route(AUX, groups=groups):
                     logits = model(x_adv, training=True)
                 adv_loss = self.loss(adv_labels, logits)
                 loss = self.beta * tf.reduce_sum(adv_loss)
-            grads = tape.gradient(loss, list(variables))
+            grads = tape.gradient(loss, variables)
             return grads, loss, batch_metrics("adversarial", adv_labels, logits, adv_loss)
 
-        grads1, loss1, x_adv, metrics = ctx.compile(noisy_pass)(
+        grads1, loss1, x_adv, metrics = ctx.compile(attack_passes)(
             clean, clean_labels, x2, adv_labels)
-        x_adv, adv_labels = self.shuffle(x_adv, adv_labels, num_adv, ctx)
+        x_adv, adv_labels = self.shuffle(x_adv, adv_labels, groups, ctx)
         grads2, loss2, adv_metrics = ctx.compile(adversarial_pass)(x_adv, adv_labels)
         metrics.update(adv_metrics)
-        grads = [a if b is None else (b if a is None else a + b)
-                 for a, b in zip(grads1, grads2)]
-        return RecipeGradients(grads=grads, loss_sum=loss1 + loss2, metrics=metrics,
+        return RecipeGradients(grads=_add(grads1, grads2), loss_sum=loss1 + loss2,
+                               metrics=metrics,
                                sample_weights=self.sample_weights(num_clean, num_adv))
 
-    def shuffle(self, x_adv, adv_labels, num_adv, ctx):
-        """Shuffle BN: one random permutation of the adversarial images, within the
-        replica (one device: its ghost-BN groups then hold other images) or across
-        all replicas (each takes its slice)."""
+    def shuffle(self, x_adv, adv_labels, groups, ctx):
+        """Shuffle BN: `derangement_mix` over the BN groups of every replica (gathered
+        when there are several, one permutation from the step's shared seed, each
+        replica takes its slice)."""
+        num_adv = x_adv.shape[0]
+        size = num_adv // groups
         if ctx.num_replicas > 1:
             replica = tf.distribute.get_replica_context()
             everyone = replica.all_gather(x_adv, axis=0)
             everyone_labels = replica.all_gather(adv_labels, axis=0)
-            perm = shared_permutation(num_adv * ctx.num_replicas, ctx.fold(5, shared=True))
+            perm = derangement_mix(groups * ctx.num_replicas, size,
+                                   ctx.fold(5, shared=True))
             start = tf.cast(replica.replica_id_in_sync_group, tf.int32) * num_adv
             mine = tf.slice(perm, [start], [num_adv])
-            return tf.gather(everyone, mine), tf.gather(everyone_labels, mine)
-        perm = shared_permutation(num_adv, ctx.fold(4))
+            # all_gather forgets the static image shape that ghost BN reshapes by.
+            return (tf.ensure_shape(tf.gather(everyone, mine), x_adv.shape),
+                    tf.ensure_shape(tf.gather(everyone_labels, mine), adv_labels.shape))
+        perm = derangement_mix(groups, size, ctx.fold(4))
         return tf.gather(x_adv, perm), tf.gather(adv_labels, perm)
 
     def describe(self):
         a = self.attack
         return (f"fast_advprop (p_adv {self.adv_fraction:g}, {a.attacker} eps "
                 f"{a.epsilon:g} step {a.step_size:g} K={self.steps}, beta {self.beta:g}, "
-                f"shuffle-BN groups of {self.shuffle_bn_group_size} on one device, budget "
+                f"BN groups of {self.shuffle_bn_group_size} adversarial images, shuffled "
+                f"by a derangement, budget "
                 f"x{self.budget_factor:.2f}{'' if self.budget_calibration else ' (not calibrated)'})")

@@ -4,7 +4,8 @@ Three BN sets: the main set for clean images without AutoAugment (source tag 0),
 first auxiliary set for clean images with AutoAugment/RandAugment (tag 1), and the
 second auxiliary set for adversarial images. The input pipeline tags every image
 (make_dataset(..., source_tags=True) with an `auto_augment_fraction` below 1); the
-attack runs through the adversarial set, from each image as it was drawn.
+attack (AdvProp's: targeted by default, see advprop.py) runs through the adversarial
+set, from each image as it was drawn.
 
   loss = sum CE(clean, its source's BN) + sum CE(adv, adversarial BN), one update.
 
@@ -15,9 +16,9 @@ main set is used; `strip_auxiliary_bn` keeps it alone.
 
 import tensorflow as tf
 
-from efficientnet_advprop.attacks import AttackConfig, attack_model
+from efficientnet_advprop.attacks import attack_model
 from efficientnet_advprop.layers.split_batch_norm import bn_route
-from efficientnet_advprop.recipes.advprop import ADVPROP, AdvProp
+from efficientnet_advprop.recipes.advprop import ADVPROP, DEFAULT_ATTACK, AdvProp
 from efficientnet_advprop.recipes.base import Cite, Recipe, RecipeOutput, as_context
 
 AUGMENTED_SET = 1
@@ -39,7 +40,7 @@ class FineGrainedAdvProp(Recipe):
 
     def __init__(self, num_classes, attack=None, label_smoothing=0.1):
         super().__init__(num_classes, label_smoothing)
-        self.attack = attack or AttackConfig(epsilon=1.0)
+        self.attack = attack or DEFAULT_ATTACK  # AdvProp's targeted PGD1
         self.augmented_fraction = 0.5  # the config's auto_augment_fraction (expected)
 
     def bn_batches(self, local_batch, num_replicas=1):
@@ -74,4 +75,5 @@ class FineGrainedAdvProp(Recipe):
     def describe(self):
         a = self.attack
         return (f"fine_grained_advprop (BN sets: clean, AutoAugment, adversarial; "
-                f"{a.attacker} eps {a.epsilon:g}, {a.iterations} iter)")
+                f"{'targeted' if a.targeted else 'untargeted'} {a.attacker} eps "
+                f"{a.epsilon:g}, {a.iterations} iter)")

@@ -9,9 +9,12 @@ NoFrost is standard adversarial training of a normalizer-free network (NF-ResNet
      that means separate batch statistics; with an NF model it is only how the batch is
      computed).
 AGC and the optimiser (SGD Nesterov, cosine) are the loop's business; their values are
-the `paper` table below (NOFROST_SETTINGS). NoFrost §4.1 trains every baseline of its
-tables with the same settings: `bn_sat` (SAT of a BN network with separate forwards,
-NoFrost's "SAT (BN)"), `trades` (beta 1), `fat` and `trades_fat` use them too.
+the `paper` table below (NOFROST_SETTINGS), at NoFrost's batch of 256. NoFrost §4.1
+trains every baseline of its tables with the same settings: `bn_sat` (SAT of a BN
+network with separate forwards, NoFrost's "SAT (BN)"), `trades` (beta 1), `fat` and
+`trades_fat` use them too; their BN ResNets start with the last BN of every residual
+branch at zero, as the released code builds them. `nofrost` and `nofrost_star` train
+NoFrost's NF-ResNet (nf-resnet-50 by default) and refuse a network with batch norm.
 AGC: the released NoFrost code does not clip (agc_clip 0); the NFNet paper does.
 
 NoFrost* adds an augmented view for out-of-distribution robustness: the loss is the
@@ -29,26 +32,40 @@ from efficientnet_advprop.recipes.base import (Cite, Option, Recipe, RecipeOutpu
 
 NOFROST_ATTACK = AttackConfig(attacker="pgd", epsilon=8.0, step_size=1.0, num_iter=10)
 PAPER = "Wang et al. 2022"
-REFERENCE = "amazon-research/normalizer-free-robust-training"
-# NoFrost §4.1: the training settings of NoFrost and of every baseline in its tables.
+REFERENCE = "amazon-science/normalizer-free-robust-training"
+CODE = f"{REFERENCE} PGDAT.py"
+# The training settings of NoFrost and of every baseline in its tables. Values from the
+# paper (§4.1, "Batch size is 256", lr 0.1, SGD momentum 0.9, weight decay 5e-5, cosine,
+# PGD-10 at eps 8) are cited as the paper; values that only its released code sets are
+# cited as the code (PGDAT.py's argument defaults and optimiser).
 NOFROST_SETTINGS = {
     "optimizer": Cite("momentum", f"{PAPER} §4.1: SGD"),
-    "momentum": Cite(0.9, f"{PAPER} §4.1: Nesterov momentum 0.9"),
-    "nesterov": Cite(True, f"{PAPER} §4.1: Nesterov"),
-    "base_learning_rate": Cite(0.1, f"{PAPER} §4.1: lr 0.1 per 256"),
+    "momentum": Cite(0.9, f"{PAPER} §4.1: momentum 0.9"),
+    "nesterov": Cite(True, f"{CODE}: SGD(..., nesterov=True)"),
+    "train_batch_size": Cite(256, f"{PAPER} §4.1: 'Batch size is 256'"),
+    "base_learning_rate": Cite(0.1, f"{PAPER} §4.1: lr 0.1 (per 256, {CODE}: lr *= "
+                                    "batch_size / 256)"),
     "weight_decay": Cite(5e-5, f"{PAPER} §4.1: weight decay 5e-5"),
     "lr_schedule": Cite("cosine", f"{PAPER} §4.1: cosine"),
-    "lr_warmup_epochs": Cite(0.0, f"{REFERENCE}: no warm-up"),
+    "lr_warmup_epochs": Cite(0.0, f"{CODE}: CosineAnnealingLR, no warm-up"),
     "train_epochs": Cite(90.0, f"{PAPER} §4.1: 90 epochs"),
-    "label_smoothing": Cite(0.1, f"{PAPER} §4.1: label smoothing 0.1"),
-    "moving_average_decay": Cite(0.0, f"{REFERENCE}: no weight EMA"),
-    "agc_clip": Cite(0.0, f"{REFERENCE}: no AGC"),
+    "label_smoothing": Cite(0.1, f"{CODE}: --smoothing 0.1"),
+    "moving_average_decay": Cite(0.0, f"{CODE}: no weight EMA"),
+    "agc_clip": Cite(0.0, f"{CODE}: no AGC"),
     "epsilon": Cite(8.0, f"{PAPER} §4.1: eps 8"),
-    "attack_step_size": Cite(1.0, f"{PAPER} §4.1: step 1"),
+    "attack_step_size": Cite(1.0, f"{CODE}: step auto = min(1.25 eps, eps + 4) / steps = "
+                                  "1 at eps 8, PGD-10"),
     "attack_iterations": Cite(10, f"{PAPER} §4.1: PGD-10"),
     "targeted_attack": Cite(False, f"{PAPER} §4.1: untargeted"),
-    "dropout_rate": Cite(0.25, f"{PAPER} §4.1: head dropout 0.25"),
-    "drop_path_rate": Cite(0.1, f"{PAPER} §4.1: drop-path 0.1"),
+    "dropout_rate": Cite(0.25, f"{CODE}: --drop 0.25 (head dropout)"),
+    "drop_path_rate": Cite(0.1, f"{CODE}: --drop_path 0.1"),
+}
+# ... and for the baselines, whose networks have batch norm: the code zero-initialises
+# the last BN of every residual branch (BN ResNets; not applicable to other families).
+BN_BASELINE_SETTINGS = {
+    **NOFROST_SETTINGS,
+    "zero_init_last_bn": Cite(True, f"{CODE}: create_model(..., zero_init_last_bn=True) "
+                                    "for its BN models"),
 }
 LAMBDA = Option("clean_loss_weight", Cite(0.5, f"{PAPER} §4.1: lambda 0.5"),
                 "Weight of the clean loss (1 - lambda); the adversarial one gets lambda.",
@@ -58,7 +75,11 @@ LAMBDA = Option("clean_loss_weight", Cite(0.5, f"{PAPER} §4.1: lambda 0.5"),
 class NoFrost(Recipe):
     name = "nofrost"
     title = "NoFrost: SAT of a normalizer-free network (Wang et al., ICML 2022)"
-    paper = NOFROST_SETTINGS
+    paper = {**NOFROST_SETTINGS,
+             "model_name": Cite("nf-resnet-50", f"{PAPER} §4.1: NF-ResNet-50 ({CODE}: "
+                                                "timm nf_resnet50)")}
+    # NoFrost *is* the normalizer-free network: a BN model is refused (use bn_sat).
+    normalizer_free_only = True
     options = (LAMBDA,)
 
     def __init__(self, num_classes, attack=None, label_smoothing=0.1, adv_weight=0.5):

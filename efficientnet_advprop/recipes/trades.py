@@ -23,7 +23,7 @@ from efficientnet_advprop.attacks import AttackConfig, float32_compute, linf_att
 from efficientnet_advprop.layers.split_batch_norm import MAIN, bn_route
 from efficientnet_advprop.recipes.base import (Cite, Option, Recipe, RecipeOutput, as_context,
                                                batch_metrics, cross_entropy, kl_divergence)
-from efficientnet_advprop.recipes.nofrost import NOFROST_SETTINGS
+from efficientnet_advprop.recipes.nofrost import BN_BASELINE_SETTINGS
 from efficientnet_advprop.recipes.nofrost import PAPER as NOFROST
 
 BETA = Option("trades_beta", Cite(1.0, f"{NOFROST} §4.1: TRADES trade-off 1"),
@@ -60,7 +60,7 @@ def trades_attack(model, images, labels, config, seed, bn_set=MAIN):
 class Trades(Recipe):
     name = "trades"
     title = "TRADES (Zhang et al., ICML 2019), as NoFrost's baseline"
-    paper = NOFROST_SETTINGS
+    paper = BN_BASELINE_SETTINGS
     options = (BETA,)
 
     def __init__(self, num_classes, attack=None, label_smoothing=0.1, beta=1.0):
