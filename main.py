@@ -320,14 +320,29 @@ def resolve_config():
 
     overrides = setting_overrides()
     try:
-        info = data.resolve_dataset(overrides.get("dataset"), overrides.get("data_dir"),
-                                    holdout_shards=overrides.get("holdout_shards"),
-                                    skip_bad_records=overrides.get("skip_bad_records", False))
+        if (FLAGS.print_config and overrides.get("dataset") == "imagenet"
+                and not overrides.get("data_dir")):
+            # What an ImageNet run would use, shown without the data (its standard sizes).
+            from efficientnet_advprop.data import tfrecord
+
+            info = data.DatasetInfo("imagenet", tfrecord.IMAGENET_NUM_CLASSES,
+                                    tfrecord.IMAGENET_NUM_TRAIN, tfrecord.IMAGENET_NUM_EVAL,
+                                    224)
+        else:
+            info = data.resolve_dataset(
+                overrides.get("dataset"), overrides.get("data_dir"),
+                holdout_shards=overrides.get("holdout_shards"),
+                skip_bad_records=overrides.get("skip_bad_records", False))
     except ValueError as e:
         raise UsageError(str(e)) from None
+    from efficientnet_advprop.recipes import RECIPES
+
+    recipe_name = overrides.get("recipe", "vanilla")
+    paper_model = getattr(RECIPES.get(recipe_name), "paper", {}).get("model_name")
+    model_name = overrides.get("model_name") or (paper_model.value if paper_model
+                                                 else FLAGS.model_name)
     model_dir = overrides.get("model_dir") or os.path.join(
-        "runs", f"{overrides.get('model_name', FLAGS.model_name)}-"
-                f"{overrides.get('recipe', 'vanilla')}")
+        "runs", f"{model_name}-{recipe_name}")
     saved, reused = None, ()
     if "://" in model_dir or os.path.isdir(model_dir):
         saved = load_saved_config(model_dir)

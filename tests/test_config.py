@@ -264,3 +264,15 @@ def test_bn_sat_builds_its_resnet_with_each_branchs_last_bn_at_zero():
     assert all((gammas["bn_sat"][n] == 0).all() for n in last)
     assert all((gammas["vanilla"][n] == 1).all() for n in last)
     assert all((g == 1).all() for n, g in gammas["bn_sat"].items() if n.endswith("_bn1"))
+
+
+def test_print_config_at_imagenet_scale_needs_no_data(tmp_path):
+    result = run_main("--print_config", "--recipe=nofrost", "--dataset=imagenet",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "# dataset imagenet: 1281167 train / 50000 held-out images" in out
+    assert "--model_name=nf-resnet-50  # recipe nofrost: Wang et al. 2022 §4.1" in out
+    assert "--train_batch_size=256  # recipe nofrost: Wang et al. 2022 §4.1" in out
+    assert "--nesterov=True  # recipe nofrost: amazon-science/" in out  # the code's value
+    assert not os.listdir(tmp_path)  # wrote nothing

@@ -57,8 +57,10 @@ class AttackConfig:
         always takes one step of size epsilon.
       targeted: attack towards a random class other than the true one.
       bn_mode: "inference" runs the model with training=False (moving statistics, as
-        the AdvProp reference code); "batch" runs it with training=True and batch
-        statistics, with moving statistics frozen (SplitBatchNorm models only).
+        the Fast AdvProp reference code does without --attack_in_train,
+        meijieru/fast_advprop; no AdvProp training code was released); "batch" runs
+        it with training=True and batch statistics, with moving statistics frozen
+        (SplitBatchNorm models only).
       clean_start_prob: pgd/gd only: per-image probability of starting from the clean
         image instead of a uniform point of the eps-cube (Xie & Yuille: 0.2).
       early_stop_tau: FAT's early stop: None (off) or the extra steps an image may take
