@@ -124,6 +124,9 @@ flags.DEFINE_float("drop_path_rate", None, "NF-ResNet stochastic depth rate of t
 flags.DEFINE_bool("zero_init_last_bn", None, "BN ResNets: initialise the last BN of every "
                   "residual branch at gamma 0 (default off; NoFrost's BN baselines: on, "
                   "as its code builds them).")
+flags.DEFINE_list("nf_stage_gains", None, "NF-ResNets, a diagnostic in no paper: 5 "
+                  "constants multiplying the stem's output and each stage's first block's "
+                  "(models.signal.fit_stage_gains sets them from a batch of images).")
 flags.DEFINE_float("agc_clip", 0.0, "Adaptive gradient clipping threshold (Brock et al. "
                    "2021; 0.01 for NF-ResNets); 0 = off. Clips the global gradient "
                    "before weight decay; the classifier is excluded.")

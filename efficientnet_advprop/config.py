@@ -105,6 +105,7 @@ class ModelConfig:
     survival_prob: float = None
     drop_path_rate: float = None
     zero_init_last_bn: bool = None  # None: off; BN ResNets only
+    nf_stage_gains: tuple = None  # None: the published NF-ResNet (a diagnostic otherwise)
     sync_batch_norm: bool = None  # None: on for TPU (official groups), off elsewhere
     sync_batch_norm_group_size: int = None
     init_checkpoint: str = None
@@ -136,6 +137,18 @@ class ModelConfig:
         if self.width_multiplier != 1.0 and self.model_name.startswith("efficientnet"):
             raise ConfigError("width_multiplier", self.width_multiplier,
                               f"applies to ResNets and NF-ResNets, not {self.model_name}")
+        if self.nf_stage_gains is not None:
+            try:
+                gains = tuple(float(g) for g in self.nf_stage_gains)
+            except (TypeError, ValueError):
+                gains = ()
+            if len(gains) != 5 or min(gains) <= 0:
+                raise ConfigError("nf_stage_gains", self.nf_stage_gains,
+                                  "expected 5 positive numbers (stem, stages 1-4)")
+            if not self.normalizer_free:
+                raise ConfigError("nf_stage_gains", self.nf_stage_gains,
+                                  f"applies to NF-ResNets, not {self.model_name}")
+            object.__setattr__(self, "nf_stage_gains", gains)
         if self.zero_init_last_bn and not is_bn_resnet(self.model_name):
             raise ConfigError("zero_init_last_bn", self.zero_init_last_bn,
                               f"applies to the BN ResNets, not {self.model_name}")
@@ -463,7 +476,8 @@ def load_saved_config(model_dir):
 RUN_IDENTITY = ("recipe", "model_name", "image_size", "width_multiplier", "preprocessing",
                 "normalizer", "num_label_classes", "batch_norm_momentum",
                 "batch_norm_epsilon", "dropout_rate", "survival_prob", "drop_path_rate",
-                "moving_average_decay", "optimizer", "precision", "augmentation")
+                "moving_average_decay", "optimizer", "precision", "augmentation",
+                "nf_stage_gains")
 
 
 def reuse_saved(overrides, saved, identity=RUN_IDENTITY):

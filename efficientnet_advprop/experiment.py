@@ -113,6 +113,8 @@ def model_kwargs(config, recipe, sync):
     if m.width_multiplier != 1.0:
         kwargs["width_multiplier"] = m.width_multiplier
     if m.normalizer_free:
+        if m.nf_stage_gains:
+            kwargs["stage_gains"] = m.nf_stage_gains
         return {**kwargs, "dropout_rate": m.dropout_rate or 0.0,
                 "drop_path_rate": m.drop_path_rate or 0.0}
     kwargs.update(normalizer=m.normalizer, num_aux=recipe.num_aux,

@@ -103,7 +103,10 @@ def test_every_run_of_the_full_tiers_resolves_to_its_budget(tier_name, tmp_path)
     # On the embedded data here; the tiers train on the 45,000-image split.
     tier = suite.TIERS[tier_name]
     for run in suite.RUNS + suite.DIAGNOSTICS:
-        cfg = config_lib.resolve(suite.tier_overrides(tier, run, 0, None, str(tmp_path)))
+        overrides = suite.tier_overrides(tier, run, 0, None, str(tmp_path))
+        if overrides.get("nf_stage_gains") == suite.FIT_ON_TRAINING_BATCH:
+            overrides["nf_stage_gains"] = (1.0,) * 5  # the runner fits them on the split
+        cfg = config_lib.resolve(overrides)
         epochs = cfg.optim.train_steps / cfg.optim.steps_per_epoch
         calibrated = tier.epochs / 1.2 if run.recipe == "fast_advprop" else tier.epochs
         assert epochs == pytest.approx(calibrated, rel=0.02), run.name
@@ -204,3 +207,20 @@ def test_split_of_the_shared_images_is_the_committed_one(tmp_path):
         committed = json.load(f)
     assert split == committed
     assert (split["num_train"], split["num_held_out"]) == (45000, 5000)
+
+
+def test_unit_variance_control_fits_its_gains_on_training_images_only():
+    from efficientnet_advprop.claims.runner import fit_gains_on_training_batch
+    from efficientnet_advprop.data.pipeline import EMBEDDED_DIR
+
+    overrides = {"data_dir": EMBEDDED_DIR, "model_name": "nf-resnet-26-cifar",
+                 "width_multiplier": 0.125}
+    gains = fit_gains_on_training_batch(overrides, seed=0, count=64)
+    assert len(gains) == 5 and all(g > 0 for g in gains)
+    # the published model's stages lose variance, so every gain lifts it (> 1)
+    assert min(gains) > 1.0, gains
+    cfg = config_lib.resolve({"recipe": "nofrost", "model_name": "nf-resnet-26-cifar",
+                              "nf_stage_gains": [str(g) for g in gains]})  # as flags give
+    assert cfg.model.nf_stage_gains == pytest.approx(gains)
+    with pytest.raises(config_lib.ConfigError, match="applies to NF-ResNets"):
+        config_lib.resolve({"model_name": "resnet-18-cifar", "nf_stage_gains": gains})

@@ -319,6 +319,26 @@ def test_stem_output_is_scaled_by_the_activation_gain_as_timm_folds_it():
     np.testing.assert_allclose(outs[False][0], conv_out, rtol=1e-5, atol=1e-5)  # same conv
 
 
+def test_fitted_stage_gains_start_every_stage_at_unit_variance():
+    from efficientnet_advprop.models.signal import fit_stage_gains, gain_points
+
+    rng = np.random.default_rng(4)
+    # smooth, correlated "images": the case where stem and pooling lose variance
+    base = rng.uniform(0, 255, (16, 8, 8, 3)).astype("float32")
+    images = np.repeat(np.repeat(base, 4, axis=1), 4, axis=2)
+    gains = fit_stage_gains("nf-resnet-26-cifar", images, seed=2, width_multiplier=0.25)
+    keras.utils.set_random_seed(2)
+    model = nf_resnet("nf-resnet-26-cifar", include_top=False, width_multiplier=0.25,
+                      stage_gains=gains)
+    outs = keras.Model(model.input, [layer.output for layer in gain_points(model)])(images)
+    for out in outs:
+        assert _channel_var(out) == pytest.approx(1.0, rel=1e-3)
+    default = nf_resnet("nf-resnet-26-cifar", include_top=False)  # the paper's model
+    assert not any(layer.name.endswith("data_gain") for layer in default.layers)
+    with pytest.raises(ValueError, match="5 positive numbers"):
+        nf_resnet("nf-resnet-26-cifar", stage_gains=(1.0, 2.0))
+
+
 def test_cifar_variant_and_drop_path_schedule():
     assert default_image_size("nf-resnet-26-cifar") == 32
     assert default_image_size("nf-resnet-101") == 224

@@ -86,6 +86,23 @@ def held_out_arrays(run, count):
     return np.concatenate(images)[:count], np.concatenate(labels)[:count]
 
 
+def fit_gains_on_training_batch(overrides, seed, count=256):
+    """`signal.fit_stage_gains` of the run's NF-ResNet on the first `count` images of
+    the *training* split (decoded, no augmentation), initialised with the run's seed."""
+    from efficientnet_advprop.data import tfrecord
+    from efficientnet_advprop.models.signal import fit_stage_gains
+
+    files = tfrecord.list_files(overrides["data_dir"], "train")
+    if not files:
+        raise ValueError(f"no train-* files in {overrides['data_dir']}")
+    images = [tf.io.decode_image(encoded, channels=3, expand_animations=False).numpy()
+              for encoded, _ in tf.data.TFRecordDataset(
+                  files[:1], compression_type=tfrecord.detect_compression(files[0])).map(
+                  tfrecord.parse_example).take(count)]
+    return fit_stage_gains(overrides["model_name"], np.stack(images).astype(np.float32),
+                           seed=seed, width_multiplier=overrides["width_multiplier"])
+
+
 def _batches(images, labels, batch):
     return tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch)
 
@@ -150,6 +167,9 @@ def run_one(tier, spec, seed, *, data_dir, work_dir, results_dir, command, log=p
     """Trains (or resumes) and evaluates one run; writes and returns its result dict."""
     model_dir = os.path.join(work_dir, tier.name, f"{spec.name}-seed{seed}")
     overrides = suite.tier_overrides(tier, spec, seed, data_dir, model_dir)
+    if overrides.get("nf_stage_gains") == suite.FIT_ON_TRAINING_BATCH:
+        overrides["nf_stage_gains"] = fit_gains_on_training_batch(overrides, seed)
+        log(f"{spec.name} seed {seed}: stage gains {overrides['nf_stage_gains']}")
     cfg = config_lib.resolve(overrides)
     start_wall = time.time()
     info_machine = machine()

@@ -182,6 +182,9 @@ NOFROST_OPTIMIZER = (("base_learning_rate", 0.1), ("weight_decay", 5e-5))
 #   learns at the tier's budget, apart from what adversarial training costs it.
 # - The NoFrost pair again with NoFrost's optimiser instead of the tier's shared one
 #   (lr 0.4 per 256, weight decay 5e-4, chosen for the BN ResNets of the other claims).
+# The stage gains of the unit-variance control are set by the runner from one batch of
+# the training split (runner.fit_gains_on_training_batch), not written here.
+FIT_ON_TRAINING_BATCH = "fit"
 DIAGNOSTICS = (
     RunSpec("vanilla_bn26", "vanilla", "control: BN-ResNet-26 on clean images only",
             pair="bn", eval_epsilon=8.0, evals=("clean", "pgd")),
@@ -195,6 +198,16 @@ DIAGNOSTICS = (
             "BN-ResNet-26 + SAT(BN), eps 8, NoFrost's lr 0.1/256 and wd 5e-5",
             overrides=_fast_attack(8) + NOFROST_OPTIMIZER, pair="bn", eval_epsilon=8.0,
             evals=("clean", "pgd")),
+    # Issue 24's question: is the NF-ResNet slow because its activations start far
+    # below the unit variance its betas assume (stages at 0.56 / 0.24 / 0.12 / 0.06 at
+    # width 1/8 on CIFAR-10, with timm's stem gain), not because it has no BN? The same
+    # nofrost_eps8 run with gains set from one training batch so that the stem and
+    # every stage's first block start at variance 1 (models.signal.fit_stage_gains).
+    RunSpec("nofrost_eps8_unit_var", "nofrost",
+            "control: NF-ResNet-26 + SAT (NoFrost), eps 8, stage gains set from one "
+            "training batch (unit variance at init)",
+            overrides=_fast_attack(8) + (("nf_stage_gains", FIT_ON_TRAINING_BATCH),),
+            pair="nf", eval_epsilon=8.0, evals=("clean", "pgd")),
 )
 RUNS_BY_NAME = {r.name: r for r in RUNS + DIAGNOSTICS}
 

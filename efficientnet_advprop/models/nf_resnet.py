@@ -67,6 +67,7 @@ EXPANSION = 4
 CIFAR_SUFFIX = "-cifar"
 IMAGE_SIZE = 224
 CIFAR_IMAGE_SIZE = 32
+NUM_STAGE_GAINS = 5  # stem, then each of the 4 stages' first block
 NOFROST_PRESET = {"dropout_rate": 0.25, "drop_path_rate": 0.1}
 
 
@@ -165,7 +166,8 @@ def _block(x, prefix, width, strides, beta, alpha, activation, drop_rate, transi
 def nf_resnet(model_name, num_classes=1000, image_size=None, preprocessing="imagenet",
               activation="relu", alpha=0.2, drop_path_rate=0.0, dropout_rate=0.0,
               small_stem=None, include_top=True, name=None, norm=None,
-              compensate_avgpool_var=False, width_multiplier=1.0, stem_gain=True):
+              compensate_avgpool_var=False, width_multiplier=1.0, stem_gain=True,
+              stage_gains=None):
     """Builds a functional NF-ResNet taking float RGB in [0, 255].
 
     Args:
@@ -192,6 +194,11 @@ def nf_resnet(model_name, num_classes=1000, image_size=None, preprocessing="imag
       width_multiplier: scales every width (as ResNet's `scaled_widths`).
       stem_gain: multiply the stem convolution's output by the activation gain
         (layer ``stem_gain``), as timm's NF-ResNets that NoFrost trains.
+      stage_gains: None (the published model), or 5 positive constants that multiply
+        the stem's output (layer ``stem_data_gain``) and the output of each stage's
+        first block (``stage{s}_block1_data_gain``); not in any paper: a diagnostic
+        for the variance the stem and the pooled transitions lose on real images
+        (`efficientnet_advprop.models.signal.fit_stage_gains` sets them from a batch).
 
     Returns:
       A `keras.Model` whose output is the LOGITS (no softmax).
@@ -205,6 +212,11 @@ def nf_resnet(model_name, num_classes=1000, image_size=None, preprocessing="imag
     image_size = default_image_size(model_name) if image_size is None else int(image_size)
     if not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+    if stage_gains is not None:
+        stage_gains = tuple(float(g) for g in stage_gains)
+        if len(stage_gains) != NUM_STAGE_GAINS or min(stage_gains) <= 0:
+            raise ValueError(f"stage_gains must be {NUM_STAGE_GAINS} positive numbers (stem, "
+                             f"stages 1-4), got {stage_gains}")
 
     inputs = keras.Input(shape=(image_size, image_size, 3), dtype="float32",
                          name="images")
@@ -217,6 +229,8 @@ def nf_resnet(model_name, num_classes=1000, image_size=None, preprocessing="imag
         x = Scale(activation_gamma(activation), name="stem_gain")(x)
     if not small:
         x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
+    if stage_gains:
+        x = Scale(stage_gains[0], name="stem_data_gain")(x)
 
     betas = block_betas(base, alpha)
     total = len(betas)
@@ -226,6 +240,8 @@ def nf_resnet(model_name, num_classes=1000, image_size=None, preprocessing="imag
         x = _block(x, f"stage{stage}_block{block}_", stage_widths[stage - 1], strides,
                    beta, alpha, activation, drop_rate, transition=block == 1,
                    compensate_avgpool_var=compensate_avgpool_var)
+        if stage_gains and block == 1:
+            x = Scale(stage_gains[stage], name=f"stage{stage}_block1_data_gain")(x)
 
     x = ScaledActivation(activation, name="final_activation")(x)
     if include_top:

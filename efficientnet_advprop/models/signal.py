@@ -10,6 +10,9 @@ for a block output ``x`` of shape ``[N, H, W, C]``:
   last convolution's output ``f`` (before ``alpha``; zero while the gain of that
   convolution is still at its zero initialisation).
 
+`fit_stage_gains` sets the diagnostic ``stage_gains`` of an NF-ResNet from one batch of
+images, so that the stem and every stage's first block hand on unit variance.
+
 `compare_pool_gain` measures a freshly initialised NF-ResNet with and without the
 ``x 2`` on its pooled transition shortcuts (``compensate_avgpool_var``), with the same
 weights; scripts/signal_propagation.py runs it on CIFAR-10 images.
@@ -20,7 +23,7 @@ import re
 import keras
 import numpy as np
 
-from efficientnet_advprop.models.nf_resnet import nf_resnet
+from efficientnet_advprop.models.nf_resnet import NUM_STAGE_GAINS, nf_resnet
 
 _BLOCK_OUT = re.compile(r"stage(\d+)_block(\d+)_out")
 
@@ -116,3 +119,35 @@ def compare_pool_gain(model_name, images, *, width_multiplier=1.0, seed=0,
                     layer.gain.assign(np.ones(layer.filters, np.float32))
     return {key: signal_statistics(model, images, batch_size)
             for key, model in models.items()}
+
+
+def gain_points(model):
+    """The layers `fit_stage_gains` sets, in order: stem, then stage 1..4 (their
+    first block's output)."""
+    names = ["stem_data_gain"] + [f"stage{s}_block1_data_gain"
+                                  for s in range(1, NUM_STAGE_GAINS)]
+    return [model.get_layer(n) for n in names]
+
+
+def fit_stage_gains(model_name, images, *, seed=0, **builder_kwargs):
+    """Data-dependent stage gains of NF-ResNet `model_name` (a diagnostic, in no paper).
+
+    Builds the model as initialised with `seed` (`builder_kwargs` go to `nf_resnet`),
+    then sets the gains one after the other -- stem first -- to 1 / std of the average
+    channel variance of that point's output on `images` (float RGB [0, 255], inference
+    mode), so that the stem and each stage's first block hand on variance 1, the
+    variance each block's beta assumes. Returns the NUM_STAGE_GAINS gains.
+    """
+    images = np.asarray(images, np.float32)
+    keras.utils.set_random_seed(seed)
+    model = nf_resnet(model_name, image_size=images.shape[1], include_top=False,
+                      stage_gains=(1.0,) * NUM_STAGE_GAINS, **builder_kwargs)
+    layers = gain_points(model)
+    probe = keras.Model(model.input, [layer.output for layer in layers])
+    gains = []
+    for k, layer in enumerate(layers):
+        value = np.asarray(probe(images, training=False)[k], np.float64)
+        var = float(np.mean(value.reshape(-1, value.shape[-1]).var(axis=0)))
+        layer.scale = 1.0 / np.sqrt(var)  # read by Scale.call at the next probe
+        gains.append(float(layer.scale))
+    return tuple(gains)
