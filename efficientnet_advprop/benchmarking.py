@@ -68,18 +68,28 @@ def parse_config(name):
 
 def fast_advprop_group_size(batch_size, adv_fraction=0.2, preferred=16):
     """Fast AdvProp's shuffle-BN group size for one device and `batch_size` drawn images:
-    the reference's 16 when it gives at least two whole groups, else the largest size
-    below it that does (the adversarial share round(p_adv * batch) must be a multiple
-    of it). 1 when the share is prime or smaller than 4; ValueError when the share has
-    fewer than two images (no shuffle is possible)."""
+    the reference's 16 when it gives at least three whole groups that also split the
+    clean share evenly, else the largest size below it that does. ValueError when no
+    size does (fewer than 3 adversarial images: no shuffle can change the groups)."""
     num_adv = int(round(adv_fraction * batch_size))
-    if num_adv < 2:
-        raise ValueError(f"fast_advprop: a batch of {batch_size} draws {num_adv} "
-                         "adversarial images; shuffle BN needs at least 2")
-    for size in range(min(int(preferred), num_adv // 2), 0, -1):
-        if num_adv % size == 0:
+    clean = batch_size - num_adv
+    for size in range(min(int(preferred), num_adv // 3), 0, -1):
+        if num_adv % size == 0 and clean % (num_adv // size) == 0:
             return size
-    return 1
+    raise ValueError(f"fast_advprop: a batch of {batch_size} draws {num_adv} adversarial "
+                     f"and {clean} clean images, which no 3 or more equal BN groups split")
+
+
+def drawn_batch_size(recipe_name, batch_size):
+    """Images drawn per step for `batch_size` clean ones: Fast AdvProp draws
+    batch / (1 - p_adv) (160 for 128, the reference's 320 for 256), as the claims suite
+    does; every other recipe draws the batch. Throughputs count drawn images."""
+    if recipe_name != "fast_advprop":
+        return batch_size
+    from efficientnet_advprop.recipes import RECIPES
+
+    p_adv = RECIPES["fast_advprop"].from_options(2).adv_fraction
+    return int(round(batch_size / (1.0 - p_adv)))
 
 
 def make_benchmark_recipe(name, num_classes, batch_size):
@@ -152,7 +162,8 @@ def build_config(name, *, model_name, image_size, batch_size, model_dir,
     from efficientnet_advprop.training import TrainConfig, Trainer
 
     start = time.perf_counter()
-    _, _, use_keras_app = parse_config(name)
+    recipe_name, _, use_keras_app = parse_config(name)
+    batch_size = drawn_batch_size(recipe_name, batch_size)
     recipe = make_benchmark_recipe(name, num_classes, batch_size)
     extra = dict(model_kwargs or {})
 
@@ -367,8 +378,8 @@ def fast_advprop_breakdown(bench, steps, jit_compile):
     noisy, noisy_args = caught["noisy_pass"]
     adversarial, adversarial_args = caught["adversarial_pass"]
     x_adv, adv_labels = noisy(*noisy_args)[2], noisy_args[3]
-    num_adv = int(x_adv.shape[0])
-    shuffle = tf.function(lambda x, y: recipe.shuffle(x, y, num_adv, ctx),
+    groups = recipe.groups(int(images.shape[0]))
+    shuffle = tf.function(lambda x, y: recipe.shuffle(x, y, groups, ctx),
                           jit_compile=jit_compile)
     out = {"noisy_pass_s": _time_call(noisy, noisy_args, steps, checksum),
            "shuffle_s": _time_call(shuffle, (x_adv, adv_labels), steps, checksum),

@@ -51,11 +51,13 @@ def rows(eps, iterations):
         ("advprop (PGD1 eps 1)", "advprop", ["--epsilon=1"], False),
         ("fine_grained_advprop (PGD1 eps 1, AA v0 on half)", "fine_grained_advprop",
          ["--epsilon=1"], False),
-        # 80 drawn = the other rows' 64 clean + 16 adversarial images, shuffled between
-        # two ghost-BN groups of 8: below the default minimum of 16, asked for here.
-        ("fast_advprop (p_adv 0.2, K=1, eps 1; batch 80, BN groups of 8)", "fast_advprop",
-         ["--epsilon=1", "--train_batch_size=80", "--shuffle_bn_group_size=8",
-          "--min_bn_batch=8"], False),
+        # 80 drawn = the other rows' 64 clean + 16 adversarial images, in the reference's
+        # 4-GPU layout at a quarter of its batch (4 BN groups of 16 clean + 4
+        # adversarial; the shuffle needs 3 groups): below the default minimum of 16,
+        # asked for here.
+        ("fast_advprop (p_adv 0.2, K=1, eps 1; batch 80, BN groups of 16 + 4)",
+         "fast_advprop", ["--epsilon=1", "--train_batch_size=80",
+                          "--shuffle_bn_group_size=4", "--min_bn_batch=4"], False),
         ("sat, shared BN (PGD1 eps 1)", "sat", ["--epsilon=1"], False),
         (f"sat, shared BN (eps {eps:g})", "sat", robust, False),
         (f"madry_at (eps {eps:g})", "madry_at", robust, False),

@@ -224,3 +224,14 @@ def test_unit_variance_control_fits_its_gains_on_training_images_only():
     assert cfg.model.nf_stage_gains == pytest.approx(gains)
     with pytest.raises(config_lib.ConfigError, match="applies to NF-ResNets"):
         config_lib.resolve({"model_name": "resnet-18-cifar", "nf_stage_gains": gains})
+
+
+def test_cost_ratio_compares_runs_on_the_same_processor_only():
+    def rec(seconds, cpu):
+        return {"train_seconds": seconds, "train_steps": 100, "steps_per_epoch": 25,
+                "machine": {"cpu": cpu}}
+
+    runs = {"fast_advprop": [rec(60, "AMD EPYC")], "vanilla": [rec(100, "Intel Xeon")]}
+    assert report.cost_ratio(runs, "fast_advprop", "vanilla") is None  # not comparable
+    runs["vanilla"].append(rec(50, "AMD EPYC"))
+    assert report.cost_ratio(runs, "fast_advprop", "vanilla") == pytest.approx(1.2)

@@ -201,7 +201,7 @@ def _no_tfrecords(tmp_path):
     (lambda p: ["--num_label_classes=0"], "--num_label_classes=0: must be >= 2"),
     (lambda p: ["--recipe=fast_advprop", "--train_batch_size=64"],
      "--train_batch_size=64: the 13 adversarial images per replica are not a multiple "
-     "of the shuffle-BN group size 16; use --train_batch_size=160"),
+     "of the shuffle-BN group size 16; use --train_batch_size=240"),
     (lambda p: ["--recipe=trades", "--p_adv=0.3"], "--p_adv=0.3: is not an option of "
                                                   "recipe trades"),
     (lambda p: ["--export_format=saved_model,onnx"], "--export_format=saved_model,onnx: "

@@ -107,7 +107,7 @@ def check_fast_advprop_cost(runs):
     cv = values(runs, "vanilla", "mean_corruption_error")
     per_epoch = cost_ratio(runs, "fast_advprop", "vanilla")
     whole = cost_ratio(runs, "fast_advprop", "vanilla", per_epoch=False)
-    cost = ("–" if per_epoch is None else
+    cost = ("– (no two runs on the same processor yet)" if per_epoch is None else
             f"{per_epoch:.2f}x per epoch ({whole:.2f}x for the whole calibrated run)")
     return [("Fast AdvProp clean >= vanilla clean at 1x budget",
              f"{fmt(f)} vs {fmt(v)}", verdict),
@@ -138,13 +138,22 @@ def epoch_seconds(record):
 def cost_ratio(runs, run, baseline, per_epoch=True):
     """Training seconds (per epoch, or of the whole run) of `run` over `baseline`'s
     (same tier), each the fastest of its seeds trained in one go: on a shared machine
-    other work only ever adds time, so the minimum is the estimate least disturbed by it."""
+    other work only ever adds time, so the minimum is the estimate least disturbed by it.
+    Only runs on the same processor are compared (a later session may run on another
+    CPU): the processor of the latest of `run`'s seeds that `baseline` also ran on."""
     cost = epoch_seconds if per_epoch else (lambda r: r["train_seconds"])
-    a = [cost(r) for r in whole_runs(runs.get(run, []))]
-    b = [cost(r) for r in whole_runs(runs.get(baseline, []))]
-    if not a or not b:
+    mine, theirs = whole_runs(runs.get(run, [])), whole_runs(runs.get(baseline, []))
+    common = [cpu for cpu in dict.fromkeys(_cpu(r) for r in reversed(mine))
+              if cpu in {_cpu(r) for r in theirs}]
+    if not common:
         return None
+    a = [cost(r) for r in mine if _cpu(r) == common[0]]
+    b = [cost(r) for r in theirs if _cpu(r) == common[0]]
     return float(min(a) / min(b))
+
+
+def _cpu(record):
+    return (record.get("machine") or {}).get("cpu")
 
 
 def check_bn_statistics(runs):

@@ -309,7 +309,7 @@ class FastAdvProp(Recipe):
         x2 = tf.cast(images[num_clean:], tf.float32)
         adv_labels = tf.cast(labels[num_clean:], tf.int32)
 
-        def attack_passes(clean, clean_labels, x2, adv_labels):
+        def noisy_pass(clean, clean_labels, x2, adv_labels):
             """Steps 1-3: K forward-backward passes; the first also carries the clean
             share. Each backward gives the parameter gradient (kept) and the input
             gradient (the attack step)."""
@@ -358,7 +358,7 @@ class FastAdvProp(Recipe):
             grads = tape.gradient(loss, variables)
             return grads, loss, batch_metrics("adversarial", adv_labels, logits, adv_loss)
 
-        grads1, loss1, x_adv, metrics = ctx.compile(attack_passes)(
+        grads1, loss1, x_adv, metrics = ctx.compile(noisy_pass)(
             clean, clean_labels, x2, adv_labels)
         x_adv, adv_labels = self.shuffle(x_adv, adv_labels, groups, ctx)
         grads2, loss2, adv_metrics = ctx.compile(adversarial_pass)(x_adv, adv_labels)
