@@ -18,8 +18,8 @@ a class drawn uniformly among the wrong ones: the AdvProp paper does not say, bu
 authors' follow-up does (Mei et al. 2022, Fast AdvProp §3.2.2: "in order to re-using
 gradient, we need to switch the attack mode from targeted attack to untargeted attack
 in Fast AdvProp"), and the same group's setup draws the target "uniformly at random"
-(Xie & Yuille 2020); targeted_attack=False gives the untargeted variant. Open choice: the attack runs
-through the auxiliary BNs in inference mode (moving statistics); no AdvProp training
+(Xie & Yuille 2020); targeted_attack=False gives the untargeted variant.
+Open choice: the attack runs through the auxiliary BNs in inference mode (moving statistics); no AdvProp training
 code was released, so this is a setting (attack_bn_mode), and the reference
 implementations of the follow-up papers differ on it.
 """

@@ -330,7 +330,8 @@ class FastAdvProp(Recipe):
                         clean_loss = self.loss(clean_labels, logits[:num_clean])
                         noisy_logits = logits[num_clean:]
                         noisy_loss = self.loss(adv_labels, noisy_logits)
-                        loss = tf.reduce_sum(clean_loss) + self.beta * tf.reduce_sum(noisy_loss)
+                        loss = (tf.reduce_sum(clean_loss)
+                                + self.beta * tf.reduce_sum(noisy_loss))
                         metrics = batch_metrics("clean", clean_labels, logits[:num_clean],
                                                 clean_loss)
                         metrics.update(batch_metrics("noisy", adv_labels, noisy_logits,
