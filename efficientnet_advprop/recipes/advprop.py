@@ -19,9 +19,10 @@ authors' follow-up does (Mei et al. 2022, Fast AdvProp §3.2.2: "in order to re-
 gradient, we need to switch the attack mode from targeted attack to untargeted attack
 in Fast AdvProp"), and the same group's setup draws the target "uniformly at random"
 (Xie & Yuille 2020); targeted_attack=False gives the untargeted variant.
-Open choice: the attack runs through the auxiliary BNs in inference mode (moving statistics); no AdvProp training
-code was released, so this is a setting (attack_bn_mode), and the reference
-implementations of the follow-up papers differ on it.
+Open choice: the attack runs through the auxiliary BNs in inference mode (moving
+statistics); no AdvProp training code was released, so this is a setting
+(attack_bn_mode), and the reference implementations of the follow-up papers differ on
+it.
 """
 
 import tensorflow as tf
