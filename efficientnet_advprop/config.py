@@ -457,7 +457,8 @@ class ExperimentConfig:
 
 # Settings whose unset value means "none" rather than "chosen automatically".
 _NONE_IS_OFF = {"init_checkpoint", "export_dir", "data_dir", "tpu", "tpu_zone",
-                "gcp_project", "holdout_shards", "auto_augment"}
+                "gcp_project", "holdout_shards", "auto_augment", "zero_init_last_bn",
+                "nf_stage_gains"}
 
 
 def load_saved_config(model_dir):
