@@ -172,8 +172,9 @@ RUNS = (  # in the order they run: the cheap pairs of claims first
     RunSpec("nofrost_eps8", "nofrost", "NF-ResNet-26 + SAT (NoFrost), eps 8 (PGD-1, step 10)",
             overrides=_fast_attack(8), pair="nf", eval_epsilon=8.0, evals=("clean", "pgd")),
 )
-# NoFrost's own optimiser (Wang et al. 2022): SGD Nesterov, lr 0.1 per 256, weight decay
-# 5e-5 (its head dropout and drop-path are left out, as in every run of a tier).
+# NoFrost's own optimiser: lr 0.1 per 256 and weight decay 5e-5 (Wang et al. 2022 §4.1),
+# SGD Nesterov as every run of a tier (Nesterov is its code's, PGDAT.py); its head
+# dropout and drop-path are left out, as in every run of a tier.
 NOFROST_OPTIMIZER = (("base_learning_rate", 0.1), ("weight_decay", 5e-5))
 
 # Runs that no claim reads. Not in the default suite; run them with --runs=NAME,... (and
