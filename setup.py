@@ -32,7 +32,9 @@ setup(
         "numpy",
         "matplotlib",  # the robustness report's plots
     ],
-    extras_require={"test": ["pytest>=7", "pytest-xdist>=3"]},  # -n 2: the suite traces in Python
+    # -n 2: the suite traces in Python; jax: the backend-neutral layers and models are
+    # tested on Keras' JAX backend too (tests/test_backend_neutral.py).
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "jax>=0.4.34"]},
     py_modules=["main"],
     entry_points={"console_scripts": ["efficientnet-advprop=main:console_main"]},
     license="Apache-2.0",

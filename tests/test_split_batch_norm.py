@@ -6,10 +6,10 @@ import pytest
 import tensorflow as tf
 
 from efficientnet_advprop.layers import AUX, MAIN, SplitBatchNorm, bn_route
-from efficientnet_advprop.layers.split_batch_norm import (group_pick, group_scatter,
-                                                          is_auxiliary_variable,
+from efficientnet_advprop.layers.split_batch_norm import (is_auxiliary_variable,
                                                           official_sync_group_size,
                                                           sync_moving_statistics)
+from efficientnet_advprop.seam._tensorflow import group_pick, group_scatter
 
 
 def _data(n=8, c=3, shift=0.0, seed=0):

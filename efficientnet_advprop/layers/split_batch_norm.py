@@ -48,7 +48,9 @@ import numbers
 import threading
 
 import keras
-import tensorflow as tf
+from keras import ops
+
+from efficientnet_advprop import seam
 
 MAIN = 0
 AUX = 1
@@ -264,9 +266,9 @@ class SplitBatchNorm(keras.layers.Layer):
     def moving_variance(self):
         return self.moving_variances[MAIN]
 
-    def _sync_group_size(self, ctx):
-        """Replicas per synchronisation group in `ctx` (1: no cross-replica sync)."""
-        replicas = ctx.num_replicas_in_sync if ctx is not None else 1
+    def _sync_group_size(self, replicas):
+        """Replicas per synchronisation group among `replicas` (1: no cross-replica
+        sync)."""
         if not self.synchronized or replicas == 1:
             return 1
         group = self.sync_group_size or replicas
@@ -277,22 +279,22 @@ class SplitBatchNorm(keras.layers.Layer):
 
     def _moments(self, x):
         axes = list(range(len(x.shape) - 1))
-        ctx = tf.distribute.get_replica_context()
-        group = self._sync_group_size(ctx)
+        replicas, _ = seam.replica_position()
+        group = self._sync_group_size(replicas)
         if group > 1:
             # Equal per-replica batches: the mean of local E[x], E[x^2] over a group is
             # the group's; the variance follows as E[x^2] - E[x]^2 (as the official
             # TpuBatchNormalization).
             channels = x.shape[-1]
-            local = tf.concat([tf.reduce_mean(x, axis=axes),
-                               tf.reduce_mean(tf.square(x), axis=axes)], axis=0)
-            moments = grouped_replica_mean(ctx, local, group)
+            local = ops.concatenate([ops.mean(x, axis=axes),
+                                     ops.mean(ops.square(x), axis=axes)], axis=0)
+            moments = seam.grouped_replica_mean(local, group)
             mean, mean_sq = moments[:channels], moments[channels:]
-            return mean, tf.maximum(mean_sq - tf.square(mean), 0.0)
-        return tf.nn.moments(x, axes=axes)  # two-pass: no cancellation in float32
+            return mean, ops.maximum(mean_sq - ops.square(mean), 0.0)
+        return two_pass_moments(x, axes)
 
     def _normalize(self, x, index, mean, variance):
-        inv = tf.math.rsqrt(variance + self.epsilon)
+        inv = ops.rsqrt(variance + self.epsilon)
         if self.scale:
             inv = inv * self.gammas[index]
         offset = -mean * inv
@@ -329,7 +331,7 @@ class SplitBatchNorm(keras.layers.Layer):
         flag = route.use_moving_stats
         if isinstance(flag, bool) or flag is None:
             return True if flag else None
-        return tf.cast(flag, tf.float32)
+        return ops.cast(flag, "float32")
 
     def _apply_set(self, x, index, training, route, groups=1, update=True):
         self._check_set(index)
@@ -353,40 +355,40 @@ class SplitBatchNorm(keras.layers.Layer):
         if n is None or n % groups:
             raise ValueError(f"{self.name}: a segment of {n} images cannot be cut into "
                              f"{groups} equal ghost BN groups")
-        grouped = tf.reshape(x, [groups, n // groups] + list(x.shape[1:]))
+        grouped = ops.reshape(x, [groups, n // groups] + list(x.shape[1:]))
         axes = list(range(1, len(grouped.shape) - 1))
-        mean, variance = tf.nn.moments(grouped, axes=axes, keepdims=True)
+        mean, variance = two_pass_moments(grouped, axes, keepdims=True)
         if update:
             flat = [-1, x.shape[-1]]
-            self._update_moving(index, tf.reduce_mean(tf.reshape(mean, flat), 0),
-                                tf.reduce_mean(tf.reshape(variance, flat), 0), keep=flag)
+            self._update_moving(index, ops.mean(ops.reshape(mean, flat), 0),
+                                ops.mean(ops.reshape(variance, flat), 0), keep=flag)
         mean, variance = self._consistent(index, mean, variance, flag)
         out = self._normalize(grouped, index, mean, variance)
-        return tf.reshape(out, tf.shape(x))
+        return ops.reshape(out, ops.shape(x))
 
     def _apply_assignment(self, x, training, route):
         """Per-image routing: each image normalised by the set `assignment` names."""
-        assignment = tf.cast(route.assignment, tf.int32)
+        assignment = ops.cast(route.assignment, "int32")
         used = sorted(set(route.sets)) if route.sets != (MAIN,) else range(self.num_sets)
         flag = self._moving_flag(route) if training else True
         bshape = [-1] + [1] * (len(x.shape) - 1)
-        out = tf.zeros_like(x)
+        out = ops.zeros_like(x)
         for index in used:
             self._check_set(index)
-            mask = tf.reshape(tf.cast(tf.equal(assignment, index), tf.float32), bshape)
+            mask = ops.reshape(ops.cast(ops.equal(assignment, index), "float32"), bshape)
             moving = (self.moving_means[index], self.moving_variances[index])
             if flag is True:
                 mean, variance = moving
             else:
                 axes = list(range(len(x.shape) - 1))
                 per_image = float(math.prod(x.shape[1:-1]))
-                count = tf.reduce_sum(mask) * per_image
-                safe = tf.maximum(count, 1.0)
-                mean = tf.reduce_sum(x * mask, axis=axes) / safe
-                variance = tf.reduce_sum(tf.square(x - mean) * mask, axis=axes) / safe
-                empty = tf.cast(tf.equal(count, 0.0), tf.float32)
+                count = ops.sum(mask) * per_image
+                safe = ops.maximum(count, 1.0)
+                mean = ops.sum(x * mask, axis=axes) / safe
+                variance = ops.sum(ops.square(x - mean) * mask, axis=axes) / safe
+                empty = ops.cast(ops.equal(count, 0.0), "float32")
                 if all(route.update_stats):
-                    keep = empty if flag is None else tf.maximum(empty, flag)
+                    keep = empty if flag is None else ops.maximum(empty, flag)
                     self._update_moving(index, mean, variance, keep=keep)
                 mean, variance = self._consistent(index, mean, variance, flag)
             out += mask * self._normalize(x, index, mean, variance)
@@ -408,13 +410,13 @@ class SplitBatchNorm(keras.layers.Layer):
             return out
         other = self._normalize(x, second, self.moving_means[second],
                                 self.moving_variances[second])
-        weight = tf.cast(route.mix_weight, tf.float32)
+        weight = ops.cast(route.mix_weight, "float32")
         return out + weight * (other - out)
 
     def call(self, inputs, training=None, route=None):
         route = route if route is not None else current_route()
         training = bool(training)
-        x = tf.cast(inputs, tf.float32)
+        x = ops.cast(inputs, "float32")
         if route.mix is not None:
             out = self._apply_mix(x, training, route)
         elif route.assignment is not None:
@@ -423,13 +425,15 @@ class SplitBatchNorm(keras.layers.Layer):
             out = self._apply_set(x, route.sets[0], training, route, route.groups[0],
                                   route.update_stats[0])
         else:
-            sizes = list(route.sizes) if route.sizes is not None else len(route.sets)
-            parts = tf.split(x, sizes, axis=0)
-            out = tf.concat([
+            if route.sizes is not None:  # split points of the segments
+                parts = ops.split(x, [int(i) for i in _cumulative(route.sizes)], axis=0)
+            else:
+                parts = ops.split(x, len(route.sets), axis=0)
+            out = ops.concatenate([
                 self._apply_set(part, index, training, route, groups, update)
                 for part, index, groups, update in zip(parts, route.sets, route.groups,
                                                        route.update_stats)], axis=0)
-        return tf.cast(out, inputs.dtype)
+        return ops.cast(out, inputs.dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -450,6 +454,26 @@ class SplitBatchNorm(keras.layers.Layer):
         return config
 
 
+def two_pass_moments(x, axes, keepdims=False):
+    """Mean and (biased) variance over `axes`, the variance from the centred values
+    (no E[x^2] - E[x]^2 cancellation in float32), as tf.nn.moments computes them."""
+    mean = ops.mean(x, axis=axes, keepdims=True)
+    variance = ops.mean(ops.square(x - ops.stop_gradient(mean)), axis=axes,
+                        keepdims=True)
+    if not keepdims:
+        mean, variance = ops.squeeze(mean, axis=axes), ops.squeeze(variance, axis=axes)
+    return mean, variance
+
+
+def _cumulative(sizes):
+    """Split points of consecutive segments of `sizes` (all but the last end)."""
+    points, total = [], 0
+    for size in list(sizes)[:-1]:
+        total += int(size)
+        points.append(total)
+    return points
+
+
 def official_sync_group_size(num_replicas):
     """Replicas per cross-replica BN group in the official EfficientNet TPU code.
 
@@ -461,39 +485,6 @@ def official_sync_group_size(num_replicas):
     if num_replicas <= 8:
         return 1
     return max(8, num_replicas // 8)
-
-
-def group_scatter(values, replica_id, num_groups, group_size):
-    """[num_groups, N]: `values` [N] in the row of `replica_id`'s group, zeros elsewhere.
-
-    Summing these over all replicas gives every group's sum in its row.
-    """
-    group = tf.cast(replica_id, tf.int32) // group_size
-    onehot = tf.one_hot(group, num_groups, dtype=values.dtype)
-    return onehot[:, None] * values[None, :]
-
-
-def group_pick(summed, replica_id, group_size):
-    """The mean of `replica_id`'s group from the all-reduced `group_scatter` rows."""
-    group = tf.cast(replica_id, tf.int32) // group_size
-    return tf.gather(summed, group) / float(group_size)
-
-
-def grouped_replica_mean(ctx, values, group_size):
-    """Mean of `values` [N] over the `group_size` consecutive replicas (by replica id)
-    that include this one; `ctx` is the replica context.
-
-    One all-reduce (SUM) of a [replicas / group_size, N] tensor in which each replica
-    fills its group's row: it works under every tf.distribute strategy, moves
-    replicas / group_size times the data of a global all-reduce (an all-gather of the
-    per-replica values would move `replicas` times), and its gradient is again an
-    all-reduce. With one group it is the plain all-reduce mean.
-    """
-    replicas = ctx.num_replicas_in_sync
-    scattered = group_scatter(values, ctx.replica_id_in_sync_group,
-                              replicas // group_size, group_size)
-    summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, scattered)
-    return group_pick(summed, ctx.replica_id_in_sync_group, group_size)
 
 
 def bn_sets_of_variables(model):

@@ -6,16 +6,9 @@ unchanged. At inference (or with ``survival_prob == 1``) the layer is the identi
 """
 
 import keras
-import tensorflow as tf
 from keras import ops
 
-
-def _replica_position():
-    """(replicas in sync, this replica's id) of the current tf.distribute context."""
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None or ctx.num_replicas_in_sync <= 1:
-        return 1, 0
-    return ctx.num_replicas_in_sync, ctx.replica_id_in_sync_group
+from efficientnet_advprop import seam
 
 
 @keras.saving.register_keras_serializable(package="efficientnet_advprop")
@@ -45,7 +38,7 @@ class StochasticDepth(keras.layers.Layer):
         noise_shape = (batch,) + (1,) * (len(inputs.shape) - 1)
         # Official: floor(survival_prob + U[0, 1)) is 1 with probability survival_prob.
         # The mask is drawn in float32 so low-precision dtypes do not bias it.
-        replicas, replica_id = _replica_position()
+        replicas, replica_id = seam.replica_position()
         if replicas > 1:
             # Under tf.distribute every replica holds the same seed state (Keras'
             # Dropout then drops the same samples on every replica); draw one block of
