@@ -5,7 +5,7 @@
     python scripts/reproduce_claims.py --tier=cpu --runs=vanilla_nf26 --seeds=0  # a control
     python scripts/reproduce_claims.py --tier=gpu            # one GPU, 3 seeds
     python scripts/reproduce_claims.py --tier=smoke          # a few steps of each run
-    python scripts/reproduce_claims.py --report_only         # tables and plots only
+    python scripts/reproduce_claims.py --report_only         # tables, plots, README table
 
 Each (run, seed) without a result file in --results_dir/<tier>/<run>/seed<k>.json is
 trained (resuming from --work_dir when it was interrupted) and evaluated in a fresh
@@ -41,7 +41,7 @@ flags.DEFINE_string("data_dir", os.path.join(REPO, "runs", "claims-data"),
 flags.DEFINE_string("source", os.path.join(os.path.dirname(REPO), "shared", "data",
                                            "cifar10-train-jpeg.tar.gz"),
                     "The CIFAR-10 training JPEGs (tar.gz).")
-flags.DEFINE_bool("report_only", False, "Only rewrite the report.")
+flags.DEFINE_bool("report_only", False, "Only rewrite the report (and the README's claims tables).")
 flags.DEFINE_bool("isolate", None, "Each run in a fresh process (default: on the cpu tier, "
                   "whose runs take long enough that a clean process is worth its start).")
 flags.DEFINE_string("only", None, "run:seed -- train and evaluate just this one here "
@@ -102,6 +102,9 @@ def main(argv):
             fail(f"--seeds={','.join(FLAGS.seeds)}: expected integers")
     if FLAGS.report_only:
         print(report.write_report(FLAGS.results_dir, header=REPORT_HEADER))
+        if os.path.abspath(FLAGS.results_dir) == os.path.join(REPO, "results", "claims"):
+            report.update_readme(os.path.join(REPO, "README.md"),
+                                 report.readme_block(FLAGS.results_dir))
         return
     data_dir = None
     if tier.data == "split":

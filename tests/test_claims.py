@@ -235,3 +235,14 @@ def test_cost_ratio_compares_runs_on_the_same_processor_only():
     assert report.cost_ratio(runs, "fast_advprop", "vanilla") is None  # not comparable
     runs["vanilla"].append(rec(50, "AMD EPYC"))
     assert report.cost_ratio(runs, "fast_advprop", "vanilla") == pytest.approx(1.2)
+
+
+def test_readme_block_replaces_only_what_stands_between_the_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- CLAIMS_START -->\nold table\n<!-- CLAIMS_END -->\nrest\n")
+    report.update_readme(str(readme), "new table")
+    assert readme.read_text() == ("intro\n<!-- CLAIMS_START -->\nnew table\n"
+                                  "<!-- CLAIMS_END -->\nrest\n")
+    (tmp_path / "nomarkers.md").write_text("no markers")
+    with pytest.raises(ValueError, match="no <!-- CLAIMS_START -->"):
+        report.update_readme(str(tmp_path / "nomarkers.md"), "x")

@@ -334,6 +334,33 @@ def plot_frontier(runs, path):
     plt.close(fig)
 
 
+README_START, README_END = "<!-- CLAIMS_START -->", "<!-- CLAIMS_END -->"
+
+
+def readme_block(results_dir, tiers=("cpu", "gpu")):
+    """The claims and runs tables of each tier that has results, for the top-level
+    README (between README_START and README_END)."""
+    parts = []
+    for tier in tiers:
+        runs = load_results(results_dir, tier)
+        if runs:
+            parts += [f"Tier `{tier}` (generated from `results/claims/{tier}/`):", "",
+                      claims_table(verdicts(runs)), "", runs_table(runs), ""]
+    return "\n".join(parts).strip()
+
+
+def update_readme(path, block):
+    """Replaces what stands between the README's claims markers with `block`."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{path}: no {README_START} ... {README_END} markers")
+    text = (text[:start + len(README_START)] + "\n" + block + "\n" + text[end:])
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def write_report(results_dir, tiers=("cpu", "gpu", "smoke"), out_name="README.md",
                  header=""):
     """Writes results_dir/README.md (and each tier's plots); returns its text."""
