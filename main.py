@@ -163,7 +163,9 @@ flags.DEFINE_integer("attack_iterations", None, "Attack steps (default eps + 1; 
 flags.DEFINE_float("attack_step_size", 1.0, "Attack step in 0..255 units.")
 flags.DEFINE_enum("attack_bn_mode", "inference", ["inference", "batch"],
                   "BN statistics used while attacking (moving stats never update).")
-flags.DEFINE_bool("targeted_attack", False, "Attack towards a random wrong class.")
+flags.DEFINE_bool("targeted_attack", False, "Attack towards a random wrong class "
+                  "(unset: the recipe's; advprop, fine_grained_advprop and sat are "
+                  "targeted, --notargeted_attack turns it off).")
 flags.DEFINE_float("clean_start_prob", 0.0, "Per-image probability that PGD starts at "
                    "the clean image (mbn_at: 0.2, Xie & Yuille; others 0).")
 flags.DEFINE_float("eval_epsilon", None, "Evaluation PGD radius (default: --epsilon).")
