@@ -81,15 +81,13 @@ def fast_advprop_group_size(batch_size, adv_fraction=0.2, preferred=16):
 
 
 def drawn_batch_size(recipe_name, batch_size):
-    """Images drawn per step for `batch_size` clean ones: Fast AdvProp draws
-    batch / (1 - p_adv) (160 for 128, the reference's 320 for 256), as the claims suite
-    does; every other recipe draws the batch. Throughputs count drawn images."""
-    if recipe_name != "fast_advprop":
-        return batch_size
+    """Images drawn per step for `batch_size` clean ones (`Recipe.drawn_batch`, as the
+    claims suite): Fast AdvProp draws batch / (1 - p_adv), 160 for 128 and the
+    reference's 320 for 256; every other recipe draws the batch. Throughputs count
+    drawn images."""
     from efficientnet_advprop.recipes import RECIPES
 
-    p_adv = RECIPES["fast_advprop"].from_options(2).adv_fraction
-    return int(round(batch_size / (1.0 - p_adv)))
+    return RECIPES[recipe_name].from_options(2).drawn_batch(batch_size)
 
 
 def make_benchmark_recipe(name, num_classes, batch_size):

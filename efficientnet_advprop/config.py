@@ -22,6 +22,7 @@ import json
 import math
 
 from efficientnet_advprop.attacks.pgd import ATTACKERS, AttackConfig
+from efficientnet_advprop.models.nf_resnet import NUM_STAGE_GAINS
 from efficientnet_advprop.models.registry import (default_image_size, is_normalizer_free,
                                                   model_names)
 from efficientnet_advprop.recipes import RECIPES
@@ -142,9 +143,10 @@ class ModelConfig:
                 gains = tuple(float(g) for g in self.nf_stage_gains)
             except (TypeError, ValueError):
                 gains = ()
-            if len(gains) != 5 or min(gains) <= 0:
+            if len(gains) != NUM_STAGE_GAINS or min(gains) <= 0:
                 raise ConfigError("nf_stage_gains", self.nf_stage_gains,
-                                  "expected 5 positive numbers (stem, stages 1-4)")
+                                  f"expected {NUM_STAGE_GAINS} positive numbers (stem, "
+                                  "stages 1-4)")
             if not self.normalizer_free:
                 raise ConfigError("nf_stage_gains", self.nf_stage_gains,
                                   f"applies to NF-ResNets, not {self.model_name}")

@@ -214,17 +214,11 @@ RUNS_BY_NAME = {r.name: r for r in RUNS + DIAGNOSTICS}
 
 
 def drawn_batch(recipe_name, clean_batch):
-    """The smallest batch from which the recipe (with its paper's options) trains on
-    `clean_batch` clean images: the batch itself, except for a recipe that counts only
-    part of its drawn images as clean (`Recipe.lr_batch_size`; Fast AdvProp draws
-    B / (1 - p_adv))."""
+    """The batch the recipe (with its paper's options) draws to train on `clean_batch`
+    clean images (`Recipe.drawn_batch`)."""
     from efficientnet_advprop.recipes import RECIPES
 
-    recipe = RECIPES[recipe_name].from_options(10)
-    batch = clean_batch
-    while recipe.lr_batch_size(batch) < clean_batch:
-        batch += 1
-    return batch
+    return RECIPES[recipe_name].from_options(10).drawn_batch(clean_batch)
 
 
 def tier_overrides(tier, run, seed, data_dir, model_dir):

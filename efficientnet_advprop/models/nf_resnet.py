@@ -39,10 +39,11 @@ activation gain into the weights of *every* scaled-WS convolution, the stem's in
 pass). After the last stage: scaled activation, global average pooling, dropout and
 the float32 ``predictions`` Dense (logits).
 
-Layer names: ``stem_conv``, ``stem_gain``, ``stem_pool``, ``stage{s}_block{b}_{preact, conv1, act1,
+Layer names: ``stem_conv``, ``stem_gain``, ``stem_pool``, ``stem_data_gain`` (only
+with ``stage_gains``), ``stage{s}_block{b}_{preact, conv1, act1,
 conv2, act2, conv3, drop, alpha, shortcut_pool, shortcut_pool_gain (only with
 ``compensate_avgpool_var``), shortcut_conv, out}`` with s, b from 1,
-``final_activation``, ``avg_pool``, ``top_dropout``, ``predictions``.
+``stage{s}_block1_data_gain`` (only with ``stage_gains``), ``final_activation``, ``avg_pool``, ``top_dropout``, ``predictions``.
 """
 
 import math

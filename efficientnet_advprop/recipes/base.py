@@ -326,6 +326,15 @@ class Recipe:
         """Images the linear learning-rate scaling counts (default: all drawn)."""
         return global_batch
 
+    def drawn_batch(self, clean_batch):
+        """The smallest batch to draw for `clean_batch` clean images: the batch itself,
+        except for a recipe that counts only part of its drawn images as clean
+        (`lr_batch_size`; Fast AdvProp draws B / (1 - p_adv))."""
+        batch = int(clean_batch)
+        while self.lr_batch_size(batch) < clean_batch:
+            batch += 1
+        return batch
+
     def bn_batches(self, local_batch, num_replicas=1):
         """{what: images} of every batch a BN layer normalises together in one step
         of a replica's `local_batch` (the smallest must reach the config's
