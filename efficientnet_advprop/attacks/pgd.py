@@ -25,12 +25,16 @@ Options used by the follow-up papers:
   loss_fn            any per-sample objective to ascend (TRADES ascends a KL term).
 
 Randomness is stateless: the same seed gives the same perturbation on every run and
-device. Perturbations, losses and gradients are computed in float32.
+device of one backend (the TensorFlow and JAX engines draw different numbers from the
+same seed, `efficientnet_advprop.seam`). Perturbations, losses and gradients are
+computed in float32, in keras.ops: the same code runs on both engines.
 """
 
 import dataclasses
 
-import tensorflow as tf
+from keras import ops
+
+from efficientnet_advprop import seam
 
 ATTACKERS = ("pgd", "ifgsm", "gd", "fgsm")
 PIXEL_MIN = 0.0
@@ -110,22 +114,26 @@ class AttackConfig:
 
 def random_targets(labels, num_classes, seed):
     """Uniform random classes, never equal to `labels`."""
-    labels = tf.cast(labels, tf.int32)
-    offsets = tf.random.stateless_uniform(tf.shape(labels), seed=seed, minval=1,
-                                          maxval=num_classes, dtype=tf.int32)
+    labels = ops.cast(labels, "int32")
+    offsets = seam.uniform(ops.shape(labels), seed, 1, num_classes, dtype="int32")
     return (labels + offsets) % num_classes
 
 
 def _cross_entropy(logits, labels):
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    return ops.sparse_categorical_crossentropy(labels, logits, from_logits=True)
 
 
 def _loss_gradient(logits_fn, x, labels, loss_fn):
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        logits = tf.cast(logits_fn(x), tf.float32)
-        loss = tf.reduce_sum(loss_fn(logits, labels))
-    return tape.gradient(loss, x), logits
+    def objective(x):
+        logits = ops.cast(logits_fn(x), "float32")
+        return ops.sum(loss_fn(logits, labels)), logits
+
+    return seam.input_gradient(objective, x)
+
+
+def _per_image(values, like):
+    """[B] -> [B, 1, 1, ...] broadcastable against `like`."""
+    return ops.reshape(values, (-1,) + (1,) * (len(like.shape) - 1))
 
 
 def linf_attack(logits_fn, images, labels, *, epsilon, step_size, num_iter,
@@ -142,7 +150,7 @@ def linf_attack(logits_fn, images, labels, *, epsilon, step_size, num_iter,
       random_start: start uniformly inside the eps-ball (needs `seed`).
       project: project onto the eps-ball after each step (False = GD variant).
       targets: int [B] target classes for a targeted attack, or None (untargeted).
-      seed: int32/int64 tensor of shape [2] for the random start.
+      seed: a [2] seed (`seam.make_seed`) for the random start.
       clean_start_prob: with a random start, the per-image probability of starting
         from the clean image instead.
       early_stop_tau: None, or FAT's early stop: an image takes at most tau more steps
@@ -155,52 +163,48 @@ def linf_attack(logits_fn, images, labels, *, epsilon, step_size, num_iter,
     Returns:
       float32 adversarial images with no gradient attached.
     """
-    x0 = tf.stop_gradient(tf.cast(images, tf.float32))
-    labels = tf.cast(labels, tf.int32)
-    eps = tf.constant(float(epsilon), tf.float32)
-    step = tf.constant(float(step_size), tf.float32)
+    x0 = ops.stop_gradient(ops.cast(images, "float32"))
+    labels = ops.cast(labels, "int32")
+    eps = float(epsilon)
+    step = float(step_size)
     if loss_fn is not None:
         objective_labels = labels
     elif targets is not None:
-        objective_labels = tf.cast(targets, tf.int32)
+        objective_labels = ops.cast(targets, "int32")
         loss_fn = lambda logits, y: -_cross_entropy(logits, y)  # noqa: E731
     else:
         objective_labels, loss_fn = labels, _cross_entropy
     if x_init is not None:
-        x = tf.clip_by_value(tf.cast(x_init, tf.float32), x0 - eps, x0 + eps)
-        x = tf.stop_gradient(tf.clip_by_value(x, PIXEL_MIN, PIXEL_MAX))
+        x = ops.clip(ops.cast(x_init, "float32"), x0 - eps, x0 + eps)
+        x = ops.stop_gradient(ops.clip(x, PIXEL_MIN, PIXEL_MAX))
     elif random_start:
         if seed is None:
             raise ValueError("a random start needs a seed")
-        seed = tf.cast(seed, tf.int64)
-        noise = tf.random.stateless_uniform(tf.shape(x0), seed=seed, minval=-eps,
-                                            maxval=eps, dtype=tf.float32)
+        noise = seam.uniform(ops.shape(x0), seed, -eps, eps)
         if clean_start_prob > 0:
-            coin = tf.random.stateless_uniform(
-                tf.shape(x0)[:1], seed=tf.random.experimental.stateless_fold_in(seed, 1))
-            keep = tf.cast(coin >= clean_start_prob, tf.float32)
-            noise = noise * tf.reshape(keep, [-1] + [1] * (len(x0.shape) - 1))
-        x = tf.clip_by_value(x0 + noise, PIXEL_MIN, PIXEL_MAX)
+            coin = seam.uniform(ops.shape(x0)[:1], seam.fold_in(seed, 1))
+            keep = ops.cast(coin >= clean_start_prob, "float32")
+            noise = noise * _per_image(keep, x0)
+        x = ops.clip(x0 + noise, PIXEL_MIN, PIXEL_MAX)
     else:
         x = x0
     budget = None
     if early_stop_tau is not None:
-        budget = tf.fill(tf.shape(labels), tf.cast(early_stop_tau, tf.int32))
+        budget = ops.full(ops.shape(labels), int(early_stop_tau), dtype="int32")
     for _ in range(int(num_iter)):
         grad, logits = _loss_gradient(logits_fn, x, objective_labels, loss_fn)
-        move = step * tf.sign(grad)
+        move = step * ops.sign(grad)
         if budget is not None:
-            wrong = tf.not_equal(tf.argmax(logits, -1, output_type=tf.int32), labels)
+            wrong = ops.not_equal(ops.cast(ops.argmax(logits, -1), "int32"), labels)
             active = budget >= 0  # still allowed to move at this step
-            budget = budget - tf.cast(wrong, tf.int32) * tf.cast(active, tf.int32)
-            still = tf.logical_and(active, tf.logical_or(tf.logical_not(wrong),
-                                                         budget >= 0))
-            move = move * tf.reshape(tf.cast(still, tf.float32),
-                                     [-1] + [1] * (len(x0.shape) - 1))
+            budget = budget - ops.cast(wrong, "int32") * ops.cast(active, "int32")
+            still = ops.logical_and(active, ops.logical_or(ops.logical_not(wrong),
+                                                           budget >= 0))
+            move = move * _per_image(ops.cast(still, "float32"), x0)
         x = x + move
         if project:
-            x = tf.clip_by_value(x, x0 - eps, x0 + eps)
-        x = tf.stop_gradient(tf.clip_by_value(x, PIXEL_MIN, PIXEL_MAX))
+            x = ops.clip(x, x0 - eps, x0 + eps)
+        x = ops.stop_gradient(ops.clip(x, PIXEL_MIN, PIXEL_MAX))
     return x
 
 
@@ -208,13 +212,12 @@ def attack(logits_fn, images, labels, config, *, num_classes=None, seed=None,
            loss_fn=None):
     """Runs the attack an `AttackConfig` describes; see `linf_attack`.
 
-    `seed` is a shape-[2] integer tensor; the random start and the random target use
-    independent streams folded from it.
+    `seed` is a [2] seed (`seam.make_seed`); the random start and the random target
+    use independent streams folded from it.
     """
     if seed is not None:
-        seed = tf.cast(seed, tf.int64)
-        start_seed = tf.random.experimental.stateless_fold_in(seed, 0)
-        target_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+        start_seed = seam.fold_in(seed, 0)
+        target_seed = seam.fold_in(seed, 1)
     else:
         start_seed = target_seed = None
     targets = None

@@ -25,7 +25,7 @@ statistics); no AdvProp training code was released, so this is a setting
 it.
 """
 
-import tensorflow as tf
+from keras import ops
 
 from efficientnet_advprop.attacks import AttackConfig, attack_model
 from efficientnet_advprop.layers.split_batch_norm import AUX, MAIN, bn_route
@@ -84,12 +84,12 @@ class AdvProp(Recipe):
     def compute(self, model, images, labels, ctx):
         adv = attack_model(model, images, labels, self.attack, bn_set=AUX,
                            num_classes=self.num_classes, seed=as_context(ctx).seed)
-        batch = tf.shape(images)[0]
-        joint = tf.concat([tf.cast(images, adv.dtype), adv], axis=0)
+        batch = ops.shape(images)[0]
+        joint = ops.concatenate([ops.cast(images, adv.dtype), adv], axis=0)
         with bn_route([MAIN, AUX]):
             logits = model(joint, training=True)
         clean_loss, adv_loss, metrics = self.joint_losses(labels, logits, batch)
-        return RecipeOutput(loss_sum=tf.reduce_sum(clean_loss) + tf.reduce_sum(adv_loss),
+        return RecipeOutput(loss_sum=ops.sum(clean_loss) + ops.sum(adv_loss),
                             metrics=metrics)
 
     def passes_per_image(self):

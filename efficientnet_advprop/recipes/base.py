@@ -15,14 +15,19 @@ Conventions:
   on the number of replicas.
 - Metrics are (sum, count) pairs that the loop sums over replicas before dividing.
 - Randomness comes from `ctx.seed` (different on every replica) or `ctx.shared_seed`
-  (equal on every replica, for decisions the replicas must agree on).
+  (equal on every replica, for decisions the replicas must agree on), drawn through
+  the seam's stateless random ops.
+- Backend-neutral: recipes compute in `keras.ops` and differentiate through
+  `seam.value_and_grad`, so the same file trains on the TensorFlow and the JAX
+  engine. A recipe never imports TensorFlow or JAX.
 """
 
 import dataclasses
 import inspect
 
-import tensorflow as tf
+from keras import ops
 
+from efficientnet_advprop import seam
 from efficientnet_advprop.layers.split_batch_norm import MAIN
 
 SHARED = "shared"  # key of sample_weights for every parameter outside a BN set
@@ -33,9 +38,9 @@ class StepContext:
     """What a replica knows about the current step besides its batch.
 
     Attributes:
-      seed: int64 [2], different on every replica and step.
-      shared_seed: int64 [2], the same on every replica (different per step).
-      step: int64 scalar, the global step being computed (0-based).
+      seed: a [2] seed (`seam.make_seed`), different on every replica and step.
+      shared_seed: a [2] seed, the same on every replica (different per step).
+      step: integer scalar, the global step being computed (0-based).
       num_replicas: replicas in sync (a Python int).
       compile: fn -> fn; wraps the pieces a recipe wants XLA-compiled when the loop
         runs with jit_compile but cannot compile the whole step (identity otherwise).
@@ -51,11 +56,11 @@ class StepContext:
         `source_tags=` and stores it in `extras`.
     """
 
-    seed: tf.Tensor
-    shared_seed: tf.Tensor = None
-    step: tf.Tensor = None
+    seed: object
+    shared_seed: object = None
+    step: object = None
     num_replicas: int = 1
-    source_tags: dataclasses.InitVar[tf.Tensor] = None
+    source_tags: dataclasses.InitVar[object] = None
     compile: object = None
     extras: dict = None
 
@@ -63,7 +68,7 @@ class StepContext:
         if self.shared_seed is None:
             self.shared_seed = self.seed
         if self.step is None:
-            self.step = tf.constant(0, tf.int64)
+            self.step = ops.convert_to_tensor(0, "int32")
         if self.compile is None:
             self.compile = lambda fn: fn
         self.extras = dict(self.extras or {})
@@ -76,7 +81,7 @@ class StepContext:
     def fold(self, tag, shared=False):
         """A seed for one random decision of this step, independent of other tags."""
         base = self.shared_seed if shared else self.seed
-        return tf.random.experimental.stateless_fold_in(tf.cast(base, tf.int64), tag)
+        return seam.fold_in(base, tag)
 
 
 # Defined after the dataclass so that the constructor keeps its `source_tags=None`
@@ -100,7 +105,7 @@ class RecipeOutput:
       {SHARED: n, set_index: n_k, ...}: local weighted sample counts per parameter group.
     """
 
-    loss_sum: tf.Tensor
+    loss_sum: object
     metrics: dict
     sample_weights: dict = None
 
@@ -110,7 +115,7 @@ class RecipeGradients:
     """Gradients of a replica's loss *sum* (aligned with the variables asked for)."""
 
     grads: list
-    loss_sum: tf.Tensor
+    loss_sum: object
     metrics: dict
     sample_weights: dict = None
 
@@ -187,43 +192,51 @@ def cross_entropy(labels, logits, num_classes, label_smoothing=0.0):
 
     `labels` are int class ids [B] or soft targets [B, num_classes] (Mixup/CutMix).
     Smoothed target = target * (1 - s) + s / num_classes (tf.compat.v1.losses
-    .softmax_cross_entropy semantics), computed in float32.
+    .softmax_cross_entropy semantics), computed in float32 (on TensorFlow by
+    tf.nn.softmax_cross_entropy_with_logits, through keras.ops).
     """
     target = soft_targets(labels, num_classes)
     if label_smoothing:
         target = target * (1.0 - label_smoothing) + label_smoothing / num_classes
-    return tf.nn.softmax_cross_entropy_with_logits(labels=target,
-                                                   logits=tf.cast(logits, tf.float32))
+    return ops.categorical_crossentropy(target, ops.cast(logits, "float32"),
+                                        from_logits=True)
+
+
+def sparse_cross_entropy(labels, logits):
+    """Per-sample cross-entropy of int class ids, float32, no smoothing."""
+    return ops.sparse_categorical_crossentropy(ops.cast(labels, "int32"),
+                                               ops.cast(logits, "float32"),
+                                               from_logits=True)
 
 
 def soft_targets(labels, num_classes):
     if len(labels.shape) == 2:
-        return tf.cast(labels, tf.float32)
-    return tf.one_hot(tf.cast(labels, tf.int32), num_classes, dtype=tf.float32)
+        return ops.cast(labels, "float32")
+    return ops.one_hot(ops.cast(labels, "int32"), num_classes, dtype="float32")
 
 
 def hard_labels(labels):
     """Class ids from int labels or soft targets (the largest share)."""
     if len(labels.shape) == 2:
-        return tf.argmax(labels, axis=-1, output_type=tf.int32)
-    return tf.cast(labels, tf.int32)
+        return ops.cast(ops.argmax(labels, axis=-1), "int32")
+    return ops.cast(labels, "int32")
 
 
 def kl_divergence(p_logits, q_logits):
     """Per-sample KL(softmax(p) || softmax(q)), summed over classes, in float32."""
-    p_log = tf.nn.log_softmax(tf.cast(p_logits, tf.float32))
-    q_log = tf.nn.log_softmax(tf.cast(q_logits, tf.float32))
-    return tf.reduce_sum(tf.exp(p_log) * (p_log - q_log), axis=-1)
+    p_log = ops.log_softmax(ops.cast(p_logits, "float32"))
+    q_log = ops.log_softmax(ops.cast(q_logits, "float32"))
+    return ops.sum(ops.exp(p_log) * (p_log - q_log), axis=-1)
 
 
 def count_correct(labels, logits):
-    predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    return tf.reduce_sum(tf.cast(tf.equal(predictions, hard_labels(labels)), tf.float32))
+    predictions = ops.cast(ops.argmax(logits, axis=-1), "int32")
+    return ops.sum(ops.cast(ops.equal(predictions, hard_labels(labels)), "float32"))
 
 
 def batch_metrics(prefix, labels, logits, per_sample_loss):
-    count = tf.cast(tf.shape(logits)[0], tf.float32)
-    return {f"loss/{prefix}": (tf.reduce_sum(per_sample_loss), count),
+    count = ops.cast(ops.shape(logits)[0], "float32")
+    return {f"loss/{prefix}": (ops.sum(per_sample_loss), count),
             f"accuracy/{prefix}": (count_correct(labels, logits), count)}
 
 
@@ -308,10 +321,12 @@ class Recipe:
 
     def gradients(self, model, variables, images, labels, ctx):
         """-> RecipeGradients of the loss sum with respect to `variables`."""
-        with tf.GradientTape() as tape:
+        def loss():
             out = self.compute(model, images, labels, ctx)
-        grads = tape.gradient(out.loss_sum, variables)
-        return RecipeGradients(list(grads), out.loss_sum, out.metrics, out.sample_weights)
+            return out.loss_sum, (out.metrics, out.sample_weights)
+
+        loss_sum, (metrics, weights), grads, _ = seam.value_and_grad(loss, variables)
+        return RecipeGradients(list(grads), loss_sum, metrics, weights)
 
     def passes_per_image(self):
         """Forward+backward passes per image drawn, the cost model of Fast AdvProp."""

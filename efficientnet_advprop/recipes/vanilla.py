@@ -1,7 +1,7 @@
 """Vanilla training: clean images through the main BN, cross-entropy (optionally on
 Mixup/CutMix batches, the augmentations Fast AdvProp combines with)."""
 
-import tensorflow as tf
+from keras import ops
 
 from efficientnet_advprop.layers.split_batch_norm import MAIN, bn_route
 from efficientnet_advprop.recipes.base import (Option, Recipe, RecipeOutput, as_context,
@@ -35,5 +35,5 @@ class Vanilla(Recipe):
         with bn_route(MAIN):
             logits = model(images, training=True)
         per_sample = self.loss(labels, logits)
-        return RecipeOutput(loss_sum=tf.reduce_sum(per_sample),
+        return RecipeOutput(loss_sum=ops.sum(per_sample),
                             metrics=batch_metrics("clean", labels, logits, per_sample))

@@ -1,15 +1,34 @@
 """The backend seam: the few operations that differ between the TensorFlow and the JAX
-engines, behind one interface. Everything else in layers/ and models/ is written in
-`keras.ops` / `keras.random` and runs on either backend.
+engines, behind one interface. Everything else in layers/, models/, attacks/, recipes/
+and the training arithmetic is written in `keras.ops` and runs on either backend;
+nothing outside this package branches on the backend.
 
-So far (the layers):
+Replicas:
   replica_position() -> (replicas in sync, this replica's id) of the step being traced:
     under a tf.distribute strategy its replica context; on JAX always (1, 0), since a
     jitted step there sees *global* arrays (keras.distribution shards them; XLA adds
     the collectives), so batch statistics over an array are already over all devices.
   grouped_replica_mean(values, group_size) -> the mean of `values` [N] over the
-    `group_size` consecutive replicas that include this one (TensorFlow only: on JAX
-    there is one replica, and it returns `values`).
+    `group_size` consecutive replicas that include this one (one replica on JAX).
+  all_gather(x) -> x of every replica concatenated along axis 0 (JAX: x).
+  replica_sum(values) -> a list of tensors summed over replicas (JAX: unchanged).
+
+Gradients (the one thing Keras 3 leaves to each backend):
+  value_and_grad(fn, variables, inputs=()) -> (value, aux, variable_grads, input_grads)
+    of `value, aux = fn(*inputs)`, where `fn` may call Keras models statefully
+    (`model(x, training=True)`): on TensorFlow under a GradientTape; on JAX with
+    `jax.value_and_grad` over the variables' values inside a `keras.StatelessScope`,
+    whose updates (BN moving statistics, seed generators) are handed on to the
+    enclosing scope, or assigned to the variables when there is none.
+  input_gradient(fn, x) -> (grad, aux) of `value, aux = fn(x)` with respect to `x`.
+
+Random numbers (stateless, keyed by a [2]-integer seed tensor: int64 on TensorFlow, as
+tf.random's stateless ops take it, so the TF engine's streams are what they always
+were; uint32 on JAX, a raw threefry key). The two backends draw different numbers
+from the same seed:
+  make_seed(a, b), fold_in(seed, tag), uniform(shape, seed, minval, maxval, dtype)
+  (an integer dtype draws integers in [minval, maxval)), normal(shape, seed),
+  gamma(shape, seed, alpha), shuffle(x, seed) (a permutation of axis 0).
 
 The implementation is chosen by `keras.backend.backend()` when first used; importing
 this module imports neither TensorFlow nor JAX.
@@ -34,9 +53,60 @@ def _impl():
     return _IMPL[name]
 
 
+def backend():
+    """'tensorflow' or 'jax' (raises for any other Keras backend)."""
+    _impl()
+    return keras.backend.backend()
+
+
+# ------------------------------------------------------------------------- replicas
 def replica_position():
     return _impl().replica_position()
 
 
 def grouped_replica_mean(values, group_size):
     return _impl().grouped_replica_mean(values, group_size)
+
+
+def all_gather(x):
+    return _impl().all_gather(x)
+
+
+def replica_sum(values):
+    return _impl().replica_sum(values)
+
+
+# ------------------------------------------------------------------------ gradients
+def value_and_grad(fn, variables, inputs=()):
+    return _impl().value_and_grad(fn, list(variables), tuple(inputs))
+
+
+def input_gradient(fn, x):
+    value, aux, _, (grad,) = value_and_grad(fn, [], (x,))
+    del value
+    return grad, aux
+
+
+# --------------------------------------------------------------------------- random
+def make_seed(a, b=0):
+    return _impl().make_seed(a, b)
+
+
+def fold_in(seed, tag):
+    return _impl().fold_in(seed, tag)
+
+
+def uniform(shape, seed, minval=0.0, maxval=1.0, dtype="float32"):
+    return _impl().uniform(shape, seed, minval, maxval, dtype)
+
+
+def normal(shape, seed, dtype="float32"):
+    return _impl().normal(shape, seed, dtype)
+
+
+def gamma(shape, seed, alpha, dtype="float32"):
+    return _impl().gamma(shape, seed, alpha, dtype)
+
+
+def shuffle(x, seed):
+    return _impl().shuffle(x, seed)

@@ -1,4 +1,5 @@
-"""The TensorFlow side of the seam: tf.distribute's replica context."""
+"""The TensorFlow side of the seam: tf.distribute's replica context, GradientTape and
+tf.random's stateless ops (int64 seeds)."""
 
 import tensorflow as tf
 
@@ -42,3 +43,56 @@ def grouped_replica_mean(values, group_size):
                               replicas // group_size, group_size)
     summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, scattered)
     return group_pick(summed, ctx.replica_id_in_sync_group, group_size)
+
+
+def all_gather(x):
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync <= 1:
+        return x
+    return ctx.all_gather(x, axis=0)
+
+
+def replica_sum(values):
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync <= 1:
+        return values
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)
+
+
+def value_and_grad(fn, variables, inputs):
+    with tf.GradientTape() as tape:
+        for x in inputs:
+            tape.watch(x)
+        value, aux = fn(*inputs)
+    grads = tape.gradient(value, list(variables) + list(inputs))
+    return value, aux, list(grads[:len(variables)]), list(grads[len(variables):])
+
+
+def make_seed(a, b):
+    return tf.stack([tf.cast(a, tf.int64), tf.cast(b, tf.int64)])
+
+
+def fold_in(seed, tag):
+    return tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), tag)
+
+
+def uniform(shape, seed, minval, maxval, dtype):
+    dtype = tf.as_dtype(dtype)
+    if dtype.is_integer:
+        return tf.random.stateless_uniform(shape, seed=tf.cast(seed, tf.int64),
+                                           minval=minval, maxval=maxval, dtype=dtype)
+    return tf.random.stateless_uniform(shape, seed=tf.cast(seed, tf.int64), minval=minval,
+                                       maxval=maxval, dtype=dtype)
+
+
+def normal(shape, seed, dtype):
+    return tf.random.stateless_normal(shape, seed=tf.cast(seed, tf.int64), dtype=dtype)
+
+
+def gamma(shape, seed, alpha, dtype):
+    return tf.random.stateless_gamma(shape, seed=tf.cast(seed, tf.int64), alpha=alpha,
+                                     dtype=dtype)
+
+
+def shuffle(x, seed):
+    return tf.random.experimental.stateless_shuffle(x, seed=tf.cast(seed, tf.int64))
