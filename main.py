@@ -320,8 +320,9 @@ def flag_message(error):
 
 def resolve_config():
     """The ExperimentConfig of the flags (and of the run saved in --model_dir)."""
-    from efficientnet_advprop import data
     from efficientnet_advprop.config import ConfigError, load_saved_config, resolve, reuse_saved
+
+    data = _data_module()
 
     overrides = setting_overrides()
     try:
@@ -364,13 +365,39 @@ def resolve_config():
     return config, info
 
 
-def run():
-    from efficientnet_advprop import experiment
-    from efficientnet_advprop.config import ConfigError
-    from efficientnet_advprop.training import determinism_requested, enable_determinism
+def on_jax():
+    """KERAS_BACKEND=jax: the JAX engine (efficientnet_advprop/jax_experiment.py)."""
+    import keras
 
-    if FLAGS.deterministic or determinism_requested():  # before TensorFlow's runtime
-        enable_determinism(FLAGS.seed)
+    return keras.backend.backend() == "jax"
+
+
+def _data_module():
+    """The module that resolves datasets: the tf.data package, or on the JAX engine
+    without TensorFlow the TF-free input path."""
+    if on_jax():
+        from efficientnet_advprop.jax_experiment import tensorflow_available
+
+        if not tensorflow_available():
+            from efficientnet_advprop.data import numpy_input
+
+            return numpy_input
+    from efficientnet_advprop import data
+
+    return data
+
+
+def run():
+    from efficientnet_advprop.config import ConfigError
+
+    if on_jax():
+        from efficientnet_advprop import jax_experiment as experiment
+    else:
+        from efficientnet_advprop import experiment
+        from efficientnet_advprop.training import determinism_requested, enable_determinism
+
+        if FLAGS.deterministic or determinism_requested():  # before TensorFlow's runtime
+            enable_determinism(FLAGS.seed)
     config, info = resolve_config()
     if FLAGS.print_config:
         print(config.describe())
@@ -403,7 +430,7 @@ def run():
             return run_checkpoint_robustness(job)
         results = {"model_name": config.model.model_name, "recipe": config.recipe.name,
                    "dataset": info.name, "image_size": config.model.image_size,
-                   "step": int(job.trainer.step.numpy())}
+                   "step": job.step()}
         if mode in ("eval", "train_and_eval"):
             results = experiment.evaluate(job)
         if job.trainer.images_per_second:

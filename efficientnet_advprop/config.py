@@ -20,6 +20,7 @@ naming the field. Nothing here reads flags, touches data files or writes anythin
 import dataclasses
 import json
 import math
+import os
 
 from efficientnet_advprop.attacks.pgd import ATTACKERS, AttackConfig
 from efficientnet_advprop.models.nf_resnet import NUM_STAGE_GAINS
@@ -450,10 +451,8 @@ class ExperimentConfig:
 
     def save(self, model_dir):
         """Writes the resolved config (and sources) into `model_dir` as JSON."""
-        import tensorflow as tf
-
-        tf.io.gfile.makedirs(model_dir)
-        with tf.io.gfile.GFile(f"{model_dir.rstrip('/')}/{CONFIG_FILE}", "w") as f:
+        _makedirs(model_dir)
+        with _open(f"{model_dir.rstrip('/')}/{CONFIG_FILE}", "w") as f:
             json.dump({"config": self.to_dict(), "sources": self.sources}, f, indent=2)
 
 
@@ -463,14 +462,41 @@ _NONE_IS_OFF = {"init_checkpoint", "export_dir", "data_dir", "tpu", "tpu_zone",
                 "nf_stage_gains"}
 
 
+def _remote(path):
+    return "://" in str(path)  # gs://..., read and written through tf.io.gfile
+
+
+def _makedirs(path):
+    if _remote(path):
+        import tensorflow as tf
+
+        tf.io.gfile.makedirs(path)
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+def _open(path, mode="r"):
+    if _remote(path):
+        import tensorflow as tf
+
+        return tf.io.gfile.GFile(path, mode)
+    return open(path, mode)
+
+
+def _exists(path):
+    if _remote(path):
+        import tensorflow as tf
+
+        return tf.io.gfile.exists(path)
+    return os.path.exists(path)
+
+
 def load_saved_config(model_dir):
     """The {field: value} a run saved in `model_dir`, or None."""
-    import tensorflow as tf
-
     path = f"{str(model_dir).rstrip('/')}/{CONFIG_FILE}"
-    if not tf.io.gfile.exists(path):
+    if not _exists(path):
         return None
-    with tf.io.gfile.GFile(path) as f:
+    with _open(path) as f:
         return json.load(f)["config"]
 
 

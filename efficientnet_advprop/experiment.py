@@ -23,7 +23,8 @@ from efficientnet_advprop import data, training
 from efficientnet_advprop.config import ConfigError, check_bn_batches
 from efficientnet_advprop.layers.split_batch_norm import MAIN, official_sync_group_size
 from efficientnet_advprop.models import build_model
-from efficientnet_advprop.training import TrainConfig, Trainer, set_global_seed
+from efficientnet_advprop.experiment_settings import make_train_config, model_kwargs
+from efficientnet_advprop.training import Trainer, set_global_seed
 
 # XLA on a CPU, measured with scripts/benchmark.py --image_sizes=32 --batch_size=32
 # (efficientnet-b0, 2 cores, img/s without / with XLA): vanilla 98 / 34, AdvProp PGD-1
@@ -66,6 +67,10 @@ class Run:
     def eval_dataset(self):
         return eval_dataset(self.config, self.info)
 
+    def step(self):
+        """The trainer's step (what the newest checkpoint holds after train)."""
+        return int(self.trainer.step.numpy())
+
     def averaged(self):
         """Context in which the model holds its EMA weights (if the run keeps any)."""
         return self.trainer.ema.swapped() if self.trainer.ema else contextlib.nullcontext()
@@ -106,40 +111,6 @@ def sync_batch_norm_settings(model_cfg, on_tpu, replicas):
     return True, group
 
 
-def model_kwargs(config, recipe, sync):
-    """build_model keyword arguments of the config (unset values stay the model's)."""
-    m = config.model
-    kwargs = {"image_size": m.image_size, "preprocessing": m.preprocessing}
-    if m.width_multiplier != 1.0:
-        kwargs["width_multiplier"] = m.width_multiplier
-    if m.normalizer_free:
-        if m.nf_stage_gains:
-            kwargs["stage_gains"] = m.nf_stage_gains
-        return {**kwargs, "dropout_rate": m.dropout_rate or 0.0,
-                "drop_path_rate": m.drop_path_rate or 0.0}
-    kwargs.update(normalizer=m.normalizer, num_aux=recipe.num_aux,
-                  batch_norm_momentum=m.batch_norm_momentum,
-                  batch_norm_epsilon=m.batch_norm_epsilon, synchronized=sync[0],
-                  sync_group_size=sync[1])
-    if m.model_name.startswith("efficientnet"):
-        kwargs.update(dropout_rate=m.dropout_rate, survival_prob=(
-            m.survival_prob if m.survival_prob is not None else 0.8))
-    else:
-        kwargs["dropout_rate"] = m.dropout_rate or 0.0
-        if m.zero_init_last_bn:
-            kwargs["zero_init_last_bn"] = True
-    return kwargs
-
-
-def summary_every_steps(config, set_by_user=True):
-    """TensorBoard interval: at most an epoch; unset with several steps per loop, at
-    least one loop (summaries would cut the loops short)."""
-    every = min(config.run.summary_every_steps, config.optim.steps_per_epoch)
-    if not set_by_user:
-        every = max(every, config.run.iterations_per_loop)
-    return every
-
-
 def prepare(config, info=None, log=_stderr):
     """Strategy, recipe, model and trainer of `config` (nothing trained yet)."""
     info = info or data.resolve_dataset(config.data.dataset, config.data.data_dir,
@@ -163,23 +134,7 @@ def prepare(config, info=None, log=_stderr):
         return build_model(name, num_classes, **kwargs)
 
     batch = config.data.train_batch_size
-    train_config = TrainConfig(
-        model_dir=run_cfg.model_dir, train_steps=optim.train_steps, global_batch_size=batch,
-        steps_per_epoch=optim.steps_per_epoch, optimizer=optim.optimizer,
-        base_learning_rate=optim.base_learning_rate, lr_schedule=optim.lr_schedule,
-        lr_warmup_epochs=optim.lr_warmup_epochs, lr_warmup_start=optim.lr_warmup_start,
-        lr_decay_epochs=optim.lr_decay_epoch, lr_decay_factor=optim.lr_decay_factor,
-        lr_milestones=tuple(optim.lr_milestones or ()),
-        lr_batch_size=recipe.lr_batch_size(batch), momentum=optim.momentum,
-        nesterov=optim.nesterov, rmsprop_decay=optim.rmsprop_decay,
-        rmsprop_epsilon=optim.rmsprop_epsilon, weight_decay=optim.weight_decay,
-        agc_clip=optim.agc_clip, moving_average_decay=optim.moving_average_decay,
-        seed=run_cfg.seed, jit_compile=jit, iterations_per_loop=run_cfg.iterations_per_loop,
-        precision=run_cfg.precision,
-        checkpoint_every_steps=run_cfg.checkpoint_every_steps or optim.steps_per_epoch,
-        keep_checkpoints=run_cfg.keep_checkpoints,
-        summary_every_steps=summary_every_steps(
-            config, config.sources.get("summary_every_steps", "set") == "set"))
+    train_config = make_train_config(config, recipe, jit)
     tf.io.gfile.makedirs(run_cfg.model_dir)
     trainer = Trainer(strategy, model_fn, recipe, train_config)
     log(f"{name} {recipe.describe()} | {info.name} {config.model.image_size}px | batch "
@@ -294,26 +249,31 @@ def export(run, export_dir, bn_set="main", formats=("saved_model",)):
     preprocessing inside, in each of `formats` (config.EXPORT_FORMATS): the
     SavedModel is `export_dir` itself, TFLite models are files in it (TFLITE_FILES)
     with their metadata beside them (<file>.json)."""
+    with run.averaged():
+        return export_model(run.trainer.model, run.config, run.info, run.recipe,
+                            step=int(run.trainer.step.numpy()), ema=bool(run.trainer.ema),
+                            export_dir=export_dir, bn_set=bn_set, formats=formats)
+
+
+def export_model(model, config, info, recipe, *, step, ema, export_dir, bn_set="main",
+                 formats=("saved_model",)):
+    """`export` of a model holding the weights to deploy (either engine's run)."""
     from efficientnet_advprop import export as exporter
 
-    cfg = run.config
-    bn_index = run.recipe.attack_bn_set if bn_set == "adversarial" else MAIN
+    bn_index = recipe.attack_bn_set if bn_set == "adversarial" else MAIN
     metadata = {
-        "model_name": cfg.model.model_name, "recipe": cfg.recipe.name,
-        "preprocessing": cfg.model.preprocessing, "num_classes": cfg.num_classes,
-        "class_names": list(run.info.class_names),
-        "step": int(run.trainer.step.numpy()), "ema": bool(run.trainer.ema),
+        "model_name": config.model.model_name, "recipe": config.recipe.name,
+        "preprocessing": config.model.preprocessing, "num_classes": config.num_classes,
+        "class_names": list(info.class_names), "step": int(step), "ema": bool(ema),
         "bn_set": bn_index}
-    with run.averaged():
-        if "saved_model" in formats:
-            exporter.export_saved_model(run.trainer.model, export_dir, metadata=metadata,
-                                        eval_crop=cfg.data.augmentation, bn_set=bn_index)
-        for name in formats:
-            if name in TFLITE_FILES:
-                file_name, quantize = TFLITE_FILES[name]
-                exporter.export_tflite(run.trainer.model, f"{export_dir.rstrip('/')}/"
-                                       f"{file_name}", quantize=quantize,
-                                       metadata=metadata, bn_set=bn_index)
+    if "saved_model" in formats:
+        exporter.export_saved_model(model, export_dir, metadata=metadata,
+                                    eval_crop=config.data.augmentation, bn_set=bn_index)
+    for name in formats:
+        if name in TFLITE_FILES:
+            file_name, quantize = TFLITE_FILES[name]
+            exporter.export_tflite(model, f"{export_dir.rstrip('/')}/{file_name}",
+                                   quantize=quantize, metadata=metadata, bn_set=bn_index)
     return bn_index
 
 

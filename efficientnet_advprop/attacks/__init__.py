@@ -13,7 +13,7 @@ import importlib
 
 from efficientnet_advprop.attacks.model_attack import attack_model, float32_compute, logits_fn_for
 from efficientnet_advprop.attacks.pgd import (ATTACKERS, AttackConfig, advprop_num_iter, attack,
-                                              linf_attack, random_targets)
+                                              eval_attack_config, linf_attack, random_targets)
 
 _LAZY = {
     "apgd": "apgd", "apgd_targeted": "apgd", "dlr_loss": "apgd",
@@ -31,6 +31,6 @@ def __getattr__(name):
 
 
 __all__ = ["ATTACKERS", "AttackConfig", "advprop_num_iter", "apgd", "apgd_targeted", "attack",
-           "attack_model", "class_margin", "cw_linf", "dlr_loss", "float32_compute",
+           "attack_model", "class_margin", "cw_linf", "dlr_loss", "eval_attack_config", "float32_compute",
            "linf_attack", "logits_fn_for", "mi_fgsm", "pgd_curve", "random_targets",
            "square_attack", "targeted_dlr_loss", "top_k_targets"]

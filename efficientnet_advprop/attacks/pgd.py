@@ -112,6 +112,17 @@ class AttackConfig:
         return self.iterations
 
 
+def eval_attack_config(epsilon, num_iter=10, step_size=None, attacker="pgd"):
+    """The evaluation PGD: random start, `num_iter` steps of 2.5 * eps / num_iter.
+
+    The 2.5 eps / n step (Madry et al.) lets the iterate cross the ball and come back;
+    training attacks use AdvProp's step 1 instead.
+    """
+    step = step_size if step_size else 2.5 * float(epsilon) / num_iter
+    return AttackConfig(attacker=attacker, epsilon=float(epsilon), step_size=step,
+                        num_iter=num_iter, bn_mode="inference")
+
+
 def random_targets(labels, num_classes, seed):
     """Uniform random classes, never equal to `labels`."""
     labels = ops.cast(labels, "int32")

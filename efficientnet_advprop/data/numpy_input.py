@@ -81,6 +81,7 @@ from efficientnet_advprop import seam
 from efficientnet_advprop.data import cifar_tar
 from efficientnet_advprop.data import image_folder_scan
 from efficientnet_advprop.data import tfrecord_lite
+from efficientnet_advprop.data.info import DatasetInfo
 
 EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded")
 EMBEDDED_IMAGE_SIZE = 32
@@ -454,6 +455,23 @@ def pad_batch(images, labels, batch_size):
     images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
     labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
     return images, labels, mask
+
+
+def resolve_dataset(dataset=None, data_dir=None, holdout_shards=None,
+                    skip_bad_records=False):
+    """The DatasetInfo of a source, as `data.resolve_dataset` gives it, read by
+    decoding both splits at their native size (they are cached for the run).
+    skip_bad_records is refused: this path reads every record (a damaged one raises
+    a ValueError naming the file)."""
+    if skip_bad_records:
+        raise ValueError("--skip_bad_records: the TF-free input path reads every record; "
+                         "a damaged one stops the run (install TensorFlow to skip them)")
+    name, _ = resolve_source(dataset, data_dir)
+    train = load_split(dataset, data_dir, "train", None, holdout_shards or 0)
+    held_out = load_split(dataset, data_dir, "eval", None, holdout_shards or 0)
+    return DatasetInfo(name, train.num_classes, len(train.labels), len(held_out.labels),
+                       int(train.images.shape[1]), tuple(train.class_names),
+                       int(holdout_shards or 0))
 
 
 def make_numpy_input(dataset, data_dir, split, batch_size, image_size, seed, is_training,

@@ -99,6 +99,7 @@ from efficientnet_advprop.data import tfrecord
 from efficientnet_advprop.data.autoaugment import autoaugment_constants
 from efficientnet_advprop.data.autoaugment import distort_image_with_autoaugment
 from efficientnet_advprop.data.autoaugment import distort_image_with_randaugment
+from efficientnet_advprop.data.info import DatasetInfo  # noqa: F401 (re-exported)
 from efficientnet_advprop.data.tfrecord import write_tfrecords
 
 EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded")
@@ -111,18 +112,6 @@ EXTRA_VIEW_KEYS = {"tda": "tda_images"}
 # dataset_info.json is present (official ImageNet sizes are used instead).
 _COUNT_LIMIT_BYTES = 2 * 1024**3
 
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    name: str  # "embedded", "imagenet", "tfds:cifar10", "folder"
-    num_classes: int
-    num_train: int
-    num_eval: int
-    image_size: int  # native/suggested image size
-    class_names: tuple = ()
-    # > 0: the first holdout_shards train-* files are the eval split (TFRecord only).
-    holdout_shards: int = 0
 
 
 # ---------------------------------------------------------------------------

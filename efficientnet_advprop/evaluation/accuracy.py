@@ -2,20 +2,10 @@
 
 import tensorflow as tf
 
-from efficientnet_advprop.attacks import AttackConfig, attack_model
+from efficientnet_advprop.attacks import attack_model
+from efficientnet_advprop.attacks.pgd import eval_attack_config  # noqa: F401 (re-exported)
 from efficientnet_advprop.layers.split_batch_norm import MAIN, bn_route
 from efficientnet_advprop.recipes.base import count_correct
-
-
-def eval_attack_config(epsilon, num_iter=10, step_size=None, attacker="pgd"):
-    """The evaluation PGD: random start, `num_iter` steps of 2.5 * eps / num_iter.
-
-    The 2.5 eps / n step (Madry et al.) lets the iterate cross the ball and come back;
-    training attacks use AdvProp's step 1 instead.
-    """
-    step = step_size if step_size else 2.5 * float(epsilon) / num_iter
-    return AttackConfig(attacker=attacker, epsilon=float(epsilon), step_size=step,
-                        num_iter=num_iter, bn_mode="inference")
 
 
 def main_logits_fn(model, bn_set=MAIN):

@@ -1,24 +1,35 @@
-"""The recipe-agnostic training loop and its parts."""
+"""The training loops and their parts.
 
-from efficientnet_advprop.training.determinism import (DeterminismError,
-                                                       determinism_requested,
-                                                       enable_determinism)
-from efficientnet_advprop.training.distribute import STRATEGIES, make_strategy
-from efficientnet_advprop.training.ema import ExponentialMovingAverage
-from efficientnet_advprop.training.gradients import mean_gradients, regularize_gradients
-from efficientnet_advprop.training.optimizers import OPTIMIZERS, TF1RMSprop, make_optimizer
-from efficientnet_advprop.training.run_lock import RunLock, RunLockedError
-from efficientnet_advprop.training.schedules import (WarmupCosineDecay, WarmupExponentialDecay,
-                                                     WarmupStepDecay, scaled_learning_rate)
-from efficientnet_advprop.training.trainer import (PRECISIONS, InputDataError, TrainConfig,
-                                                   Trainer, TrainingError, set_global_seed)
-from efficientnet_advprop.training.recipe_model import RecipeMetrics, RecipeModel
+The TensorFlow engine: `Trainer` (main.py's loop, tf.distribute) and `RecipeModel`
+(Keras fit()). The JAX engine: `JaxTrainer` (training/jax_engine.py). The arithmetic
+between a recipe and an optimizer (gradients, AGC, schedules, optimizers) is
+backend-neutral and shared. Names are imported when first used, so that importing a
+backend-neutral part does not import TensorFlow.
+"""
 
-__all__ = ["OPTIMIZERS", "PRECISIONS", "STRATEGIES", "DeterminismError",
-           "ExponentialMovingAverage", "InputDataError", "RecipeMetrics", "RecipeModel",
-           "RunLock", "RunLockedError", "TF1RMSprop",
-           "TrainConfig", "Trainer", "TrainingError", "WarmupCosineDecay",
-           "WarmupExponentialDecay", "WarmupStepDecay", "determinism_requested",
-           "enable_determinism", "make_optimizer", "make_strategy", "mean_gradients",
-           "regularize_gradients",
-           "scaled_learning_rate", "set_global_seed"]
+import importlib
+
+_EXPORTS = {
+    "determinism": ("DeterminismError", "determinism_requested", "enable_determinism"),
+    "distribute": ("STRATEGIES", "make_strategy"),
+    "ema": ("ExponentialMovingAverage",),
+    "gradients": ("mean_gradients", "regularize_gradients"),
+    "optimizers": ("OPTIMIZERS", "TF1RMSprop", "make_optimizer"),
+    "run_lock": ("RunLock", "RunLockedError"),
+    "schedules": ("WarmupCosineDecay", "WarmupExponentialDecay", "WarmupStepDecay",
+                  "scaled_learning_rate"),
+    "trainer": ("PRECISIONS", "InputDataError", "TrainConfig", "Trainer", "TrainingError",
+                "set_global_seed"),
+    "recipe_model": ("RecipeMetrics", "RecipeModel"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name):
+    if name in _MODULE_OF:
+        module = importlib.import_module(f"efficientnet_advprop.training.{_MODULE_OF[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_MODULE_OF)

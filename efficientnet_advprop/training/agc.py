@@ -9,10 +9,10 @@ Norms are unit-wise Frobenius norms over every axis but the last (the output uni
 Keras kernels: ``[kh, kw, in, out]`` convolutions, ``[in, out]`` dense layers); for
 vectors (biases, gains) and scalars each element is its own unit. NFNets exclude the
 classifier (`is_classifier_variable`) and apply AGC to the raw gradients, before weight
-decay is added. Pure TensorFlow ops: works in `tf.function` and with XLA.
+decay is added. keras.ops only: works in `tf.function`, with XLA and under `jax.jit`.
 """
 
-import tensorflow as tf
+from keras import ops
 
 CLASSIFIER_LAYER = "predictions"
 
@@ -23,29 +23,30 @@ def unitwise_norm(x):
     Rank <= 1: ``|x|`` elementwise. Rank >= 2: the norm over all axes but the last,
     with those axes kept (shape ``[1, ..., 1, out]``).
     """
-    x = tf.convert_to_tensor(x)
-    if x.shape.rank is not None and x.shape.rank <= 1:
-        return tf.abs(x)
-    axes = list(range(x.shape.rank - 1))
-    return tf.sqrt(tf.reduce_sum(tf.square(x), axis=axes, keepdims=True))
+    x = ops.convert_to_tensor(x)
+    rank = len(x.shape)
+    if rank <= 1:
+        return ops.abs(x)
+    axes = tuple(range(rank - 1))
+    return ops.sqrt(ops.sum(ops.square(x), axis=axes, keepdims=True))
 
 
 def _clip_one(grad, variable, clip, eps):
     dtype = grad.dtype
-    g = tf.cast(grad, tf.float32)
-    w = tf.cast(tf.convert_to_tensor(variable), tf.float32)
-    max_norm = clip * tf.maximum(unitwise_norm(w), eps)
+    g = ops.cast(grad, "float32")
+    w = ops.cast(ops.convert_to_tensor(variable), "float32")
+    max_norm = clip * ops.maximum(unitwise_norm(w), eps)
     g_norm = unitwise_norm(g)
     # max(g_norm, tiny) only guards the division where the branch is not taken.
-    scaled = g * (max_norm / tf.maximum(g_norm, 1e-30))
-    return tf.cast(tf.where(g_norm > max_norm, scaled, g), dtype)
+    scaled = g * (max_norm / ops.maximum(g_norm, 1e-30))
+    return ops.cast(ops.where(g_norm > max_norm, scaled, g), dtype)
 
 
 def adaptive_clip_gradients(grads, variables, clip=0.01, eps=1e-3, exclude=None):
     """AGC of a list of gradients against their variables.
 
     Args:
-      grads: gradients (tensors, `tf.IndexedSlices` are densified, or None).
+      grads: gradients (tensors; TensorFlow's IndexedSlices are densified), or None.
       variables: the matching variables (same order and length).
       clip: the clipping ratio lambda.
       eps: floor on the weight norm (so zero-initialised weights can still move).
@@ -64,8 +65,7 @@ def adaptive_clip_gradients(grads, variables, clip=0.01, eps=1e-3, exclude=None)
         if grad is None or (exclude is not None and exclude(variable)):
             out.append(grad)
             continue
-        if isinstance(grad, tf.IndexedSlices):
-            grad = tf.convert_to_tensor(grad)
+        grad = ops.convert_to_tensor(grad)  # densifies TensorFlow's IndexedSlices
         out.append(_clip_one(grad, variable, clip, eps))
     return out
 

@@ -38,7 +38,7 @@ import os
 import keras
 import tensorflow as tf
 
-from efficientnet_advprop.training.trainer import TrainingError
+from efficientnet_advprop.training.loop import TrainingError
 
 TRUE_VALUES = ("1", "true", "yes", "on")
 

@@ -12,11 +12,15 @@ recipe for the gradients of its loss *sum* on one replica's batch
 3. hand them to a Keras optimizer in replica context, whose `apply` all-reduces them
    with a SUM over replicas (keras/src/backend/tensorflow/optimizer.py,
    `_all_reduce_sum_gradients`): per-replica gradients over the *global* count sum to
-   the global mean, whatever the number of replicas.
+   the global mean, whatever the number of replicas. (The JAX engine has one replica:
+   its jitted step sees the global batch.)
+
+keras.ops and the seam only: both engines share this arithmetic.
 """
 
-import tensorflow as tf
+from keras import ops
 
+from efficientnet_advprop import seam
 from efficientnet_advprop.recipes.base import SHARED
 from efficientnet_advprop.training.agc import adaptive_clip_gradients
 
@@ -40,11 +44,11 @@ def mean_gradients(grads, sample_weights, groups, global_batch, num_replicas):
     if sample_weights is None:
         divisors = [global_batch] * len(grads)
     else:
-        weights = {k: tf.cast(v, tf.float32) * float(num_replicas)
+        weights = {k: ops.cast(v, "float32") * float(num_replicas)
                    for k, v in sample_weights.items()}
-        divisors = [tf.maximum(weights.get(group, weights[SHARED]), 1e-6)
+        divisors = [ops.maximum(weights.get(group, weights[SHARED]), 1e-6)
                     for group in groups]
-    return [None if g is None else g / tf.cast(d, g.dtype)
+    return [None if g is None else g / ops.cast(d, g.dtype)
             for g, d in zip(grads, divisors)]
 
 
@@ -73,15 +77,14 @@ def regularize_gradients(grads, variables, *, weight_decay=0.0, decayed=(), agc_
     wd = weight_decay
     if agc_clip:
         if num_replicas > 1:
-            context = tf.distribute.get_replica_context()
-            grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+            grads = seam.replica_sum(grads)
         grads = adaptive_clip_gradients(grads, variables, clip=agc_clip, eps=agc_eps,
                                         exclude=agc_excluded)
         scale = 1.0 / num_replicas
         return [None if g is None else
-                (g + wd * tf.cast(v, g.dtype) if wd and id(v) in decayed else g) * scale
+                (g + wd * ops.cast(v, g.dtype) if wd and id(v) in decayed else g) * scale
                 for g, v in zip(grads, variables)]
     return [None if g is None else
-            (g + wd / num_replicas * tf.cast(v, g.dtype)
+            (g + wd / num_replicas * ops.cast(v, g.dtype)
              if wd and id(v) in decayed else g)
             for g, v in zip(grads, variables)]

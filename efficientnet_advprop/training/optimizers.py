@@ -23,7 +23,7 @@ class TF1RMSprop(keras.optimizers.RMSprop):
             return
         super().build(var_list)
         for velocity in self._velocities:
-            velocity.assign(keras.ops.ones_like(velocity))
+            velocity.assign(keras.ops.ones(velocity.shape, velocity.dtype))
 
 
 def make_optimizer(name, learning_rate, *, rmsprop_decay=0.9, momentum=0.9,

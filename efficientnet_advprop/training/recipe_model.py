@@ -46,7 +46,7 @@ from efficientnet_advprop.recipes.base import (SHARED, StepContext, count_correc
                                                cross_entropy, hard_labels)
 from efficientnet_advprop.training.agc import is_classifier_variable
 from efficientnet_advprop.training.gradients import mean_gradients, regularize_gradients
-from efficientnet_advprop.training.trainer import as_extras, is_normalization_variable
+from efficientnet_advprop.training.loop import as_extras, is_normalization_variable
 
 # Folded into the evaluation seeds, so that they never equal a training step's.
 _EVAL_TAG = 0x5EED

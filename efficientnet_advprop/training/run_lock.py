@@ -28,7 +28,7 @@ import socket
 import sys
 import time
 
-from efficientnet_advprop.training.trainer import TrainingError
+from efficientnet_advprop.training.loop import TrainingError
 
 LOCK_NAME = "run.lock"
 

@@ -1,9 +1,9 @@
-"""Learning-rate schedules."""
+"""Learning-rate schedules (keras.ops: the TensorFlow and the JAX engine share them)."""
 
 import math
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 
 @keras.saving.register_keras_serializable(package="efficientnet_advprop")
@@ -26,11 +26,11 @@ class WarmupExponentialDecay(keras.optimizers.schedules.LearningRateSchedule):
         self.staircase = staircase
 
     def __call__(self, step):
-        step = tf.cast(step, tf.float32)
+        step = ops.cast(step, "float32")
         exponent = step / self.decay_steps
         if self.staircase:
-            exponent = tf.floor(exponent)
-        lr = self.peak_learning_rate * tf.pow(self.decay_factor, exponent)
+            exponent = ops.floor(exponent)
+        lr = self.peak_learning_rate * ops.power(self.decay_factor, exponent)
         return _linear_warmup(lr, step, self.peak_learning_rate, self.warmup_steps,
                               self.warmup_start)
 
@@ -52,10 +52,10 @@ class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
         self.warmup_start = float(warmup_start)
 
     def __call__(self, step):
-        step = tf.cast(step, tf.float32)
+        step = ops.cast(step, "float32")
         span = max(1, self.total_steps - self.warmup_steps)
-        progress = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
-        lr = 0.5 * self.peak_learning_rate * (1.0 + tf.cos(math.pi * progress))
+        progress = ops.clip((step - self.warmup_steps) / span, 0.0, 1.0)
+        lr = 0.5 * self.peak_learning_rate * (1.0 + ops.cos(math.pi * progress))
         return _linear_warmup(lr, step, self.peak_learning_rate, self.warmup_steps,
                               self.warmup_start)
 
@@ -82,11 +82,11 @@ class WarmupStepDecay(keras.optimizers.schedules.LearningRateSchedule):
         self.warmup_start = float(warmup_start)
 
     def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        passed = tf.zeros([], tf.float32)
+        step = ops.cast(step, "float32")
+        passed = ops.zeros((), "float32")
         for milestone in self.milestones:
-            passed += tf.cast(step >= milestone, tf.float32)
-        lr = self.peak_learning_rate * tf.pow(self.decay_factor, passed)
+            passed += ops.cast(step >= milestone, "float32")
+        lr = self.peak_learning_rate * ops.power(self.decay_factor, passed)
         return _linear_warmup(lr, step, self.peak_learning_rate, self.warmup_steps,
                               self.warmup_start)
 
@@ -103,7 +103,7 @@ def _linear_warmup(lr, step, peak, warmup_steps, start=0.0):
     ResNet references of Goyal et al. start at the unscaled 0.1)."""
     if warmup_steps <= 0:
         return lr
-    return tf.where(step < warmup_steps,
+    return ops.where(step < warmup_steps,
                     start + (peak - start) * step / warmup_steps, lr)
 
 

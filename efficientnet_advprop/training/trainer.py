@@ -24,8 +24,6 @@ trace under `attacks.float32_compute`. float16 adds dynamic loss scaling: see
 `Trainer._replica_step`.
 """
 
-import contextlib
-import dataclasses
 import os
 import re
 import sys
@@ -36,35 +34,18 @@ import numpy as np
 import tensorflow as tf
 
 from efficientnet_advprop.attacks import attack_model
-from efficientnet_advprop.layers.split_batch_norm import (MAIN, SplitBatchNorm,
-                                                          bn_sets_of_variables,
+from efficientnet_advprop.layers.split_batch_norm import (bn_sets_of_variables,
                                                           sync_moving_statistics)
 from efficientnet_advprop.recipes.base import SHARED, StepContext
 from efficientnet_advprop.training.agc import is_classifier_variable
 from efficientnet_advprop.training.ema import ExponentialMovingAverage
 from efficientnet_advprop.training.gradients import mean_gradients, regularize_gradients
+from efficientnet_advprop.training.loop import (  # noqa: F401 (re-exported)
+    NORM_LAYERS, PRECISIONS, InputDataError, TrainConfig, TrainingError, as_extras,
+    averaged_variables, dtype_policy, is_normalization_variable, model_variable_map,
+    variable_map)
 from efficientnet_advprop.training.optimizers import make_optimizer
 from efficientnet_advprop.training.progress import Progress
-from efficientnet_advprop.training.schedules import (WarmupCosineDecay,
-                                                     WarmupExponentialDecay,
-                                                     WarmupStepDecay,
-                                                     scaled_learning_rate)
-
-# --precision -> Keras dtype policy of the model.
-PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16",
-              "float16": "mixed_float16"}
-
-NORM_LAYERS = (SplitBatchNorm, keras.layers.BatchNormalization,
-               keras.layers.GroupNormalization, keras.layers.LayerNormalization)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (for example the loss stopped being finite)."""
-
-
-class InputDataError(TrainingError):
-    """The input pipeline failed (an undecodable image, a corrupt record)."""
-
 
 def op_error_reason(error):
     """The first informative line of a TensorFlow error, without {{...}} prefixes."""
@@ -85,150 +66,6 @@ def is_input_pipeline_error(error):
     return isinstance(error, tf.errors.InvalidArgumentError) and "GetNext" in message
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything the loop needs besides the model, the recipe and the data.
-
-    Defaults are the official EfficientNet recipe (RMSProp, 0.016 per 256 images,
-    5 warm-up epochs, x0.97 every 2.4 epochs, L2 1e-5 off BN, EMA 0.9999).
-    """
-
-    model_dir: str
-    train_steps: int
-    global_batch_size: int
-    steps_per_epoch: int
-    optimizer: str = "rmsprop"
-    base_learning_rate: float = 0.016
-    lr_schedule: str = "exponential"  # or "cosine", "step"
-    lr_warmup_epochs: float = 5.0
-    # "zero": the ramp starts at 0 (official EfficientNet); "base": at the unscaled
-    # base_learning_rate, and only when the scaled peak is higher (Goyal et al., the
-    # Xie & Yuille reference code)
-    lr_warmup_start: str = "zero"
-    lr_decay_epochs: float = 2.4
-    lr_decay_factor: float = 0.97
-    lr_milestones: tuple = ()  # epochs, for the "step" schedule
-    lr_batch_size: int = None  # images the linear scaling rule counts (default: batch)
-    momentum: float = 0.9
-    nesterov: bool = False
-    rmsprop_decay: float = 0.9
-    rmsprop_epsilon: float = 1e-3
-    weight_decay: float = 1e-5
-    agc_clip: float = 0.0  # adaptive gradient clipping threshold; 0 = off
-    agc_eps: float = 1e-3
-    moving_average_decay: float = 0.9999
-    seed: int = 0
-    jit_compile: bool = False
-    iterations_per_loop: int = 1  # train steps per tf.function call
-    precision: str = "float32"  # or "bfloat16", "float16" (see PRECISIONS)
-    checkpoint_every_steps: int = 1000
-    keep_checkpoints: int = 5
-    summary_every_steps: int = 100
-    image_summary_every_steps: int = 0  # 0: only with each checkpoint
-    log_every_seconds: float = 10.0
-
-    def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r}: choose from "
-                             f"{', '.join(PRECISIONS)}")
-        if self.iterations_per_loop < 1:
-            raise ValueError(f"iterations_per_loop={self.iterations_per_loop}: must be >= 1")
-
-    def learning_rate_schedule(self):
-        peak = scaled_learning_rate(self.base_learning_rate,
-                                    self.lr_batch_size or self.global_batch_size)
-        warmup = int(self.lr_warmup_epochs * self.steps_per_epoch)
-        start = 0.0
-        if self.lr_warmup_start == "base":
-            start = self.base_learning_rate
-            if peak <= start:
-                warmup = 0
-        elif self.lr_warmup_start != "zero":
-            raise ValueError(f"unknown warm-up start {self.lr_warmup_start!r}")
-        if self.lr_schedule == "cosine":
-            return WarmupCosineDecay(peak, self.train_steps, warmup, warmup_start=start)
-        if self.lr_schedule == "step":
-            return WarmupStepDecay(
-                peak, [int(round(m * self.steps_per_epoch)) for m in self.lr_milestones],
-                self.lr_decay_factor, warmup, warmup_start=start)
-        if self.lr_schedule != "exponential":
-            raise ValueError(f"unknown lr schedule {self.lr_schedule!r}")
-        return WarmupExponentialDecay(
-            peak, decay_steps=self.lr_decay_epochs * self.steps_per_epoch,
-            decay_factor=self.lr_decay_factor, warmup_steps=warmup, warmup_start=start)
-
-
-def _add_unique(out, key, variable):
-    key = key.replace(":", "_").replace("/", ".")
-    unique, n = key, 1
-    while unique in out:
-        unique, n = f"{key}_{n}", n + 1
-    out[unique] = variable
-
-
-def variable_map(variables, strip_prefix=""):
-    """{unique checkpoint key: variable}, keyed by the Keras variable paths."""
-    out = {}
-    for variable in variables:
-        path = getattr(variable, "path", None) or variable.name
-        if strip_prefix and path.startswith(strip_prefix):
-            path = path[len(strip_prefix):]
-        _add_unique(out, path, variable)
-    return out
-
-
-def model_variable_map(model):
-    """{layer_name.variable_name: variable} for every variable of `model`.
-
-    Keyed by the owning layer's name (stable across processes and model instances),
-    not by `variable.path`: seed-generator states get process-wide auto-numbered paths.
-    """
-    out, seen = {}, set()
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if list(layer._flatten_layers(include_self=False, recursive=False)):
-            continue  # a container: its leaves carry the variables
-        for variable in layer.variables:
-            if id(variable) not in seen:
-                seen.add(id(variable))
-                _add_unique(out, f"{layer.name}/{variable.name}", variable)
-    for variable in model.variables:
-        if id(variable) not in seen:
-            _add_unique(out, getattr(variable, "path", variable.name), variable)
-    return out
-
-
-def is_normalization_variable(model):
-    """Returns a predicate: is this variable a parameter/statistic of a norm layer?"""
-    ids = set()
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, NORM_LAYERS):
-            ids.update(id(v) for v in layer.variables)
-    return lambda variable: id(variable) in ids
-
-
-def averaged_variables(model):
-    """What the EMA tracks: trainable weights plus every moving statistic."""
-    stats = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, SplitBatchNorm):
-            stats += layer.moving_means + layer.moving_variances
-        elif isinstance(layer, keras.layers.BatchNormalization):
-            stats += [layer.moving_mean, layer.moving_variance]
-    return list(model.trainable_variables) + stats
-
-
-@contextlib.contextmanager
-def dtype_policy(name):
-    """Keras' global dtype policy set to `name` inside the block (layers built there
-    keep it), restored after."""
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(name)
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-
-
 class ScaleGradient(keras.layers.Layer):
     """Identity forward; the gradient flowing back through it is multiplied by
     `scale_fn()`. Placed on the model's logits it makes every backward pass of a recipe
@@ -246,17 +83,6 @@ class ScaleGradient(keras.layers.Layer):
             return tf.identity(x), grad
 
         return scaled(inputs)
-
-
-def as_extras(extras):
-    """A batch's third element as the extras dict: None -> {}; a dict (of tensors or
-    per-replica values) as is; anything else is the source tags of the older
-    (images, labels, source_tags) batches -> {"source_tags": extras}."""
-    if extras is None:
-        return {}
-    if isinstance(extras, dict):
-        return dict(extras)
-    return {"source_tags": extras}
 
 
 class Trainer:
