@@ -41,12 +41,21 @@ per row when the input labels do.
   chooses CutMix with probability ``switch_prob``, else Mixup (as timm's ``Mixup``
   with ``mode="batch"``).
 
-Randomness: everything is drawn from the shape-[2] integer ``seed`` with
-``tf.random.stateless_*`` ops and ``stateless_fold_in`` sub-seeds, so the same seed gives
-the same output (eager, ``tf.function`` and ``jit_compile=True`` agree up to float
-rounding).  Under ``tf.distribute`` every replica gets the same result for the same seed
-and the same inputs; fold the replica id into the seed where per-replica randomness is
-wanted.
+Randomness: everything is drawn from the shape-[2] integer ``seed`` with the stateless
+random ops of :mod:`efficientnet_advprop.seam` (on TensorFlow ``tf.random.stateless_*``
+and ``stateless_fold_in`` sub-seeds, the streams this module always drew; the JAX engine
+draws different numbers from the same seed), so the same seed gives the same output
+(eager, ``tf.function`` and ``jit_compile=True`` agree up to float rounding; so do eager
+and ``jax.jit``).  Under ``tf.distribute`` every replica gets the same result for the
+same seed and the same inputs; fold the replica id into the seed where per-replica
+randomness is wanted.
+
+Backend-neutral: the arithmetic is ``keras.ops`` and the random draws go through the
+seam, so the functions run on the TensorFlow and the JAX Keras backends (this module
+imports neither).  The permutation keys are drawn as bounded int32 integers over the
+whole int32 range and mapped back to the raw 32-bit words TensorFlow's full-range draw
+gives (the seam has no full-range integer draw); the order is that of the full-range
+keys (it could differ only for a key of 0xFFFFFFFF tying with a key of 0).
 
 XLA notes (TF 2.21, CPU): ``stateless_gamma`` (StatelessRandomGammaV3) and
 ``stateless_shuffle`` have no XLA kernel, and float ``stateless_uniform`` /
@@ -62,7 +71,10 @@ that Beta(alpha, alpha) with small alpha stays exact near 0 and 1.
 
 import math
 
-import tensorflow as tf
+import keras
+from keras import ops
+
+from efficientnet_advprop import seam
 
 __all__ = [
     "mixup",
@@ -100,16 +112,26 @@ def canonical_seed(seed):
     before any random op sees it: ``(v ^ ((v >> 31) * K)) & (2**31 - 1)`` per word (int64
     arithmetic, ``K`` an odd constant).  Non-negative int32 words are kept as they are;
     negative words and the high bits of int64 words are mixed in, so e.g. [0, 1],
-    [-1, 1] and [2**40, 1] stay different seeds.
+    [-1, 1] and [2**40, 1] stay different seeds.  (32-bit words are computed in their own
+    width, which gives the same low 31 bits as int64 arithmetic: int32 words sign-extend,
+    uint32 words -- JAX's raw keys -- are non-negative; narrower words widen to int32.)
     """
-    seed = tf.convert_to_tensor(seed)
-    if not seed.dtype.is_integer:
-        raise ValueError(f"seed must be an integer tensor of shape [2], got {seed.dtype}")
-    seed.shape.assert_is_compatible_with([2])
-    seed = tf.cast(seed, tf.int64)
-    high = tf.bitwise.right_shift(seed, 31)
-    mixed = tf.bitwise.bitwise_xor(seed, high * tf.constant(_SEED_MIX, tf.int64))
-    return tf.cast(tf.bitwise.bitwise_and(mixed, tf.constant(0x7FFFFFFF, tf.int64)), tf.int32)
+    seed = ops.convert_to_tensor(seed)
+    dtype = keras.backend.standardize_dtype(seed.dtype)
+    if "int" not in dtype:
+        raise ValueError(f"seed must be an integer tensor of shape [2], got {dtype}")
+    if len(seed.shape) != 1 or seed.shape[0] not in (None, 2):
+        raise ValueError(f"seed must be an integer tensor of shape [2], got shape "
+                         f"{tuple(seed.shape)}")
+    if dtype == "uint64":
+        dtype = "int64"
+    elif dtype not in ("int64", "uint32"):
+        dtype = "int32"
+    seed = ops.cast(seed, dtype)
+    high = ops.right_shift(seed, 31)
+    mixed = ops.bitwise_xor(seed, high * ops.convert_to_tensor(_SEED_MIX, dtype))
+    return ops.cast(ops.bitwise_and(mixed, ops.convert_to_tensor(0x7FFFFFFF, dtype)),
+                    "int32")
 
 
 _seed = canonical_seed
@@ -117,19 +139,18 @@ _seed = canonical_seed
 
 def sub_seed(seed, tag):
     """A shape-[2] seed derived from ``seed`` and the integer ``tag`` (canonical)."""
-    return canonical_seed(tf.random.experimental.stateless_fold_in(canonical_seed(seed), tag))
+    return canonical_seed(seam.fold_in(canonical_seed(seed), tag))
 
 
 def stateless_uniform01(shape, seed):
     """float32 uniform in [0, 1) on a 2**-24 grid, built from integer draws."""
-    bits = tf.random.stateless_uniform(shape, _seed(seed), minval=0, maxval=1 << 24,
-                                       dtype=tf.int32)
-    return tf.cast(bits, tf.float32) * (1.0 / (1 << 24))
+    bits = seam.uniform(shape, _seed(seed), 0, 1 << 24, dtype="int32")
+    return ops.cast(bits, "float32") * (1.0 / (1 << 24))
 
 
 def _box_muller(u1, u2):
     """N(0, 1) from u1 in (0, 1] and u2 in [0, 1)."""
-    return tf.sqrt(-2.0 * tf.math.log(u1)) * tf.cos((2.0 * math.pi) * u2)
+    return ops.sqrt(-2.0 * ops.log(u1)) * ops.cos((2.0 * math.pi) * u2)
 
 
 def stateless_standard_normal(shape, seed):
@@ -157,15 +178,15 @@ def stateless_log_gamma(shape, alpha, seed):
     z = _box_muller(1.0 - uniforms[..., :p], uniforms[..., p:2 * p])
     u = 1.0 - uniforms[..., 2 * p:3 * p]  # (0, 1]
     v = (1.0 + c * z) ** 3
-    log_v = tf.math.log(tf.maximum(v, 1e-30))
-    accept = (v > 0.0) & (tf.math.log(u) < 0.5 * z * z + d - d * v + d * log_v)
-    index = tf.range(p, dtype=tf.int32)
-    first = tf.reduce_min(tf.where(accept, index, p), axis=-1)
-    chosen = tf.reduce_sum(tf.where(index == first[..., None], log_v, 0.0), axis=-1)
+    log_v = ops.log(ops.maximum(v, 1e-30))
+    accept = ops.logical_and(v > 0.0, ops.log(u) < 0.5 * z * z + d - d * v + d * log_v)
+    index = ops.arange(p, dtype="int32")
+    first = ops.min(ops.where(accept, index, p), axis=-1)
+    chosen = ops.sum(ops.where(ops.equal(index, first[..., None]), log_v, 0.0), axis=-1)
     log_g = math.log(d) + chosen  # chosen is 0 (v = 1) when nothing was accepted
     if alpha < 1.0:
         boost = 1.0 - uniforms[..., 3 * p]  # (0, 1]
-        log_g = log_g + tf.math.log(boost) / alpha
+        log_g = log_g + ops.log(boost) / alpha
     return log_g
 
 
@@ -174,39 +195,52 @@ def stateless_beta(shape, alpha, beta, seed):
     ``sigmoid(log G_alpha - log G_beta) = G_alpha / (G_alpha + G_beta)``."""
     if float(alpha) == float(beta):
         log_g = stateless_log_gamma([2] + list(shape), alpha, seed)
-        return tf.sigmoid(log_g[0] - log_g[1])
+        return ops.sigmoid(log_g[0] - log_g[1])
     log_x = stateless_log_gamma(shape, alpha, sub_seed(seed, 1))
     log_y = stateless_log_gamma(shape, beta, sub_seed(seed, 2))
-    return tf.sigmoid(log_x - log_y)
+    return ops.sigmoid(log_x - log_y)
+
+
+_INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
 
 
 def stateless_permutation(n, seed):
-    """int32 random permutation of ``range(n)`` (argsort of random 32-bit keys)."""
-    keys = tf.random.stateless_uniform([n], _seed(seed), minval=None, maxval=None,
-                                       dtype=tf.int32)
-    return tf.argsort(keys, direction="DESCENDING", stable=True)
+    """int32 random permutation of ``range(n)`` (argsort of random 32-bit keys, in
+    descending order, ties in index order).
+
+    The keys are TensorFlow's full-range int32 draw: a bounded draw over
+    [-2**31, 2**31 - 1) is ``-2**31 + bits % (2**32 - 1)`` of the same 32 random bits,
+    so flipping its sign bit gives the raw bits back (except 0xFFFFFFFF, which becomes 0).
+    An ascending (stable) argsort of ``~key`` is the descending one of ``key``.
+    """
+    drawn = seam.uniform([n], _seed(seed), _INT32_MIN, _INT32_MAX, dtype="int32")
+    keys = ops.bitwise_xor(drawn, ops.convert_to_tensor(_INT32_MIN, "int32"))
+    return ops.cast(ops.argsort(ops.bitwise_invert(keys)), "int32")
 
 
 # ---------------------------------------------------------------------------
 # Mixing.
 # ---------------------------------------------------------------------------
 def _soft_labels(labels, num_classes):
-    labels = tf.convert_to_tensor(labels)
-    if labels.shape.rank == 1:
-        if labels.dtype.is_floating:
+    labels = ops.convert_to_tensor(labels)
+    if len(labels.shape) == 1:
+        if keras.backend.is_float_dtype(labels.dtype):
             raise ValueError("labels of rank 1 must be integer class ids")
-        return tf.one_hot(tf.cast(labels, tf.int32), num_classes, dtype=tf.float32)
-    if labels.shape.rank == 2:
-        labels.shape.assert_is_compatible_with([None, num_classes])
-        return tf.cast(labels, tf.float32)
-    raise ValueError(f"labels must be int [B] or soft [B, num_classes], got {labels.shape}")
+        return ops.one_hot(ops.cast(labels, "int32"), num_classes, dtype="float32")
+    if len(labels.shape) == 2:
+        if labels.shape[1] not in (None, num_classes):
+            raise ValueError(f"soft labels must be [B, {num_classes}], got "
+                             f"{tuple(labels.shape)}")
+        return ops.cast(labels, "float32")
+    raise ValueError(f"labels must be int [B] or soft [B, num_classes], got "
+                     f"{tuple(labels.shape)}")
 
 
 def _check_images(images):
-    images = tf.convert_to_tensor(images)
-    if images.shape.rank != 4:
-        raise ValueError(f"images must be [B, H, W, C], got {images.shape}")
-    if not images.dtype.is_floating:
+    images = ops.convert_to_tensor(images)
+    if len(images.shape) != 4:
+        raise ValueError(f"images must be [B, H, W, C], got {tuple(images.shape)}")
+    if not keras.backend.is_float_dtype(images.dtype):
         raise ValueError(f"images must be floating point, got {images.dtype}")
     return images
 
@@ -235,10 +269,10 @@ def mixup(images, labels, num_classes, alpha, seed):
     alpha = _check_positive_alpha(alpha)
     soft = _soft_labels(labels, num_classes)
     lam = stateless_beta([], alpha, alpha, sub_seed(seed, _TAG_LAM))
-    perm = stateless_permutation(tf.shape(images)[0], sub_seed(seed, _TAG_PERM))
-    lam_x = tf.cast(lam, images.dtype)
-    mixed = lam_x * images + (1.0 - lam_x) * tf.gather(images, perm)
-    return mixed, lam * soft + (1.0 - lam) * tf.gather(soft, perm)
+    perm = stateless_permutation(ops.shape(images)[0], sub_seed(seed, _TAG_PERM))
+    lam_x = ops.cast(lam, images.dtype)
+    mixed = lam_x * images + (1.0 - lam_x) * ops.take(images, perm, axis=0)
+    return mixed, lam * soft + (1.0 - lam) * ops.take(soft, perm, axis=0)
 
 
 def cutmix(images, labels, num_classes, alpha, seed):
@@ -252,27 +286,29 @@ def cutmix(images, labels, num_classes, alpha, seed):
     soft = _soft_labels(labels, num_classes)
     height, width = images.shape[1], images.shape[2]
     if height is None or width is None:
-        raise ValueError(f"cutmix needs static image height and width, got {images.shape}")
+        raise ValueError(f"cutmix needs static image height and width, got "
+                         f"{tuple(images.shape)}")
     lam = stateless_beta([], alpha, alpha, sub_seed(seed, _TAG_LAM))
-    perm = stateless_permutation(tf.shape(images)[0], sub_seed(seed, _TAG_PERM))
+    perm = stateless_permutation(ops.shape(images)[0], sub_seed(seed, _TAG_PERM))
 
-    cut = tf.sqrt(1.0 - lam)
-    half_h = tf.cast(tf.floor(height * cut), tf.int32) // 2
-    half_w = tf.cast(tf.floor(width * cut), tf.int32) // 2
+    cut = ops.sqrt(1.0 - lam)
+    half_h = ops.cast(ops.floor(height * cut), "int32") // 2
+    half_w = ops.cast(ops.floor(width * cut), "int32") // 2
     centre = stateless_uniform01([2], sub_seed(seed, _TAG_BOX))
-    cy = tf.cast(tf.floor(centre[0] * height), tf.int32)  # uniform over 0 .. H - 1
-    cx = tf.cast(tf.floor(centre[1] * width), tf.int32)
-    y0 = tf.clip_by_value(cy - half_h, 0, height)
-    y1 = tf.clip_by_value(cy + half_h, 0, height)
-    x0 = tf.clip_by_value(cx - half_w, 0, width)
-    x1 = tf.clip_by_value(cx + half_w, 0, width)
-    rows = tf.range(height)[:, None]
-    cols = tf.range(width)[None, :]
-    box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)  # [H, W]
-    mixed = tf.where(box[None, :, :, None], tf.gather(images, perm), images)
-    area = tf.cast((y1 - y0) * (x1 - x0), tf.float32)
+    cy = ops.cast(ops.floor(centre[0] * height), "int32")  # uniform over 0 .. H - 1
+    cx = ops.cast(ops.floor(centre[1] * width), "int32")
+    y0 = ops.clip(cy - half_h, 0, height)
+    y1 = ops.clip(cy + half_h, 0, height)
+    x0 = ops.clip(cx - half_w, 0, width)
+    x1 = ops.clip(cx + half_w, 0, width)
+    rows = ops.arange(height, dtype="int32")[:, None]
+    cols = ops.arange(width, dtype="int32")[None, :]
+    box = ops.logical_and(ops.logical_and(rows >= y0, rows < y1),
+                          ops.logical_and(cols >= x0, cols < x1))  # [H, W]
+    mixed = ops.where(box[None, :, :, None], ops.take(images, perm, axis=0), images)
+    area = ops.cast((y1 - y0) * (x1 - x0), "float32")
     lam_eff = 1.0 - area / float(height * width)
-    return mixed, lam_eff * soft + (1.0 - lam_eff) * tf.gather(soft, perm)
+    return mixed, lam_eff * soft + (1.0 - lam_eff) * ops.take(soft, perm, axis=0)
 
 
 def mix_batch(images, labels, num_classes, *, mixup_alpha=0.0, cutmix_alpha=0.0,
@@ -307,4 +343,4 @@ def mix_batch(images, labels, num_classes, *, mixup_alpha=0.0, cutmix_alpha=0.0,
     if mixup_alpha == 0.0:
         return do_cutmix()
     coin = stateless_uniform01([], sub_seed(seed, _TAG_COIN))
-    return tf.cond(coin < switch_prob, do_cutmix, do_mixup)
+    return ops.cond(coin < switch_prob, do_cutmix, do_mixup)

@@ -24,7 +24,7 @@ The attack runs through the shared (main) BNs.
 
 import dataclasses
 
-import tensorflow as tf
+from keras import ops
 
 from efficientnet_advprop.attacks import AttackConfig, attack_model
 from efficientnet_advprop.layers.split_batch_norm import MAIN, bn_route
@@ -77,15 +77,16 @@ class StandardAdversarialTraining(Recipe):
                 adv_logits = model(adv, training=True)
             adv_loss = self.loss(labels, adv_logits)
             return RecipeOutput(
-                loss_sum=self.adv_weight * tf.reduce_sum(adv_loss),
+                loss_sum=self.adv_weight * ops.sum(adv_loss),
                 metrics=batch_metrics("adversarial", labels, adv_logits, adv_loss))
-        batch = tf.shape(images)[0]
+        batch = ops.shape(images)[0]
         with bn_route(MAIN):  # one BN set for the mixed batch: the shared-BN baseline
-            logits = model(tf.concat([tf.cast(images, adv.dtype), adv], 0), training=True)
+            logits = model(ops.concatenate([ops.cast(images, adv.dtype), adv], axis=0),
+                           training=True)
         clean_loss, adv_loss, metrics = self.joint_losses(labels, logits, batch)
         return RecipeOutput(
-            loss_sum=(self.clean_weight * tf.reduce_sum(clean_loss)
-                      + self.adv_weight * tf.reduce_sum(adv_loss)),
+            loss_sum=(self.clean_weight * ops.sum(clean_loss)
+                      + self.adv_weight * ops.sum(adv_loss)),
             metrics=metrics)
 
     def passes_per_image(self):
@@ -128,10 +129,10 @@ class SeparateForwardAdversarialTraining(StandardAdversarialTraining):
         for prefix, x, weight in (("clean", images, self.clean_weight),
                                   ("adversarial", adv, self.adv_weight)):
             with bn_route(MAIN):  # one forward each: separate batch statistics
-                logits = model(tf.cast(x, images.dtype), training=True)
+                logits = model(ops.cast(x, images.dtype), training=True)
             per_sample = self.loss(labels, logits)
             metrics.update(batch_metrics(prefix, labels, logits, per_sample))
-            total += weight * tf.reduce_sum(per_sample)
+            total += weight * ops.sum(per_sample)
         return RecipeOutput(loss_sum=total, metrics=metrics)
 
     def passes_per_image(self):

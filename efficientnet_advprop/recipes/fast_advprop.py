@@ -57,8 +57,9 @@ Only an untargeted attack is valid (the reused gradient must be the training los
 
 import dataclasses
 
-import tensorflow as tf
+from keras import ops
 
+from efficientnet_advprop import seam
 from efficientnet_advprop.attacks import AttackConfig
 from efficientnet_advprop.attacks.pgd import PIXEL_MAX, PIXEL_MIN
 from efficientnet_advprop.layers.split_batch_norm import AUX, MAIN, bn_route
@@ -91,7 +92,7 @@ def ghost_groups(num_adv, group_size, num_replicas=1):
 
 def _argsort_uniform(shape, seed):
     """Random permutations along the last axis (XLA-friendly)."""
-    return tf.argsort(tf.random.stateless_uniform(shape, seed=seed), axis=-1)
+    return ops.argsort(seam.uniform(shape, seed), axis=-1)
 
 
 def derangement_mix(num_groups, group_size, seed):
@@ -108,18 +109,25 @@ def derangement_mix(num_groups, group_size, seed):
     g_count, m = int(num_groups), int(group_size)
     if g_count < 2:
         raise ValueError(f"a derangement needs at least 2 groups, got {g_count}")
-    seed = tf.cast(seed, tf.int64)
-    fold = tf.random.experimental.stateless_fold_in
+    fold = seam.fold_in
     # A random rank of every image inside its group, and a random relabelling of groups.
     order = _argsort_uniform([g_count, m], fold(seed, 0))
-    rank = tf.reshape(tf.argsort(order, axis=-1), [-1])
+    rank = ops.reshape(ops.argsort(order, axis=-1), [-1])
     relabel = _argsort_uniform([g_count], fold(seed, 1))
-    unlabel = tf.argsort(relabel)
-    group = tf.repeat(tf.range(g_count), m)
-    target = tf.gather(unlabel, (tf.gather(relabel, group) + 1 + rank % (g_count - 1))
-                       % g_count)
-    ties = tf.random.stateless_uniform([g_count * m], seed=fold(seed, 2))
-    return tf.argsort(tf.cast(target, tf.float32) + ties)
+    unlabel = ops.argsort(relabel)
+    group = ops.repeat(ops.arange(g_count, dtype="int32"), m)
+    target = ops.take(unlabel, (ops.take(relabel, group, axis=0) + 1 + rank % (g_count - 1))
+                      % g_count, axis=0)
+    ties = seam.uniform([g_count * m], fold(seed, 2))
+    return ops.argsort(ops.cast(target, "float32") + ties)
+
+
+def _static_like(x, like):
+    """`x` with the (fully known) static shape of `like`, which it has at run time."""
+    shape = tuple(like.shape)
+    if any(d is None for d in shape):
+        return x
+    return ops.reshape(x, shape)
 
 
 def _add(a, b):
@@ -297,7 +305,7 @@ class FastAdvProp(Recipe):
 
     def gradients(self, model, variables, images, labels, ctx):
         ctx = as_context(ctx)
-        images, labels = tf.convert_to_tensor(images), tf.convert_to_tensor(labels)
+        images, labels = ops.convert_to_tensor(images), ops.convert_to_tensor(labels)
         batch = images.shape[0]
         num_clean, num_adv = self.split(batch)
         groups = self.groups(batch, ctx.num_replicas)
@@ -306,8 +314,8 @@ class FastAdvProp(Recipe):
         variables = list(variables)
 
         clean, clean_labels = self._mix(images[:num_clean], labels[:num_clean], ctx.fold(3))
-        x2 = tf.cast(images[num_clean:], tf.float32)
-        adv_labels = tf.cast(labels[num_clean:], tf.int32)
+        x2 = ops.cast(images[num_clean:], "float32")
+        adv_labels = ops.cast(labels[num_clean:], "int32")
 
         def noisy_pass(clean, clean_labels, x2, adv_labels):
             """Steps 1-3: K forward-backward passes; the first also carries the clean
@@ -316,48 +324,51 @@ class FastAdvProp(Recipe):
             if self.attack.attacker == "fgsm":
                 x = x2
             else:
-                noise = tf.random.stateless_uniform(tf.shape(x2), seed=ctx.fold(0),
-                                                    minval=-eps, maxval=eps)
-                x = tf.clip_by_value(x2 + noise, PIXEL_MIN, PIXEL_MAX)
+                noise = seam.uniform(ops.shape(x2), ctx.fold(0), -eps, eps)
+                x = ops.clip(x2 + noise, PIXEL_MIN, PIXEL_MAX)
+
+            def first_pass(x):
+                joint = ops.concatenate([ops.cast(clean, "float32"), x], axis=0)
+                with bn_route([MAIN, AUX], [num_clean, num_adv], groups=groups):
+                    logits = model(joint, training=True)
+                clean_loss = self.loss(clean_labels, logits[:num_clean])
+                noisy_logits = logits[num_clean:]
+                noisy_loss = self.loss(adv_labels, noisy_logits)
+                loss = ops.sum(clean_loss) + self.beta * ops.sum(noisy_loss)
+                metrics = batch_metrics("clean", clean_labels, logits[:num_clean],
+                                        clean_loss)
+                metrics.update(batch_metrics("noisy", adv_labels, noisy_logits, noisy_loss))
+                return loss, metrics
+
+            def later_pass(x):
+                with bn_route(AUX, groups=groups):
+                    logits = model(x, training=True)
+                return self.beta * ops.sum(self.loss(adv_labels, logits)), {}
+
             param_grads, total, metrics = None, 0.0, {}
             for k in range(self.steps):
-                with tf.GradientTape() as tape:
-                    tape.watch(x)
-                    if k == 0:
-                        joint = tf.concat([tf.cast(clean, tf.float32), x], axis=0)
-                        with bn_route([MAIN, AUX], [num_clean, num_adv], groups=groups):
-                            logits = model(joint, training=True)
-                        clean_loss = self.loss(clean_labels, logits[:num_clean])
-                        noisy_logits = logits[num_clean:]
-                        noisy_loss = self.loss(adv_labels, noisy_logits)
-                        loss = (tf.reduce_sum(clean_loss)
-                                + self.beta * tf.reduce_sum(noisy_loss))
-                        metrics = batch_metrics("clean", clean_labels, logits[:num_clean],
-                                                clean_loss)
-                        metrics.update(batch_metrics("noisy", adv_labels, noisy_logits,
-                                                     noisy_loss))
-                    else:
-                        with bn_route(AUX, groups=groups):
-                            logits = model(x, training=True)
-                        loss = self.beta * tf.reduce_sum(self.loss(adv_labels, logits))
-                grads = tape.gradient(loss, variables + [x])
-                g = grads[-1]
-                param_grads = grads[:-1] if param_grads is None else _add(param_grads,
-                                                                          grads[:-1])
+                # One backward: the parameter gradient and the input gradient together.
+                loss, aux, grads, (g,) = seam.value_and_grad(
+                    first_pass if k == 0 else later_pass, variables, (x,))
+                if k == 0:
+                    metrics = aux
+                param_grads = grads if param_grads is None else _add(param_grads, grads)
                 total += loss
-                x = x2 + tf.clip_by_value(x - x2 + step * tf.sign(g), -eps, eps)
-                x = tf.stop_gradient(tf.clip_by_value(x, PIXEL_MIN, PIXEL_MAX))
+                x = x2 + ops.clip(x - x2 + step * ops.sign(g), -eps, eps)
+                x = ops.stop_gradient(ops.clip(x, PIXEL_MIN, PIXEL_MAX))
             return param_grads, total, x, metrics
 
         def adversarial_pass(x_adv, adv_labels):
             """Step 4 on images already shuffled across BN groups."""
-            with tf.GradientTape() as tape:
+            def adversarial_loss():
                 with bn_route(AUX, groups=groups):
                     logits = model(x_adv, training=True)
                 adv_loss = self.loss(adv_labels, logits)
-                loss = self.beta * tf.reduce_sum(adv_loss)
-            grads = tape.gradient(loss, variables)
-            return grads, loss, batch_metrics("adversarial", adv_labels, logits, adv_loss)
+                return (self.beta * ops.sum(adv_loss),
+                        batch_metrics("adversarial", adv_labels, logits, adv_loss))
+
+            loss, metrics, grads, _ = seam.value_and_grad(adversarial_loss, variables)
+            return grads, loss, metrics
 
         grads1, loss1, x_adv, metrics = ctx.compile(noisy_pass)(
             clean, clean_labels, x2, adv_labels)
@@ -375,18 +386,18 @@ class FastAdvProp(Recipe):
         num_adv = x_adv.shape[0]
         size = num_adv // groups
         if ctx.num_replicas > 1:
-            replica = tf.distribute.get_replica_context()
-            everyone = replica.all_gather(x_adv, axis=0)
-            everyone_labels = replica.all_gather(adv_labels, axis=0)
+            _, replica_id = seam.replica_position()
+            everyone = seam.all_gather(x_adv)
+            everyone_labels = seam.all_gather(adv_labels)
             perm = derangement_mix(groups * ctx.num_replicas, size,
                                    ctx.fold(5, shared=True))
-            start = tf.cast(replica.replica_id_in_sync_group, tf.int32) * num_adv
-            mine = tf.slice(perm, [start], [num_adv])
+            start = ops.cast(replica_id, "int32") * num_adv
+            mine = ops.slice(perm, [start], [num_adv])
             # all_gather forgets the static image shape that ghost BN reshapes by.
-            return (tf.ensure_shape(tf.gather(everyone, mine), x_adv.shape),
-                    tf.ensure_shape(tf.gather(everyone_labels, mine), adv_labels.shape))
+            return (_static_like(ops.take(everyone, mine, axis=0), x_adv),
+                    _static_like(ops.take(everyone_labels, mine, axis=0), adv_labels))
         perm = derangement_mix(groups, size, ctx.fold(4))
-        return tf.gather(x_adv, perm), tf.gather(adv_labels, perm)
+        return ops.take(x_adv, perm, axis=0), ops.take(adv_labels, perm, axis=0)
 
     def describe(self):
         a = self.attack

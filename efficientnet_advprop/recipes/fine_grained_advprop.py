@@ -14,7 +14,7 @@ statistics per set, static shapes, so it compiles with XLA). At test time only t
 main set is used; `strip_auxiliary_bn` keeps it alone.
 """
 
-import tensorflow as tf
+from keras import ops
 
 from efficientnet_advprop.attacks import attack_model
 from efficientnet_advprop.layers.split_batch_norm import bn_route
@@ -58,15 +58,17 @@ class FineGrainedAdvProp(Recipe):
         adv = attack_model(model, images, labels, self.attack, bn_set=ADVERSARIAL_SET,
                            num_classes=self.num_classes, seed=ctx.seed)
         batch = images.shape[0]
-        tags = tf.clip_by_value(tf.cast(ctx.source_tags, tf.int32), 0, AUGMENTED_SET)
-        assignment = tf.concat([tags, tf.fill([batch], ADVERSARIAL_SET)], axis=0)
-        joint = tf.concat([images, tf.cast(adv, images.dtype)], axis=0)
+        tags = ops.clip(ops.cast(ctx.source_tags, "int32"), 0, AUGMENTED_SET)
+        assignment = ops.concatenate(
+            [tags, ops.full([batch], ADVERSARIAL_SET, dtype="int32")], axis=0)
+        joint = ops.concatenate([images, ops.cast(adv, images.dtype)], axis=0)
         with bn_route(assignment=assignment):
             logits = model(joint, training=True)
         clean_loss, adv_loss, metrics = self.joint_losses(labels, logits, batch)
-        augmented = tf.cast(tf.equal(tags, AUGMENTED_SET), tf.float32)
-        metrics["fraction/augmented"] = (tf.reduce_sum(augmented), tf.cast(batch, tf.float32))
-        return RecipeOutput(loss_sum=tf.reduce_sum(clean_loss) + tf.reduce_sum(adv_loss),
+        augmented = ops.cast(ops.equal(tags, AUGMENTED_SET), "float32")
+        metrics["fraction/augmented"] = (ops.sum(augmented),
+                                         ops.convert_to_tensor(batch, "float32"))
+        return RecipeOutput(loss_sum=ops.sum(clean_loss) + ops.sum(adv_loss),
                             metrics=metrics)
 
     def passes_per_image(self):

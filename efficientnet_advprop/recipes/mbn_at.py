@@ -31,7 +31,7 @@ The step rule max(step, eps / iterations) is the reference code's.
 
 import dataclasses
 
-import tensorflow as tf
+from keras import ops
 
 from efficientnet_advprop.attacks import AttackConfig, attack_model
 from efficientnet_advprop.layers.split_batch_norm import AUX, MAIN, bn_route
@@ -54,8 +54,8 @@ def consistent_bn_start_step(train_steps, steps_per_epoch, last_epochs):
 
 def alp_penalty(clean_logits, adv_logits):
     """Per-sample adversarial logit pairing term: mean over logits of (z - z_adv)^2."""
-    diff = tf.cast(clean_logits, tf.float32) - tf.cast(adv_logits, tf.float32)
-    return tf.reduce_mean(tf.square(diff), axis=-1)
+    diff = ops.cast(clean_logits, "float32") - ops.cast(adv_logits, "float32")
+    return ops.mean(ops.square(diff), axis=-1)
 
 
 class MixtureBNAdversarialTraining(Recipe):
@@ -145,7 +145,8 @@ class MixtureBNAdversarialTraining(Recipe):
     def _moving_stats_flag(self, ctx):
         if self.consistent_bn_from_step is None:
             return False
-        return ctx.step >= tf.cast(self.consistent_bn_from_step, ctx.step.dtype)
+        step = ops.convert_to_tensor(ctx.step)
+        return step >= ops.cast(self.consistent_bn_from_step, step.dtype)
 
     def compute(self, model, images, labels, ctx):
         ctx = as_context(ctx)
@@ -155,26 +156,26 @@ class MixtureBNAdversarialTraining(Recipe):
         batch = images.shape[0]
         num_clean = int(round(self.clean_fraction * batch))
         moving = self._moving_stats_flag(ctx)
-        adv = tf.cast(adv, images.dtype)
+        adv = ops.cast(adv, images.dtype)
         if num_clean == 0:
             with bn_route(adv_set, use_moving_stats=moving):
                 adv_logits = model(adv, training=True)
             adv_loss = self.loss(labels, adv_logits)
-            return RecipeOutput(loss_sum=tf.reduce_sum(adv_loss),
+            return RecipeOutput(loss_sum=ops.sum(adv_loss),
                                 metrics=batch_metrics("adversarial", labels, adv_logits,
                                                       adv_loss))
-        joint = tf.concat([images[:num_clean], adv], axis=0)
+        joint = ops.concatenate([images[:num_clean], adv], axis=0)
         route = ([MAIN, AUX], [num_clean, batch]) if self.mixture_bn else (MAIN, None)
         with bn_route(*route, use_moving_stats=moving):
             logits = model(joint, training=True)
         clean_loss, adv_loss, metrics = self.joint_losses(labels, logits, num_clean,
                                                           clean_labels=labels[:num_clean])
-        loss_sum = (self.clean_weight * tf.reduce_sum(clean_loss)
-                    + (1.0 - self.clean_weight) * tf.reduce_sum(adv_loss))
+        loss_sum = (self.clean_weight * ops.sum(clean_loss)
+                    + (1.0 - self.clean_weight) * ops.sum(adv_loss))
         if self.alp_weight:
             alp = alp_penalty(logits[:num_clean], logits[num_clean:2 * num_clean])
-            loss_sum += self.alp_weight * tf.reduce_sum(alp)
-            metrics["loss/alp"] = (tf.reduce_sum(alp), tf.cast(num_clean, tf.float32))
+            loss_sum += self.alp_weight * ops.sum(alp)
+            metrics["loss/alp"] = (ops.sum(alp), ops.convert_to_tensor(num_clean, "float32"))
         return RecipeOutput(loss_sum=loss_sum, metrics=metrics)
 
     def passes_per_image(self):

@@ -23,8 +23,9 @@ augmented view is DeepAugment-style for the first half of the batch and texture-
 debiased augmentation (TDA) for the second half ("half each").
 """
 
-import tensorflow as tf
+from keras import ops
 
+from efficientnet_advprop import seam
 from efficientnet_advprop.attacks import AttackConfig, attack_model
 from efficientnet_advprop.layers.split_batch_norm import MAIN, bn_route
 from efficientnet_advprop.recipes.base import (Cite, Option, Recipe, RecipeOutput, as_context,
@@ -95,7 +96,7 @@ class NoFrost(Recipe):
             logits = model(images, training=True)
         per_sample = self.loss(labels, logits)
         metrics.update(batch_metrics(prefix, labels, logits, per_sample))
-        return tf.reduce_sum(per_sample)
+        return ops.sum(per_sample)
 
     def compute(self, model, images, labels, ctx):
         ctx = as_context(ctx)
@@ -103,7 +104,7 @@ class NoFrost(Recipe):
                            num_classes=self.num_classes, seed=ctx.fold(0))
         metrics = {}
         clean = self._forward(model, images, labels, "clean", metrics)
-        robust = self._forward(model, tf.cast(adv, images.dtype), labels, "adversarial",
+        robust = self._forward(model, ops.cast(adv, images.dtype), labels, "adversarial",
                                metrics)
         return RecipeOutput(loss_sum=(1.0 - self.adv_weight) * clean
                             + self.adv_weight * robust, metrics=metrics)
@@ -132,14 +133,20 @@ def augmented_view(images, seed, tda_images):
     on the training batch."""
     from efficientnet_advprop.data.deepaugment import deep_augment
 
-    images = tf.cast(images, tf.float32)
-    tda_images = tf.cast(tda_images, tf.float32)
-    if not images.shape.is_compatible_with(tda_images.shape):
-        raise ValueError(f"tda_images {tda_images.shape} must have the shape of the "
-                         f"images {images.shape}")
+    images = ops.cast(images, "float32")
+    tda_images = ops.cast(tda_images, "float32")
+    if not _compatible_shapes(images.shape, tda_images.shape):
+        raise ValueError(f"tda_images {tuple(tda_images.shape)} must have the shape of the "
+                         f"images {tuple(images.shape)}")
     half = images.shape[0] // 2
-    deep = deep_augment(images[:half], tf.random.experimental.stateless_fold_in(seed, 0))
-    return tf.concat([deep, tda_images[half:]], axis=0)
+    deep = deep_augment(images[:half], seam.fold_in(seed, 0))
+    return ops.concatenate([deep, tda_images[half:]], axis=0)
+
+
+def _compatible_shapes(a, b):
+    """Static shapes that may describe the same tensor (None matches any size)."""
+    a, b = tuple(a), tuple(b)
+    return len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a, b))
 
 
 class NoFrostStar(NoFrost):
@@ -161,9 +168,9 @@ class NoFrostStar(NoFrost):
         augmented = augmented_view(images, ctx.fold(1), tda_images)
         metrics = {}
         total = (self._forward(model, images, labels, "clean", metrics)
-                 + self._forward(model, tf.cast(augmented, images.dtype), labels,
+                 + self._forward(model, ops.cast(augmented, images.dtype), labels,
                                  "augmented", metrics)
-                 + self._forward(model, tf.cast(adv, images.dtype), labels, "adversarial",
+                 + self._forward(model, ops.cast(adv, images.dtype), labels, "adversarial",
                                  metrics))
         return RecipeOutput(loss_sum=total / 3.0, metrics=metrics)
 

@@ -17,8 +17,9 @@ setting is beta 6 (set trades_beta=6).
 
 import dataclasses
 
-import tensorflow as tf
+from keras import ops
 
+from efficientnet_advprop import seam
 from efficientnet_advprop.attacks import AttackConfig, float32_compute, linf_attack, logits_fn_for
 from efficientnet_advprop.layers.split_batch_norm import MAIN, bn_route
 from efficientnet_advprop.recipes.base import (Cite, Option, Recipe, RecipeOutput, as_context,
@@ -41,11 +42,11 @@ def trades_loss(labels, clean_logits, adv_logits, *, beta, num_classes, label_sm
 
 def trades_attack(model, images, labels, config, seed, bn_set=MAIN):
     """The TRADES inner maximisation (see the module docstring) in float32."""
-    x0 = tf.cast(images, tf.float32)
-    noise = tf.random.stateless_normal(tf.shape(x0), seed=seed) * START_STDDEV
+    x0 = ops.cast(images, "float32")
+    noise = seam.normal(ops.shape(x0), seed) * START_STDDEV
     with float32_compute(model):
         logits_fn = logits_fn_for(model, bn_set, config.bn_mode)
-        clean_logits = tf.stop_gradient(tf.cast(logits_fn(x0), tf.float32))
+        clean_logits = ops.stop_gradient(ops.cast(logits_fn(x0), "float32"))
 
         def kl_objective(logits, _labels):
             return kl_divergence(clean_logits, logits)
@@ -79,7 +80,7 @@ class Trades(Recipe):
         adv = trades_attack(model, images, labels, self.attack, ctx.fold(0))
         with bn_route(MAIN):
             clean_logits = model(images, training=True)
-            adv_logits = model(tf.cast(adv, images.dtype), training=True)
+            adv_logits = model(ops.cast(adv, images.dtype), training=True)
         per_sample = trades_loss(labels, clean_logits, adv_logits, beta=self.beta,
                                  num_classes=self.num_classes,
                                  label_smoothing=self.label_smoothing)
@@ -87,7 +88,7 @@ class Trades(Recipe):
         # "loss/adversarial" is the KL term here.
         metrics.update(batch_metrics("adversarial", labels, adv_logits,
                                      kl_divergence(clean_logits, adv_logits)))
-        return RecipeOutput(loss_sum=tf.reduce_sum(per_sample), metrics=metrics)
+        return RecipeOutput(loss_sum=ops.sum(per_sample), metrics=metrics)
 
     def passes_per_image(self):
         return self.attack.iterations + 1.0 + 2.0  # attack + the fixed clean pass + loss
