@@ -412,7 +412,12 @@ def run():
               f"{info.num_eval} held-out images); preset: "
               + ", ".join(f"{k}={config.to_dict()[k]}" for k in preset), file=sys.stderr)
     mode = config.run.mode
-    _PROFILE["name"] = robustness_profile(info)
+    if mode == "eval_robustness" and on_jax():
+        raise UsageError("--mode=eval_robustness runs on the TensorFlow engine (its attack "
+                         "suite is TensorFlow's): run it with KERAS_BACKEND=tensorflow on "
+                         "this --model_dir, which reads the JAX engine's checkpoints")
+    if mode == "eval_robustness":
+        _PROFILE["name"] = robustness_profile(info)
     if mode == "eval_robustness" and FLAGS.saved_model_dir:
         return run_saved_model_robustness(config, info)
     try:
@@ -714,6 +719,8 @@ _BAD_DATA_MARKERS = ("image file format", "decode", "corrupted record", "truncat
 
 def _is_bad_input_data(error):
     """An input-pipeline failure caused by the data itself (not by a program bug)."""
+    if "tensorflow" not in sys.modules or sys.modules["tensorflow"] is None:
+        return False  # nothing of TensorFlow ran (the JAX engine without tf.data)
     import tensorflow as tf
 
     if isinstance(error, tf.errors.DataLossError):

@@ -31,10 +31,12 @@ setup(
         "absl-py>=1.0",
         "numpy",
         "matplotlib",  # the robustness report's plots
+        "Pillow",  # the JAX engine's TF-free input path decodes images with it
     ],
-    # -n 2: the suite traces in Python; jax: the backend-neutral layers and models are
-    # tested on Keras' JAX backend too (tests/test_backend_neutral.py).
-    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "jax>=0.4.34"]},
+    # jax: the JAX engine (KERAS_BACKEND=jax). test: -n 2 (the suite traces in Python)
+    # and jax, since the tests check both engines.
+    extras_require={"jax": ["jax>=0.4.34"],
+                    "test": ["pytest>=7", "pytest-xdist>=3", "jax>=0.4.34"]},
     py_modules=["main"],
     entry_points={"console_scripts": ["efficientnet-advprop=main:console_main"]},
     license="Apache-2.0",

@@ -190,10 +190,24 @@ def train(run, on_checkpoint=None):
                                  on_checkpoint=on_checkpoint)
 
 
-def restore(run):
-    """Loads the newest checkpoint of model_dir; ConfigError when there is none."""
-    if run.trainer.restore() == 0:
+def restore(run, log=_stderr):
+    """Loads the newest checkpoint of model_dir -- the TF engine's, or else the JAX
+    engine's (ckpt-<step>.npz: its EMA weights, where it kept them, go into the model
+    and the EMA shadows, so evaluation sees the same averages); ConfigError when there
+    is none."""
+    if run.trainer.restore() > 0:
+        return
+    from efficientnet_advprop.export_checkpoint import load_jax_checkpoint, newest_jax_checkpoint
+
+    path = newest_jax_checkpoint(run.config.run.model_dir)
+    if path is None:
         raise ConfigError("model_dir", run.config.run.model_dir, "no checkpoint to evaluate")
+    step, ema = load_jax_checkpoint(run.trainer.model, path)
+    if run.trainer.ema is not None:
+        run.trainer.ema.reset()
+    run.trainer.step.assign(step)
+    log(f"restored the JAX engine's {os.path.basename(path)} (step {step}"
+        f"{', EMA weights' if ema else ''})")
 
 
 def evaluate(run, log=_stderr):

@@ -128,16 +128,20 @@ def _device_augment(config):
     """The compiled step's augmentation on the TF-free path (None on tf.data)."""
     from efficientnet_advprop.data import numpy_input
 
+    if config.data.auto_augment:
+        raise ConfigError("auto_augment", config.data.auto_augment,
+                          "AutoAugment/RandAugment need TensorFlow's tf.data pipeline, which "
+                          "is not installed here; pass --auto_augment=none (the TF-free "
+                          "input path does pad-crop-flip)")
     if config.data.augmentation == "none":
         return None
-    if config.data.augmentation != "cifar" or config.data.auto_augment:
-        raise ConfigError(
-            "augmentation", config.data.augmentation + (
-                f" with auto_augment={config.data.auto_augment}"
-                if config.data.auto_augment else ""),
-            "the TF-free input path (no TensorFlow here) does pad-crop-flip ('cifar') or "
-            "'none' only; install TensorFlow for the tf.data pipeline's augmentations")
-    return lambda images, seed: numpy_input.pad_crop_flip(images, seed)
+    if config.data.augmentation not in ("cifar", "cifar_zeros"):
+        raise ConfigError("augmentation", config.data.augmentation,
+                          "the TF-free input path (no TensorFlow here) does pad-crop-flip "
+                          "('cifar', 'cifar_zeros') or 'none'; install TensorFlow for the "
+                          "tf.data pipeline's augmentations")
+    mode = "reflect" if config.data.augmentation == "cifar" else "constant"
+    return lambda images, seed: numpy_input.pad_crop_flip(images, seed, mode=mode)
 
 
 def prepare(config, info=None, log=_stderr, input_path="auto"):
@@ -273,8 +277,11 @@ def export(run, export_dir, bn_set="main", formats=("saved_model",)):
     command = [sys.executable, "-m", "efficientnet_advprop.export_checkpoint",
                f"--model_dir={run.config.run.model_dir}", f"--export_dir={export_dir}",
                f"--bn_set={bn_set}", f"--formats={','.join(formats)}"]
-    env = dict(os.environ, KERAS_BACKEND="tensorflow")
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", PYTHONPATH=path)
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"export failed: {done.stderr.strip().splitlines()[-1:]}")
+        lines = done.stderr.strip().splitlines() or ["(no output)"]
+        raise RuntimeError(f"export of {run.config.run.model_dir} failed: {lines[-1]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["bn_set"]

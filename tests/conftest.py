@@ -1,14 +1,26 @@
-"""Test set-up: two logical CPU devices so tf.distribute strategies run for real."""
+"""Test set-up: two logical CPU devices so tf.distribute strategies run for real.
+
+Under KERAS_BACKEND=jax (the JAX tier: `KERAS_BACKEND=jax python -m pytest
+tests/test_core_on_jax.py`) TensorFlow is blocked from import, as on a machine that
+has only jax and keras, and XLA gets two host devices so the data-parallel step runs
+for real.
+"""
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ON_JAX = os.environ.get("KERAS_BACKEND") == "jax"
 
-import tensorflow as tf  # noqa: E402
+if ON_JAX:
+    sys.modules["tensorflow"] = None  # any `import tensorflow` now fails
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+else:
+    import tensorflow as tf
 
-_cpus = tf.config.list_physical_devices("CPU")
-tf.config.set_logical_device_configuration(
-    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+    _cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(
+        _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
 import pytest  # noqa: E402
 
@@ -29,6 +41,8 @@ def run_main(*args, cwd, timeout=600):
 
 @pytest.fixture(scope="session")
 def two_device_strategy():
+    import tensorflow as tf
+
     # One strategy per process, as in real use: two MirroredStrategy objects hand out
     # the same collective instance keys, and the runtime caches a shape per key.
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -39,6 +53,7 @@ def read_cifar_slice(per_class, offset=0):
     import tarfile
 
     import numpy as np
+    import tensorflow as tf
 
     classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                "ship", "truck"]

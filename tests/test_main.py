@@ -105,18 +105,18 @@ def test_existing_export_dir_is_refused_before_training(tmp_path):
 
 @pytest.mark.slow  # ~30 s; the recipe itself is tested in test_recipes.py
 def test_fast_advprop_run_calibrates_the_budget_and_reports_both_bn_sets(tmp_path):
-    # 8 adversarial images of 40 in two ghost-BN groups of 4: below the default
-    # minimum of 16, so the test asks for it explicitly.
+    # 12 adversarial images of 60 in three ghost-BN groups of 4 (the shuffle needs
+    # three): below the default minimum of 16, so the test asks for it explicitly.
     result = run_main("--recipe=fast_advprop", "--model=resnet-18-cifar",
-                      "--train_epochs=0.012", "--train_batch_size=40", "--min_bn_batch=4",
+                      "--train_epochs=0.024", "--train_batch_size=60", "--min_bn_batch=4",
                       "--shuffle_bn_group_size=4",
                       f"--model_dir={tmp_path / 'm'}", "--num_eval_images=40",
                       "--eval_attack_iterations=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "budget calibration: derived: 0.012 epochs / 1.20" in result.stderr
+    assert "budget calibration: derived: 0.024 epochs / 1.20" in result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    # 0.012 epochs of 375 steps = 4.5 -> / 1.2 = 3.75 -> 4 steps (vanilla would take 5)
-    assert out["step"] == 4
+    # 0.024 epochs of 250 steps = 6 -> / 1.2 = 5 steps (vanilla would take 6)
+    assert out["step"] == 5
     assert {"clean_accuracy", "aux_bn_clean_accuracy", "aux_bn_pgd1_eps1_accuracy"} <= set(out)
 
 

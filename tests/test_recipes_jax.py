@@ -284,10 +284,6 @@ def _check_run(results, run, kind):
     assert results["backend"] == "jax"
     assert results["tensorflow_modules_loaded"] == 0
     got = results[run]
-    if "error" in got and RUNS[run][0] == "nofrost_star" and "deepaugment" in got[
-            "traceback"] and "tensorflow" in got["error"]:
-        pytest.xfail("NoFrost*'s DeepAugment-style view (efficientnet_advprop/data/"
-                     "deepaugment.py) still imports TensorFlow")
     assert "error" not in got, got.get("traceback")
     for mode in ("eager", "jit"):
         _check(got[mode], run, kind)

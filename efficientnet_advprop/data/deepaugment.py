@@ -43,16 +43,17 @@ One random network per call: every image of the batch goes through the same netw
 networks would need grouped convolutions, one network per call keeps the cost at three
 small convolutions.  The weights are plain tensors
 computed in-graph from the seeds, not variables, so nothing is tracked by Keras models or
-checkpoints.  Randomness is stateless (``tf.random.stateless_*`` with
-``stateless_fold_in`` sub-seeds; see :mod:`efficientnet_advprop.data.mixing` for the
-integer-based draws that make eager and XLA agree); ``conv2d`` compiles under
-``jit_compile=True``.  Under ``tf.distribute`` fold the replica id into the seed for
+checkpoints.  Randomness is stateless (the integer-based draws of
+:mod:`efficientnet_advprop.data.mixing`, which make eager and XLA agree); written in
+keras.ops, it runs on both engines and compiles under ``jit_compile=True`` and
+``jax.jit``.  Under ``tf.distribute`` fold the replica id into the seed for
 per-replica networks.
 """
 
 import math
 
-import tensorflow as tf
+import keras
+from keras import ops
 
 from efficientnet_advprop.data.mixing import canonical_seed
 from efficientnet_advprop.data.mixing import stateless_standard_normal
@@ -77,14 +78,15 @@ def _shapes():
 
 def _split(flat, shapes):
     sizes = [math.prod(shape) for shape in shapes]
-    return [tf.reshape(part, shape) for part, shape in zip(tf.split(flat, sizes), shapes)]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    return [ops.reshape(flat[offsets[i]:offsets[i + 1]], shape) for i, shape in enumerate(shapes)]
 
 
 def _base_weights():
     """He-normal W1, W2 drawn from BASE_SEED (float32 [k, k, c_in, c_out])."""
     shapes = _shapes()[:2]
     normal = stateless_standard_normal([sum(math.prod(s) for s in shapes)],
-                                       tf.constant(BASE_SEED, tf.int32))
+                                       ops.convert_to_tensor(BASE_SEED, "int32"))
     return [math.sqrt(2.0 / (KERNEL * KERNEL * shape[2])) * w
             for shape, w in zip(shapes, _split(normal, shapes))]
 
@@ -94,7 +96,7 @@ def random_network(seed, strength=DEFAULT_STRENGTH):
     seed = canonical_seed(seed)
     if isinstance(strength, (int, float)) and not strength >= 0:
         raise ValueError(f"strength={strength}: must be >= 0")
-    strength = tf.cast(strength, tf.float32)
+    strength = ops.cast(strength, "float32")
     shapes = _shapes()
     c1, c2 = CHANNELS[1], CHANNELS[2]
     # Two random ops per call: all normals, and the uniforms for the filter signs.
@@ -102,17 +104,17 @@ def random_network(seed, strength=DEFAULT_STRENGTH):
     normal = stateless_standard_normal([sum(math.prod(s) for s in noise_shapes)], seed)
     n1, n2, n3, nb1, nb2 = _split(normal, noise_shapes)
     u = stateless_uniform01([c1 + c2], sub_seed(seed, 1))
-    sign = tf.where(u < FLIP_PROB, -1.0, tf.where(u < FLIP_PROB + ZERO_PROB, 0.0, 1.0))
-    signs = tf.split(sign, [c1, c2])
+    sign = ops.where(u < FLIP_PROB, -1.0, ops.where(u < FLIP_PROB + ZERO_PROB, 0.0, 1.0))
+    signs = [sign[:c1], sign[c1:c1 + c2]]
     params = []
     for base, noise, s, nb in zip(_base_weights(), (n1, n2), signs, (nb1, nb2)):
         w = base * (1.0 + strength * noise) * s
         # Keep the layer's overall scale (Frobenius norm) that of the base weights.
-        w = w * tf.norm(base) / tf.maximum(tf.norm(w), 1e-12)
+        w = w * ops.sqrt(ops.sum(ops.square(base))) / ops.maximum(ops.sqrt(ops.sum(ops.square(w))), 1e-12)
         params.append((w, strength * BIAS_STD * nb))
-    n3 = n3 * tf.math.rsqrt(tf.reduce_mean(tf.square(n3)))  # unit RMS
+    n3 = n3 * ops.rsqrt(ops.mean(ops.square(n3)))  # unit RMS
     w3 = (strength * OUT_GAIN / math.sqrt(KERNEL * KERNEL * c2)) * n3
-    params.append((w3, tf.zeros([CHANNELS[3]], tf.float32)))
+    params.append((w3, ops.zeros([CHANNELS[3]], "float32")))
     return params
 
 
@@ -120,15 +122,15 @@ def deep_augment(images, seed, strength=DEFAULT_STRENGTH):
     """Passes float [B, H, W, 3] images in [0, 255] through a random network drawn from
     ``seed`` (perturbation ``strength``, default ``DEFAULT_STRENGTH``); returns the same
     shape and dtype, clipped to [0, 255].  See the module docstring."""
-    images = tf.convert_to_tensor(images)
-    if images.shape.rank != 4 or images.shape[-1] != 3:
+    images = ops.convert_to_tensor(images)
+    if len(images.shape) != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be [B, H, W, 3], got {images.shape}")
-    if not images.dtype.is_floating:
+    if not keras.backend.is_float_dtype(images.dtype):
         raise ValueError(f"images must be floating point, got {images.dtype}")
     (w1, b1), (w2, b2), (w3, b3) = random_network(seed, strength)
-    x = tf.cast(images, tf.float32)
+    x = ops.cast(images, "float32")
     h = x * (1.0 / 255.0) - 0.5
-    h = tf.nn.relu(tf.nn.conv2d(h, w1, 1, "SAME") + b1)
-    h = tf.nn.relu(tf.nn.conv2d(h, w2, 1, "SAME") + b2)
-    out = x + 255.0 * (tf.nn.conv2d(h, w3, 1, "SAME") + b3)
-    return tf.cast(tf.clip_by_value(out, 0.0, 255.0), images.dtype)
+    h = ops.relu(ops.conv(h, w1, 1, "same") + b1)
+    h = ops.relu(ops.conv(h, w2, 1, "same") + b2)
+    out = x + 255.0 * (ops.conv(h, w3, 1, "same") + b3)
+    return ops.cast(ops.clip(out, 0.0, 255.0), images.dtype)

@@ -29,14 +29,21 @@ from the same seed:
   make_seed(a, b), fold_in(seed, tag), uniform(shape, seed, minval, maxval, dtype)
   (an integer dtype draws integers in [minval, maxval)), normal(shape, seed),
   gamma(shape, seed, alpha), shuffle(x, seed) (a permutation of axis 0).
+  fixed_draws(): a context in which every one of these draws from NumPy, keyed by
+    the seed's value, so that both backends draw the same numbers (eager code only:
+    the seeds must be concrete). The engine parity tests run recipes inside it.
 
 The implementation is chosen by `keras.backend.backend()` when first used; importing
 this module imports neither TensorFlow nor JAX.
 """
 
+import contextlib
+
 import keras
+import numpy as np
 
 _IMPL = {}
+_FIXED = {"on": False}
 
 
 def _impl():
@@ -88,25 +95,64 @@ def input_gradient(fn, x):
 
 
 # --------------------------------------------------------------------------- random
+@contextlib.contextmanager
+def fixed_draws():
+    """Random draws from NumPy keyed by the (concrete) seed, equal on both backends."""
+    previous, _FIXED["on"] = _FIXED["on"], True
+    try:
+        yield
+    finally:
+        _FIXED["on"] = previous
+
+
+def _rng(seed, *extra):
+    words = [int(w) & 0xFFFFFFFF for w in np.asarray(keras.ops.convert_to_numpy(seed))
+             .reshape(-1)]
+    return np.random.default_rng(words + [int(e) & 0xFFFFFFFF for e in extra])
+
+
+def _shape(shape):
+    return tuple(int(s) for s in shape)
+
+
 def make_seed(a, b=0):
     return _impl().make_seed(a, b)
 
 
 def fold_in(seed, tag):
+    if _FIXED["on"]:
+        tag = int(keras.ops.convert_to_numpy(tag))
+        return _impl().make_seed(*_rng(seed, tag).integers(0, 2**31 - 1, 2).tolist())
     return _impl().fold_in(seed, tag)
 
 
 def uniform(shape, seed, minval=0.0, maxval=1.0, dtype="float32"):
+    if _FIXED["on"]:
+        if np.issubdtype(np.dtype(dtype), np.integer):
+            values = _rng(seed).integers(minval, maxval, _shape(shape))
+        else:
+            values = _rng(seed).uniform(minval, maxval, _shape(shape))
+        return keras.ops.convert_to_tensor(values.astype(dtype))
     return _impl().uniform(shape, seed, minval, maxval, dtype)
 
 
 def normal(shape, seed, dtype="float32"):
+    if _FIXED["on"]:
+        values = _rng(seed).standard_normal(_shape(shape))
+        return keras.ops.convert_to_tensor(values.astype(dtype))
     return _impl().normal(shape, seed, dtype)
 
 
 def gamma(shape, seed, alpha, dtype="float32"):
+    if _FIXED["on"]:
+        alpha = np.asarray(keras.ops.convert_to_numpy(alpha), np.float64)
+        values = _rng(seed).gamma(np.broadcast_to(alpha, _shape(shape)))
+        return keras.ops.convert_to_tensor(values.astype(dtype))
     return _impl().gamma(shape, seed, alpha, dtype)
 
 
 def shuffle(x, seed):
+    if _FIXED["on"]:
+        order = _rng(seed).permutation(int(x.shape[0]))
+        return keras.ops.take(x, keras.ops.convert_to_tensor(order.astype("int32")), axis=0)
     return _impl().shuffle(x, seed)

@@ -18,8 +18,9 @@ _EXPORTS = {
     "run_lock": ("RunLock", "RunLockedError"),
     "schedules": ("WarmupCosineDecay", "WarmupExponentialDecay", "WarmupStepDecay",
                   "scaled_learning_rate"),
-    "trainer": ("PRECISIONS", "InputDataError", "TrainConfig", "Trainer", "TrainingError",
-                "set_global_seed"),
+    "loop": ("PRECISIONS", "InputDataError", "TrainConfig", "TrainingError"),
+    "trainer": ("Trainer", "set_global_seed"),
+    "jax_engine": ("JaxTrainer",),
     "recipe_model": ("RecipeMetrics", "RecipeModel"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
