@@ -16,6 +16,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import keras
 
+from efficientnet_advprop.layers.depthwise import DepthwiseConv2D
 from efficientnet_advprop.layers.preprocessing import InputNormalization
 from efficientnet_advprop.layers.stochastic_depth import StochasticDepth
 from efficientnet_advprop.models.initializers import he_normal_fan_out, symmetric_uniform
@@ -244,10 +245,8 @@ def _mbconv_block(x, spec, norm):
                                 name=p + "expand_conv")(x)
         x = norm(p + "expand_bn")(x)
         x = keras.layers.Activation("swish", name=p + "expand_activation")(x)
-    x = keras.layers.DepthwiseConv2D(a.kernel_size, strides=a.strides, padding="same",
-                                     use_bias=False,
-                                     depthwise_initializer=he_normal_fan_out(),
-                                     name=p + "dwconv")(x)
+    x = DepthwiseConv2D(a.kernel_size, strides=a.strides, padding="same", use_bias=False,
+                        depthwise_initializer=he_normal_fan_out(), name=p + "dwconv")(x)
     x = norm(p + "bn")(x)
     x = keras.layers.Activation("swish", name=p + "activation")(x)
     if a.se_ratio is not None and 0 < a.se_ratio <= 1:

@@ -12,6 +12,7 @@ Replicas:
     `group_size` consecutive replicas that include this one (one replica on JAX).
   all_gather(x) -> x of every replica concatenated along axis 0 (JAX: x).
   replica_sum(values) -> a list of tensors summed over replicas (JAX: unchanged).
+  shifted_depthwise() -> True on the JAX engine on a CPU (layers/depthwise.py).
 
 Gradients (the one thing Keras 3 leaves to each backend):
   value_and_grad(fn, variables, inputs=()) -> (value, aux, variable_grads, input_grads)
@@ -77,6 +78,12 @@ def grouped_replica_mean(values, group_size):
 
 def all_gather(x):
     return _impl().all_gather(x)
+
+
+def shifted_depthwise():
+    """Whether depthwise convolutions should run as shifted multiply-adds (the JAX
+    engine on a CPU, where XLA's grouped convolution is slow; layers/depthwise.py)."""
+    return _impl().shifted_depthwise()
 
 
 def replica_sum(values):

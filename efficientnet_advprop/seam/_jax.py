@@ -43,6 +43,10 @@ def _current(variable, outer):
     return variable.value if value is None else value
 
 
+def shifted_depthwise():
+    return jax.default_backend() == "cpu"
+
+
 def value_and_grad(fn, variables, inputs):
     """`fn` runs in a scope where `variables` read the traced values being
     differentiated; every other variable reads the enclosing scope's value. Variables
