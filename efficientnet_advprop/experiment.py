@@ -197,7 +197,7 @@ def restore(run, log=_stderr):
     is none."""
     if run.trainer.restore() > 0:
         return
-    from efficientnet_advprop.export_checkpoint import load_jax_checkpoint, newest_jax_checkpoint
+    from efficientnet_advprop.training.loop import load_jax_checkpoint, newest_jax_checkpoint
 
     path = newest_jax_checkpoint(run.config.run.model_dir)
     if path is None:

@@ -12,20 +12,18 @@ import numpy as np
 
 
 def _table():
-    poly = 0x82F63B78  # Castagnoli, reflected
-    table = np.zeros(256, np.uint32)
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ poly if c & 1 else c >> 1
-        table[n] = c
-    return [int(x) for x in table]
+    table = np.arange(256, dtype=np.uint32)
+    for _ in range(8):  # Castagnoli, reflected polynomial 0x82F63B78
+        table = np.where(table & 1, (table >> 1) ^ np.uint32(0x82F63B78), table >> 1)
+    return table.astype(np.uint32)
 
 
-_TABLE = _table()
+CRC32C_TABLE = _table()  # numpy uint32 [256]; data/tfrecord_lite.py vectorises with it
+_TABLE = [int(v) for v in CRC32C_TABLE]
 
 
 def crc32c(data):
+    """CRC-32C of bytes (or a sequence of byte values), in Python."""
     crc = 0xFFFFFFFF
     table = _TABLE
     for byte in data:

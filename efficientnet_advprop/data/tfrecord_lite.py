@@ -46,6 +46,9 @@ import zlib
 
 import numpy as np
 
+from efficientnet_advprop.records import CRC32C_TABLE
+from efficientnet_advprop.records import crc32c as crc32c_bytes
+
 METADATA_FILE = "dataset_info.json"
 SPLIT_PREFIX = {"train": "train", "eval": "validation", "validation": "validation"}
 IMAGE_KEY = "image/encoded"
@@ -54,27 +57,9 @@ LABEL_KEY = "image/class/label"
 # ---------------------------------------------------------------------------
 # CRC-32C (Castagnoli), reflected polynomial 0x82F63B78.
 # ---------------------------------------------------------------------------
-_POLY = 0x82F63B78
 _MASK_DELTA = 0xA282EAD8
-
-
-def _make_table():
-    table = np.arange(256, dtype=np.uint32)
-    for _ in range(8):
-        table = np.where(table & 1, (table >> 1) ^ np.uint32(_POLY), table >> 1)
-    return table.astype(np.uint32)
-
-
-_TABLE = _make_table()
-_TABLE_LIST = [int(v) for v in _TABLE]
-
-
-def _crc32c_py(data):
-    crc = 0xFFFFFFFF
-    table = _TABLE_LIST
-    for b in data:
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
+_TABLE = CRC32C_TABLE
+_crc32c_py = crc32c_bytes  # one record at a time, in Python (short records)
 
 
 @functools.lru_cache(maxsize=16)

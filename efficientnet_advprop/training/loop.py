@@ -10,6 +10,7 @@ import json
 import os
 
 import keras
+import numpy as np
 
 from efficientnet_advprop.layers.split_batch_norm import SplitBatchNorm
 from efficientnet_advprop.training.schedules import (WarmupCosineDecay,
@@ -199,3 +200,25 @@ def jax_checkpoint_paths(model_dir):
         return []
     with open(index) as f:
         return [os.path.join(model_dir, name) for name in json.load(f)["checkpoints"]]
+
+
+def newest_jax_checkpoint(model_dir):
+    """The newest ckpt-<step>.npz listed in model_dir's checkpoint.json, or None."""
+    listed = jax_checkpoint_paths(model_dir)
+    return listed[-1] if listed else None
+
+
+def load_jax_checkpoint(model, path, averaged=True):
+    """Assigns a JAX checkpoint's weights (EMA averages with `averaged`, where the run
+    kept them) to `model`'s variables by layer name; returns (step, used the EMA)."""
+    with np.load(path) as arrays:
+        arrays = dict(arrays)
+    used_ema = averaged and any(k.startswith("ema/") for k in arrays)
+    for key, variable in model_variable_map(model).items():
+        value = arrays.get(f"ema/{key}") if used_ema else None
+        if value is None:
+            if f"model/{key}" not in arrays:
+                raise ValueError(f"{path}: no weights for {key}")
+            value = arrays[f"model/{key}"]
+        variable.assign(np.asarray(value).astype(variable.dtype))
+    return int(arrays["step"]), used_ema
