@@ -1,7 +1,8 @@
 """Export: strip the auxiliary BNs and write a SavedModel or a TFLite model with the
 preprocessing inside.
 
-`strip_auxiliary_bn(model)` clones the functional model with every SplitBatchNorm
+`strip_auxiliary_bn(model)` (models/strip.py, used by the training loops too) clones
+the functional model with every SplitBatchNorm
 replaced by a stock `keras.layers.BatchNormalization` holding the *main* set's gamma,
 beta and moving statistics: the auxiliary variables are not in the result at all. The
 preprocessing layer (ImageNet mean/std or AdvProp [-1, 1]) is part of the model, so the
@@ -15,43 +16,8 @@ import os
 import keras
 import tensorflow as tf
 
-from efficientnet_advprop.layers.split_batch_norm import MAIN, SplitBatchNorm
-
-
-def _clone_layer(layer):
-    if isinstance(layer, SplitBatchNorm):
-        return keras.layers.BatchNormalization(
-            momentum=layer.momentum, epsilon=layer.epsilon, center=layer.center,
-            scale=layer.scale, name=layer.name)
-    return layer.__class__.from_config(layer.get_config())
-
-
-def strip_auxiliary_bn(model, bn_set=MAIN):
-    """A copy of `model` that normalises with BN set `bn_set` only, as stock layers.
-
-    The weights are read in cross-replica context, so moving statistics are the mean
-    over replicas. Pass bn_set > 0 to export an auxiliary set instead (for analysis).
-    Nested functional sub-models (the stage groups of the deep ResNets) are cloned
-    layer by layer too.
-    """
-    clean = keras.models.clone_model(model, clone_function=_clone_layer, recursive=True)
-    targets = {layer.name: layer
-               for layer in clean._flatten_layers(include_self=False, recursive=True)}
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if not layer.weights or isinstance(layer, keras.Model):
-            continue  # a nested model's variables are set through its own layers
-        target = targets[layer.name]
-        if isinstance(layer, SplitBatchNorm):
-            values = []
-            if layer.scale:
-                values.append(layer.gammas[bn_set])
-            if layer.center:
-                values.append(layer.betas[bn_set])
-            values += [layer.moving_means[bn_set], layer.moving_variances[bn_set]]
-            target.set_weights([keras.ops.convert_to_numpy(v) for v in values])
-        else:
-            target.set_weights(layer.get_weights())
-    return clean
+from efficientnet_advprop.layers.split_batch_norm import MAIN
+from efficientnet_advprop.models.strip import strip_auxiliary_bn  # noqa: F401 (re-exported)
 
 
 def export_saved_model(model, export_dir, *, metadata=None, eval_crop="inception",

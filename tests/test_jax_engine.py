@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
+from efficientnet_advprop.recipes import RECIPES
 
 RUNNER = os.path.join(REPO_ROOT, "tests", "jax_main.py")
 TINY = ["--model_name=resnet-18-cifar", "--width_multiplier=0.125", "--auto_augment=none",
@@ -59,11 +60,13 @@ def test_advprop_trains_and_evaluates_with_tensorflow_blocked(tmp_path):
 
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     """Weights, optimizer slots, EMA, seed-generator states and the data position
-    come back from the checkpoint: 2 + 2 steps give the 4-step run's state bitwise."""
+    come back from the checkpoint: 2 + 2 steps give the 4-step run's state bitwise.
+    The uninterrupted run takes two steps per call, the resumed one one: the
+    several-steps call computes what single steps do."""
     common = ["--recipe=advprop", *TINY, "--checkpoint_every_steps=2", "--mode=train"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    last_json(run_jax(*common, "--train_steps=4", f"--model_dir={straight}", block_tf=True,
-                      cwd=tmp_path))
+    last_json(run_jax(*common, "--train_steps=4", "--iterations_per_loop=2",
+                      f"--model_dir={straight}", block_tf=True, cwd=tmp_path))
     last_json(run_jax(*common, "--train_steps=2", f"--model_dir={resumed}", block_tf=True,
                       cwd=tmp_path))
     done = run_jax(*common, "--train_steps=4", f"--model_dir={resumed}", block_tf=True,
@@ -117,3 +120,18 @@ def test_scalars_are_tensorboard_events_and_export_loads_in_tensorflow(tmp_path)
     out = next(iter(logits.values())).numpy()
     assert out.shape[0] == 4 and np.all(np.isfinite(out))
     del metadata
+
+
+@pytest.mark.slow  # 13 runs of about a minute each here
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_every_recipe_runs_through_main_on_jax(tmp_path, recipe):
+    """`KERAS_BACKEND=jax python main.py --recipe=R --train_steps=3` with the recipe's
+    defaults (its paper's model where it names one; the small ResNet otherwise keeps
+    the run short), with TensorFlow's tf.data feeding it."""
+    model = [] if RECIPES[recipe].paper.get("model_name") else ["--model=resnet-18-cifar"]
+    done = run_jax(f"--recipe={recipe}", *model, "--train_steps=3", "--num_eval_images=250",
+                   "--eval_attack_iterations=2", f"--model_dir={tmp_path / 'run'}",
+                   cwd=tmp_path)
+    results = last_json(done)
+    assert results["step"] == 3 and results["engine"] == "jax"
+    assert 0.0 <= results["clean_accuracy"] <= 1.0

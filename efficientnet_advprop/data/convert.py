@@ -231,7 +231,7 @@ def _write_split(
     bar = None
     if progress:
         # pylint: disable-next=g-import-not-at-top
-        from efficientnet_advprop.training.progress import Progress
+        from efficientnet_advprop.utils.progress import Progress
 
         bar = Progress(count, unit="img")
 

@@ -46,8 +46,8 @@ import zlib
 
 import numpy as np
 
-from efficientnet_advprop.records import CRC32C_TABLE
-from efficientnet_advprop.records import crc32c as crc32c_bytes
+from efficientnet_advprop.utils.records import CRC32C_TABLE
+from efficientnet_advprop.utils.records import crc32c as crc32c_bytes
 
 METADATA_FILE = "dataset_info.json"
 SPLIT_PREFIX = {"train": "train", "eval": "validation", "validation": "validation"}

@@ -50,7 +50,7 @@ from efficientnet_advprop.evaluation.distribution_shift import (class_subset_log
 from efficientnet_advprop.evaluation.mbn import MBN_MODES, has_auxiliary_bn, mbn_logits_fn
 from efficientnet_advprop.evaluation.properties import (boundary_thickness,
                                                         decision_margin, kl_smoothness)
-from efficientnet_advprop.training.progress import Progress
+from efficientnet_advprop.utils.progress import Progress
 
 ATTACK_NAMES = ("pgd", "pgd-targeted", "apgd-ce", "apgd-dlr", "apgd-t", "mi-fgsm", "cw",
                 "square", "autoattack")

@@ -62,7 +62,7 @@ from efficientnet_advprop.training.loop import (CHECKPOINT_INDEX, PRECISIONS, Tr
                                                 is_normalization_variable,
                                                 model_variable_map, variable_map)
 from efficientnet_advprop.training.optimizers import make_optimizer
-from efficientnet_advprop.training.progress import Progress
+from efficientnet_advprop.utils.progress import Progress
 from efficientnet_advprop.training.scalar_log import ScalarWriter
 
 def _checkpoint_name(step):

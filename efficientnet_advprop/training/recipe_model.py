@@ -322,6 +322,6 @@ class RecipeModel(keras.Model):
     def export(self, filepath, format="tf_saved_model", **kwargs):
         """Keras' `Model.export` of the deployed network: the wrapped model with its
         auxiliary BNs stripped (`export.strip_auxiliary_bn`)."""
-        from efficientnet_advprop.export import strip_auxiliary_bn
+        from efficientnet_advprop.models.strip import strip_auxiliary_bn
 
         return strip_auxiliary_bn(self.model).export(filepath, format=format, **kwargs)

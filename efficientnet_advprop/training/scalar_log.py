@@ -1,6 +1,6 @@
 """TensorBoard scalars without TensorFlow: an event file written by hand.
 
-An event file is a sequence of records (efficientnet_advprop.records) each holding
+An event file is a sequence of records (efficientnet_advprop.utils.records) each holding
 a serialised `Event` protocol buffer; the few fields used are encoded here:
 Event{wall_time: double = 1, step: int64 = 2, file_version: string = 3,
 summary: Summary = 5}, Summary{value: repeated Value = 1}, Value{tag: string = 1,
@@ -13,7 +13,7 @@ import socket
 import struct
 import time
 
-from efficientnet_advprop.records import frame
+from efficientnet_advprop.utils.records import frame
 
 
 def _varint(value):

@@ -45,7 +45,7 @@ from efficientnet_advprop.training.loop import (  # noqa: F401 (re-exported)
     averaged_variables, dtype_policy, is_normalization_variable, model_variable_map,
     variable_map)
 from efficientnet_advprop.training.optimizers import make_optimizer
-from efficientnet_advprop.training.progress import Progress
+from efficientnet_advprop.utils.progress import Progress
 
 def op_error_reason(error):
     """The first informative line of a TensorFlow error, without {{...}} prefixes."""
