@@ -683,6 +683,12 @@ def main(argv):
         print(f"main.py: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         sys.exit(2)
     # after absl handled --help
+    from absl import logging
+
+    if not FLAGS["verbosity"].present:
+        # TensorFlow's Python INFO lines (checkpoint sharding, signature renaming) go
+        # through absl, which app.run sets to INFO; warnings and errors still show.
+        logging.set_verbosity(logging.WARNING)
     from efficientnet_advprop.training import InputDataError, RunLockedError, TrainingError
 
     try:

@@ -161,7 +161,13 @@ def prepare(config, info=None, log=_stderr, input_path="auto"):
     if config.model.sync_batch_norm_group_size is not None:
         raise ConfigError("sync_batch_norm_group_size", config.model.sync_batch_norm_group_size,
                           "the JAX engine's BN statistics are over the step's whole batch")
+    if run_cfg.precision == "float16":
+        raise ConfigError("precision", "float16", "the JAX engine does no loss scaling; "
+                          "use bfloat16 or float32 (or the TensorFlow engine)")
     devices = jax.local_devices()
+    if config.data.train_batch_size % len(devices):
+        raise ConfigError("train_batch_size", config.data.train_batch_size,
+                          f"is not divisible by the {len(devices)} local devices")
     check_bn_batches(config, num_replicas=len(devices))
     recipe = config.make_recipe()
     kwargs = model_kwargs(config, recipe, (False, None))

@@ -58,6 +58,24 @@ def test_advprop_trains_and_evaluates_with_tensorflow_blocked(tmp_path):
     assert any(k.startswith("optimizer/") for k in arrays)
 
 
+@pytest.mark.parametrize("flags, block_tf, names", [
+    (["--precision=float16"], True, "--precision=float16"),
+    (["--mode=eval_robustness"], True, "--mode=eval_robustness"),
+    (["--auto_augment=v0"], True, "--auto_augment=v0"),
+])
+def test_what_the_jax_engine_cannot_do_is_one_line(tmp_path, flags, block_tf, names):
+    """float16 loss scaling, the robustness suite, and (without TensorFlow)
+    AutoAugment are refused in one line naming the flag, before anything is written."""
+    done = run_jax("--recipe=advprop", "--model_name=resnet-18-cifar",
+                   "--width_multiplier=0.125", *flags, f"--model_dir={tmp_path / 'run'}",
+                   block_tf=block_tf, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"main.py: error: {names}"), last
+    assert "Traceback" not in done.stderr
+    assert not glob.glob(str(tmp_path / "run" / "ckpt-*"))
+
+
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     """Weights, optimizer slots, EMA, seed-generator states and the data position
     come back from the checkpoint: 2 + 2 steps give the 4-step run's state bitwise.
