@@ -38,6 +38,8 @@ import struct
 
 import tensorflow as tf
 
+from efficientnet_advprop.data import tfrecord_lite
+
 METADATA_FILE = "dataset_info.json"
 SPLIT_PREFIX = {"train": "train", "eval": "validation"}
 # Shards whose total size is at most this are loaded into memory for training
@@ -126,27 +128,10 @@ def _file_infos(data_dir, split):
 
 
 def split_file_infos(data_dir, split, holdout_shards=0):
-    """[(path, compression, count or None)] of ``split``'s shard files.
-
-    ``holdout_shards=N`` (N >= 1): "eval"/"validation" is the first N train-*
-    files (by name) and "train" the others, as the official EfficientNet input
-    pipeline's holdout option does.  Raises ValueError unless at least one
-    train-* file is left for training.
-    """
-    holdout_shards = int(holdout_shards or 0)
-    if holdout_shards < 0:
-        raise ValueError(f"--holdout_shards={holdout_shards}: must be >= 0")
-    if not holdout_shards:
-        return _file_infos(data_dir, split)
-    infos = _file_infos(data_dir, "train")
-    if holdout_shards >= len(infos):
-        raise ValueError(
-            f"--holdout_shards={holdout_shards}: must be less than the "
-            f"{len(infos)} train-* TFRecord files in --data_dir={data_dir}"
-        )
-    if SPLIT_PREFIX.get(split, split) == "train":
-        return infos[holdout_shards:]
-    return infos[:holdout_shards]
+    """[(path, compression, count or None)] of ``split``'s shard files, with the
+    holdout rule of `tfrecord_lite.holdout_file_infos` (the first N train-* files are
+    "eval" when ``holdout_shards=N`` >= 1)."""
+    return tfrecord_lite.holdout_file_infos(_file_infos, data_dir, split, holdout_shards)
 
 
 def split_size(data_dir, split, holdout_shards=0):

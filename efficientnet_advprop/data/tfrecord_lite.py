@@ -383,21 +383,18 @@ def _file_infos(data_dir, split):
             for path in list_files(data_dir, split)]
 
 
-def split_file_infos(data_dir, split, holdout_shards=0):
-    """[(path, compression, record count or None)] of ``split``'s shard files.
-
-    Same rules as the TensorFlow reader: ``holdout_shards=N >= 1`` makes the first N
-    train-* files (sorted) the "eval"/"validation" split and the other train-* files
-    "train" (validation-* files are then not read); N must leave a train-* file.
-    """
-    if not os.path.isdir(data_dir):
-        raise ValueError(f"--data_dir={data_dir}: directory does not exist")
+def holdout_file_infos(file_infos, data_dir, split, holdout_shards=0):
+    """The holdout rule over a listing ``file_infos(data_dir, split)`` (this module's,
+    or the TensorFlow reader's, which also lists gs:// folders): ``holdout_shards=N``
+    >= 1 makes the first N train-* files (sorted) the "eval"/"validation" split and the
+    other train-* files "train" (validation-* files are then not read), as the official
+    EfficientNet input pipeline's holdout option; N must leave a train-* file."""
     holdout_shards = int(holdout_shards or 0)
     if holdout_shards < 0:
         raise ValueError(f"--holdout_shards={holdout_shards}: must be >= 0")
     if not holdout_shards:
-        return _file_infos(data_dir, split)
-    infos = _file_infos(data_dir, "train")
+        return file_infos(data_dir, split)
+    infos = file_infos(data_dir, "train")
     if holdout_shards >= len(infos):
         raise ValueError(
             f"--holdout_shards={holdout_shards}: must be less than the "
@@ -405,6 +402,14 @@ def split_file_infos(data_dir, split, holdout_shards=0):
     if SPLIT_PREFIX.get(split, split) == "train":
         return infos[holdout_shards:]
     return infos[:holdout_shards]
+
+
+def split_file_infos(data_dir, split, holdout_shards=0):
+    """[(path, compression, record count or None)] of ``split``'s shard files, with
+    the TensorFlow reader's rules (:func:`holdout_file_infos`)."""
+    if not os.path.isdir(data_dir):
+        raise ValueError(f"--data_dir={data_dir}: directory does not exist")
+    return holdout_file_infos(_file_infos, data_dir, split, holdout_shards)
 
 
 def read_split(data_dir, split, holdout_shards=0, verify_crc=True):

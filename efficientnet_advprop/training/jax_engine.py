@@ -59,11 +59,12 @@ from efficientnet_advprop.training.gradients import mean_gradients, regularize_g
 from efficientnet_advprop.training.loop import (CHECKPOINT_INDEX, PRECISIONS, TrainingError,
                                                 as_extras, jax_checkpoint_paths,
                                                 averaged_variables, dtype_policy,
-                                                is_normalization_variable,
+                                                MetricWindows, is_normalization_variable,
                                                 model_variable_map, variable_map)
 from efficientnet_advprop.training.optimizers import make_optimizer
-from efficientnet_advprop.utils.progress import Progress
 from efficientnet_advprop.training.scalar_log import ScalarWriter
+from efficientnet_advprop.utils.progress import Progress
+
 
 def _checkpoint_name(step):
     return f"ckpt-{int(step)}.npz"
@@ -186,9 +187,10 @@ class JaxTrainer:
         non_trainable = [scope.get_current_value(v) for v in self._non_trainable]
         non_trainable = [old if new is None else new
                          for new, old in zip(non_trainable, state["non_trainable"])]
-        # A variable the recipe does not touch (vanilla's auxiliary BNs) gets a zero
-        # gradient: with no gradient ever, its optimizer slots stay zero and it does
-        # not move, as the TF engine leaves it alone.
+        # A variable the recipe does not touch (vanilla's auxiliary BNs: zeros from
+        # jax.grad, or None) gets a zero gradient: with no gradient ever, every
+        # optimizer's update of it stays zero, as the TF engine leaves it alone (they
+        # are normalisation parameters, so no weight decay is added to them either).
         grads = [jnp.zeros_like(v) if g is None else g
                  for g, v in zip(grads, state["trainable"])]
         trainable, optimizer = self.optimizer.stateless_apply(
@@ -363,7 +365,7 @@ class JaxTrainer:
         iterator = iter(batches_fn(start))
         writer = self._summary_writer()
         progress = Progress(config.train_steps, initial=start)
-        window, summary_window, last = {}, {}, {}
+        windows, last = MetricWindows(), {}
         step = start
         timed_from = timed_start = None
         while step < config.train_steps:
@@ -386,20 +388,13 @@ class JaxTrainer:
             self.step = step
             if timed_from is None:  # the first call compiles: not timed
                 timed_from, timed_start = time.perf_counter(), step
-            for acc in (window, summary_window):
-                for k, (s, c) in values.items():
-                    old = acc.get(k, (0.0, 0.0))
-                    acc[k] = (old[0] + s, old[1] + c)
-            means = {k: s / max(c, 1.0) for k, (s, c) in window.items()}
-            postfix = " ".join(f"{k.split('/')[1][:3]}_{k.split('/')[0][:3]}={v:.3f}"
-                               for k, v in sorted(means.items()))
-            progress.update(length, length * config.global_batch_size, postfix)
+            windows.add(values)
+            progress.update(length, length * config.global_batch_size, windows.postfix())
             if step % config.summary_every_steps == 0 or step == config.train_steps:
-                last = {k: s / max(c, 1.0) for k, (s, c) in summary_window.items()}
+                last = windows.take()
                 scalars = dict(last, learning_rate=self.learning_rate(step - 1),
                                images_per_second=progress.rate)
                 writer.write(step, scalars)
-                summary_window, window = {}, {}
             if step % config.checkpoint_every_steps == 0 or step == config.train_steps:
                 self.save()
                 if on_checkpoint:

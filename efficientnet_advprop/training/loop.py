@@ -189,6 +189,33 @@ def as_extras(extras):
     return {"source_tags": extras}
 
 
+class MetricWindows:
+    """The training loops' running metric sums: (sum, count) per name, summed since the
+    last TensorBoard summary; the progress bar shows their means."""
+
+    def __init__(self):
+        self._sums = {}
+
+    def add(self, values):
+        """Adds one call's {name: (sum, count)}."""
+        for k, (s, c) in values.items():
+            old = self._sums.get(k, (0.0, 0.0))
+            self._sums[k] = (old[0] + s, old[1] + c)
+
+    def means(self):
+        return {k: s / max(c, 1.0) for k, (s, c) in self._sums.items()}
+
+    def postfix(self):
+        """The progress bar's text: "adv_acc=0.123 cle_los=2.345 ..."."""
+        return " ".join(f"{k.split('/')[1][:3]}_{k.split('/')[0][:3]}={v:.3f}"
+                        for k, v in sorted(self.means().items()))
+
+    def take(self):
+        """The means since the last take (what a summary writes), and a fresh start."""
+        means, self._sums = self.means(), {}
+        return means
+
+
 # The JAX engine's checkpoint index in model_dir (its checkpoints: ckpt-<step>.npz).
 CHECKPOINT_INDEX = "checkpoint.json"
 

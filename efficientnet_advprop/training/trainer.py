@@ -41,9 +41,9 @@ from efficientnet_advprop.training.agc import is_classifier_variable
 from efficientnet_advprop.training.ema import ExponentialMovingAverage
 from efficientnet_advprop.training.gradients import mean_gradients, regularize_gradients
 from efficientnet_advprop.training.loop import (  # noqa: F401 (re-exported)
-    NORM_LAYERS, PRECISIONS, InputDataError, TrainConfig, TrainingError, as_extras,
-    averaged_variables, dtype_policy, is_normalization_variable, model_variable_map,
-    variable_map)
+    NORM_LAYERS, PRECISIONS, InputDataError, MetricWindows, TrainConfig, TrainingError,
+    as_extras, averaged_variables, dtype_policy, is_normalization_variable,
+    model_variable_map, variable_map)
 from efficientnet_advprop.training.optimizers import make_optimizer
 from efficientnet_advprop.utils.progress import Progress
 
@@ -408,8 +408,7 @@ class Trainer:
         iterator = iter(dist)
         writer = self._summary_writer()
         progress = Progress(config.train_steps, initial=start)
-        window = {}
-        summary_window = {}
+        windows = MetricWindows()
         last = {}
         step = start
         timed_from = timed_start = None
@@ -436,23 +435,15 @@ class Trainer:
             step += length
             if timed_from is None:  # the first call traces (and compiles): not timed
                 timed_from, timed_start = time.perf_counter(), step
-            for acc in (window, summary_window):
-                for k, (s, c) in values.items():
-                    old = acc.get(k, (0.0, 0.0))
-                    acc[k] = (old[0] + s, old[1] + c)
-            means = {k: s / max(c, 1.0) for k, (s, c) in window.items()}
-            postfix = " ".join(f"{k.split('/')[1][:3]}_{k.split('/')[0][:3]}={v:.3f}"
-                               for k, v in sorted(means.items()))
-            progress.update(length, length * config.global_batch_size, postfix)
+            windows.add(values)
+            progress.update(length, length * config.global_batch_size, windows.postfix())
             if step % config.summary_every_steps == 0 or step == config.train_steps:
-                last = {k: s / max(c, 1.0) for k, (s, c) in summary_window.items()}
+                last = windows.take()
                 with writer.as_default(step=step):
                     for k, v in last.items():
                         tf.summary.scalar(k, v)
                     tf.summary.scalar("learning_rate", self.learning_rate(step - 1))
                     tf.summary.scalar("images_per_second", progress.rate)
-                summary_window = {}
-                window = {}
             if step % config.checkpoint_every_steps == 0 or step == config.train_steps:
                 self.save()
                 if sample_images is not None:
