@@ -170,6 +170,11 @@ def prepare(config, info=None, log=_stderr, input_path="auto"):
                           f"is not divisible by the {len(devices)} local devices")
     check_bn_batches(config, num_replicas=len(devices))
     recipe = config.make_recipe()
+    if recipe.input_views:  # NoFrost*'s TDA view
+        raise ConfigError("recipe", config.recipe.name,
+                          "its second view (TDA) is made in the tf.data pipeline by ops "
+                          "that follow Keras' backend, which is JAX here; train it on "
+                          "the TensorFlow engine (KERAS_BACKEND=tensorflow)")
     kwargs = model_kwargs(config, recipe, (False, None))
     name, num_classes = config.model.model_name, config.num_classes
     import keras
