@@ -43,7 +43,6 @@ it bitwise on the CPU). float16 loss scaling is not implemented on this engine:
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +58,8 @@ from efficientnet_advprop.training.gradients import mean_gradients, regularize_g
 from efficientnet_advprop.training.loop import (CHECKPOINT_INDEX, PRECISIONS, TrainingError,
                                                 as_extras, jax_checkpoint_paths,
                                                 averaged_variables, dtype_policy,
-                                                MetricWindows, is_normalization_variable,
+                                                MetricWindows, StepTimer,
+                                                is_normalization_variable,
                                                 model_variable_map, variable_map)
 from efficientnet_advprop.training.optimizers import make_optimizer
 from efficientnet_advprop.training.scalar_log import ScalarWriter
@@ -367,7 +367,7 @@ class JaxTrainer:
         progress = Progress(config.train_steps, initial=start)
         windows, last = MetricWindows(), {}
         step = start
-        timed_from = timed_start = None
+        timer = StepTimer()
         while step < config.train_steps:
             length = self._loop_length(step)
             host = [next(iterator) for _ in range(length)]
@@ -386,8 +386,7 @@ class JaxTrainer:
                       for k, (s, c) in metrics.items()}
             step += length
             self.step = step
-            if timed_from is None:  # the first call compiles: not timed
-                timed_from, timed_start = time.perf_counter(), step
+            timer.after_call(step)  # the first call compiles: not timed
             windows.add(values)
             progress.update(length, length * config.global_batch_size, windows.postfix())
             if step % config.summary_every_steps == 0 or step == config.train_steps:
@@ -401,10 +400,9 @@ class JaxTrainer:
                     on_checkpoint(self)
         writer.flush()
         self.sync_to_model()
-        timed_steps = step - timed_start
-        if timed_steps > 0:
-            self.images_per_second = (timed_steps * config.global_batch_size
-                                      / (time.perf_counter() - timed_from))
+        rate = timer.images_per_second(step, config.global_batch_size)
+        if rate is not None:
+            self.images_per_second = rate
         return last
 
     def _summary_writer(self):

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import time
 
 import keras
 import numpy as np
@@ -214,6 +215,24 @@ class MetricWindows:
         """The means since the last take (what a summary writes), and a fresh start."""
         means, self._sums = self.means(), {}
         return means
+
+
+class StepTimer:
+    """The training loops' throughput, timed from the end of the first call (which
+    traces and compiles) to the end of the last."""
+
+    def __init__(self):
+        self._from = self._start = None
+
+    def after_call(self, step):
+        if self._from is None:
+            self._from, self._start = time.perf_counter(), step
+
+    def images_per_second(self, step, global_batch_size):
+        """None when no call after the first ran."""
+        if self._start is None or step <= self._start:
+            return None
+        return (step - self._start) * global_batch_size / (time.perf_counter() - self._from)
 
 
 # The JAX engine's checkpoint index in model_dir (its checkpoints: ckpt-<step>.npz).

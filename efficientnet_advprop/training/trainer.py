@@ -27,7 +27,6 @@ trace under `attacks.float32_compute`. float16 adds dynamic loss scaling: see
 import os
 import re
 import sys
-import time
 
 import keras
 import numpy as np
@@ -41,7 +40,8 @@ from efficientnet_advprop.training.agc import is_classifier_variable
 from efficientnet_advprop.training.ema import ExponentialMovingAverage
 from efficientnet_advprop.training.gradients import mean_gradients, regularize_gradients
 from efficientnet_advprop.training.loop import (  # noqa: F401 (re-exported)
-    NORM_LAYERS, PRECISIONS, InputDataError, MetricWindows, TrainConfig, TrainingError,
+    NORM_LAYERS, PRECISIONS, InputDataError, MetricWindows, StepTimer, TrainConfig,
+    TrainingError,
     as_extras, averaged_variables, dtype_policy, is_normalization_variable,
     model_variable_map, variable_map)
 from efficientnet_advprop.training.optimizers import make_optimizer
@@ -411,7 +411,7 @@ class Trainer:
         windows = MetricWindows()
         last = {}
         step = start
-        timed_from = timed_start = None
+        timer = StepTimer()
         while step < config.train_steps:
             length = self._loop_length(step, sample_images is not None)
             try:
@@ -433,8 +433,7 @@ class Trainer:
                     f"saving. The last good checkpoint is "
                     f"{self.manager.latest_checkpoint or 'none'}")
             step += length
-            if timed_from is None:  # the first call traces (and compiles): not timed
-                timed_from, timed_start = time.perf_counter(), step
+            timer.after_call(step)  # the first call traces (and compiles): not timed
             windows.add(values)
             progress.update(length, length * config.global_batch_size, windows.postfix())
             if step % config.summary_every_steps == 0 or step == config.train_steps:
@@ -454,10 +453,9 @@ class Trainer:
                   and step % config.image_summary_every_steps == 0):
                 self.write_adversarial_samples(*sample_images, step=step)
         writer.flush()
-        timed_steps = step - timed_start
-        if timed_steps > 0:
-            self.images_per_second = (timed_steps * config.global_batch_size
-                                      / (time.perf_counter() - timed_from))
+        rate = timer.images_per_second(step, config.global_batch_size)
+        if rate is not None:
+            self.images_per_second = rate
         return last
 
     def _summary_writer(self):
