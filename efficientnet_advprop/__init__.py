@@ -1,6 +1,11 @@
 """EfficientNet training with AdvProp (auxiliary batch norms for adversarial examples)."""
 
-from efficientnet_advprop.models.registry import build_model
+from efficientnet_advprop.utils import quiet as _quiet
+
+if _quiet.keras_backend() == "tensorflow":
+    _quiet.import_tensorflow()  # before Keras imports it: without the start-up noise
+
+from efficientnet_advprop.models.registry import build_model  # noqa: E402
 
 __version__ = "0.1.0"
 
