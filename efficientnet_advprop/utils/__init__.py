@@ -1,2 +1,3 @@
 """Small helpers every layer of the package may use (they import nothing of it): the
-progress bar and the TFRecord container's framing and checksums."""
+progress bar, the TFRecord container's framing and checksums, and the filter that
+keeps TensorFlow's start-up noise off stderr (quiet.py)."""
