@@ -59,7 +59,8 @@ class Block:
 
     @property
     def name(self):
-        return f"{self.page.relative_to(REPO)}:{self.line}"
+        page = self.page.relative_to(REPO) if self.page.is_relative_to(REPO) else self.page
+        return f"{page}:{self.line}"
 
 
 def code_blocks(page, text=None):
@@ -286,6 +287,8 @@ def test_bash_commands_name_real_programs_and_flags():
     missing = [p for p in programs if not (REPO / p).exists()]
     assert not missing, f"the docs run programs that do not exist: {missing}"
     known = defined_flags(programs)
+    assert {"advprop", "model", "noadvprop"} <= known["main.py"]  # aliases and --noX read
+    assert "not_a_flag" not in known["main.py"]
     absl_builtin = {"help", "helpfull", "helpshort", "helpxml"}
     unknown = [f"{name}: python {program} --{flag}" for name, program, flags in commands
                for flag in flags if flag not in known[program] | absl_builtin]
