@@ -9,7 +9,8 @@ results/main_command/<name>.json: the command, git revision, seed, split, wall-c
 seconds, the machine and its load average before and after, and main.py's
 eval_results.json. A name whose file exists is skipped, so a queue of runs resumes
 where it stopped. This is how the embedded preset was chosen
-(docs/embedded_default.md); the held-out split is the package's own 2,000 images, never trained on.
+(docs/embedded_default.md); the held-out split is the package's own 2,000
+images, never trained on.
 """
 
 import argparse
