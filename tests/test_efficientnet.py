@@ -275,3 +275,20 @@ def test_registry_passes_batch_norm_settings():
     assert bn.momentum == 0.9 and bn.epsilon == 1e-5
     default = build_model("efficientnet-b0", 10, **TINY).get_layer("top_bn")
     assert default.momentum == 0.99 and default.epsilon == 1e-3 and default.num_aux == 0
+
+
+def test_classifier_init_zeros_starts_every_logit_at_zero_and_official_is_the_builders():
+    import numpy as np
+
+    images = np.random.RandomState(0).uniform(0, 255, (16, 32, 32, 3)).astype("float32")
+    official = build_model("efficientnet-b0", 10, image_size=32)
+    kernel = official.get_layer("predictions").kernel.numpy()
+    assert 0.2 < np.abs(kernel).max() <= 1 / np.sqrt(10)  # uniform +-1/sqrt(classes)
+    # Scaled for 1,000 classes: at 10 the training-mode logits start far from 0.
+    assert float(np.std(official(images, training=True))) > 1.5
+    zeros = build_model("efficientnet-b0", 10, image_size=32, classifier_init="zeros")
+    head = zeros.get_layer("predictions")
+    assert not np.any(head.kernel.numpy()) and not np.any(head.bias.numpy())
+    assert not np.any(zeros(images, training=True).numpy())
+    with pytest.raises(ValueError, match="classifier_init='small'"):
+        build_model("resnet-18-cifar", 10, width_multiplier=0.125, classifier_init="small")

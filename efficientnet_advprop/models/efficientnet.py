@@ -19,7 +19,8 @@ import keras
 from efficientnet_advprop.layers.depthwise import DepthwiseConv2D
 from efficientnet_advprop.layers.preprocessing import InputNormalization
 from efficientnet_advprop.layers.stochastic_depth import StochasticDepth
-from efficientnet_advprop.models.initializers import he_normal_fan_out, symmetric_uniform
+from efficientnet_advprop.models.initializers import (classifier_initializers, he_normal_fan_out,
+                                                      symmetric_uniform)
 from efficientnet_advprop.models.normalization import make_normalizer
 
 DEPTH_DIVISOR = 8
@@ -274,7 +275,8 @@ def _mbconv_block(x, spec, norm):
 def efficientnet(model_name, num_classes=1000, image_size=None, norm=None,
                  preprocessing="imagenet", dropout_rate=None,
                  survival_prob=DEFAULT_SURVIVAL_PROB, width_coefficient=None,
-                 depth_coefficient=None, include_top=True, name=None):
+                 depth_coefficient=None, include_top=True, name=None,
+                 classifier_init=None):
     """Builds a functional EfficientNet taking float RGB in [0, 255].
 
     Args:
@@ -292,6 +294,8 @@ def efficientnet(model_name, num_classes=1000, image_size=None, norm=None,
       width_coefficient, depth_coefficient: override the table (tiny test models).
       include_top: with False the model ends at ``top_activation`` (a feature map).
       name: Keras model name (None: the model name).
+      classifier_init: None or "official" (uniform +-1/sqrt(num_classes), the
+        official builder's) or "zeros" (`classifier_initializers`).
 
     Returns:
       A `keras.Model` whose output is the LOGITS (no softmax).
@@ -326,8 +330,9 @@ def efficientnet(model_name, num_classes=1000, image_size=None, norm=None,
         if dropout_rate and dropout_rate > 0:
             x = keras.layers.Dropout(dropout_rate, name="top_dropout")(x)
         # Logits in float32 even under a mixed-precision policy.
-        x = keras.layers.Dense(num_classes, kernel_initializer=symmetric_uniform(
-                                   num_classes),
-                               bias_initializer="zeros", dtype="float32",
+        kernel, bias = classifier_initializers(classifier_init,
+                                               symmetric_uniform(num_classes))
+        x = keras.layers.Dense(num_classes, kernel_initializer=kernel,
+                               bias_initializer=bias, dtype="float32",
                                name="predictions")(x)
     return keras.Model(inputs, x, name=name or model_name)

@@ -55,6 +55,7 @@ from efficientnet_advprop.layers.preprocessing import InputNormalization
 from efficientnet_advprop.layers.stochastic_depth import StochasticDepth
 from efficientnet_advprop.layers.weight_standardization import (
     WeightStandardizedConv2D, activation_gamma)
+from efficientnet_advprop.models.initializers import classifier_initializers
 from efficientnet_advprop.models.resnet import scaled_widths
 
 NF_RESNET_SPECS = {
@@ -168,7 +169,7 @@ def nf_resnet(model_name, num_classes=1000, image_size=None, preprocessing="imag
               activation="relu", alpha=0.2, drop_path_rate=0.0, dropout_rate=0.0,
               small_stem=None, include_top=True, name=None, norm=None,
               compensate_avgpool_var=False, width_multiplier=1.0, stem_gain=True,
-              stage_gains=None):
+              stage_gains=None, classifier_init=None):
     """Builds a functional NF-ResNet taking float RGB in [0, 255].
 
     Args:
@@ -200,6 +201,8 @@ def nf_resnet(model_name, num_classes=1000, image_size=None, preprocessing="imag
         first block (``stage{s}_block1_data_gain``); not in any paper: a diagnostic
         for the variance the stem and the pooled transitions lose on real images
         (`efficientnet_advprop.models.signal.fit_stage_gains` sets them from a batch).
+      classifier_init: None or "official" (normal(0, 0.01), timm's) or "zeros"
+        (`initializers.classifier_initializers`).
 
     Returns:
       A `keras.Model` whose output is the LOGITS (no softmax).
@@ -250,9 +253,9 @@ def nf_resnet(model_name, num_classes=1000, image_size=None, preprocessing="imag
         if dropout_rate and dropout_rate > 0:
             x = keras.layers.Dropout(dropout_rate, name="top_dropout")(x)
         # Logits in float32 even under a mixed-precision policy.
-        x = keras.layers.Dense(num_classes,
-                               kernel_initializer=keras.initializers.RandomNormal(
-                                   stddev=0.01),
-                               bias_initializer="zeros", dtype="float32",
+        kernel, bias = classifier_initializers(
+            classifier_init, keras.initializers.RandomNormal(stddev=0.01))
+        x = keras.layers.Dense(num_classes, kernel_initializer=kernel,
+                               bias_initializer=bias, dtype="float32",
                                name="predictions")(x)
     return keras.Model(inputs, x, name=name or base + (CIFAR_SUFFIX if cifar else ""))

@@ -73,7 +73,8 @@ from typing import NamedTuple, Tuple
 import keras
 
 from efficientnet_advprop.layers.preprocessing import InputNormalization
-from efficientnet_advprop.models.initializers import he_normal_fan_out, symmetric_uniform
+from efficientnet_advprop.models.initializers import (classifier_initializers, he_normal_fan_out,
+                                                      symmetric_uniform)
 from efficientnet_advprop.models.normalization import make_normalizer
 
 STEM_FILTERS = 64
@@ -306,7 +307,7 @@ def _block_group(x, name, specs, norm, zero_init_last_bn):
 def resnet(model_name, num_classes=1000, image_size=None, norm=None,
            preprocessing="imagenet", small_stem=None, zero_init_last_bn=False,
            dropout_rate=0.0, include_top=True, name=None, width_multiplier=1.0,
-           blocks_per_group=None):
+           blocks_per_group=None, classifier_init=None):
     """Builds a functional ResNet taking float RGB in [0, 255].
 
     Args:
@@ -331,6 +332,8 @@ def resnet(model_name, num_classes=1000, image_size=None, norm=None,
         32 blocks for the deeper ResNets (which a flat graph cannot build under
         Python's default recursion limit); 0: flat; n > 0: groups of at most n blocks
         (`stage_groups`, module docstring).
+      classifier_init: None or "official" (uniform +-1/sqrt(fan_in), torchvision's
+        nn.Linear) or "zeros" (`initializers.classifier_initializers`).
 
     Returns:
       A `keras.Model` whose output is the LOGITS (no softmax).
@@ -376,7 +379,9 @@ def resnet(model_name, num_classes=1000, image_size=None, norm=None,
             x = keras.layers.Dropout(dropout_rate, name="top_dropout")(x)
         fan_in = specs[-1].out_filters
         # Logits in float32 even under a mixed-precision policy.
-        x = keras.layers.Dense(num_classes, kernel_initializer=symmetric_uniform(fan_in),
-                               bias_initializer=symmetric_uniform(fan_in),
-                               dtype="float32", name="predictions")(x)
+        kernel, bias = classifier_initializers(classifier_init, symmetric_uniform(fan_in),
+                                               symmetric_uniform(fan_in))
+        x = keras.layers.Dense(num_classes, kernel_initializer=kernel,
+                               bias_initializer=bias, dtype="float32",
+                               name="predictions")(x)
     return keras.Model(inputs, x, name=name or model_name)
