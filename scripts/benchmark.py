@@ -57,7 +57,7 @@ flags.DEFINE_string("output", None, "Also write the results as JSON here.")
 
 def make_config(name):
     """-> (recipe name, attack epsilon or None, uses keras.applications)."""
-    from efficientnet_advprop.benchmarking import parse_config
+    from efficientnet_advprop.tools.benchmarking import parse_config
 
     try:
         return parse_config(name)
@@ -66,7 +66,7 @@ def make_config(name):
 
 
 def time_resolution(image_size, configs):
-    from efficientnet_advprop import benchmarking
+    from efficientnet_advprop.tools import benchmarking
     from efficientnet_advprop.training import set_global_seed
 
     set_global_seed(0)  # once: see benchmarking.build_config
@@ -92,7 +92,7 @@ def main(argv):
     del argv
     import tensorflow as tf
 
-    from efficientnet_advprop.benchmarking import all_configs, target_verdict
+    from efficientnet_advprop.tools.benchmarking import all_configs, target_verdict
 
     configs = all_configs() if FLAGS.configs == ["all"] else FLAGS.configs
     for name in configs:

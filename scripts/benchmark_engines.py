@@ -105,7 +105,7 @@ def case_batches(config_name, clean_batch, min_bn_batch, num_classes=NUM_CLASSES
     preset's batch to and check_bn_batches asks for: the same at the config's
     min_bn_batch of 16 (Fast AdvProp: 240, groups of 16), larger below it (Fast
     AdvProp's default groups of 16 need 240 whatever the minimum)."""
-    from efficientnet_advprop import benchmarking
+    from efficientnet_advprop.tools import benchmarking
     from efficientnet_advprop.recipes import RECIPES
 
     recipe_name = benchmarking.parse_config(config_name)[0]
@@ -152,7 +152,7 @@ def model_kwargs(model_name, width_multiplier):
 # ------------------------------------------------------------------------- worker
 class _TFCase:
     def __init__(self, spec, model_dir):
-        from efficientnet_advprop import benchmarking
+        from efficientnet_advprop.tools import benchmarking
 
         self.bench = benchmarking.build_config(
             spec["config"], model_name=spec["model"], image_size=spec["image_size"],

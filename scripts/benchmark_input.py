@@ -66,7 +66,7 @@ def main(argv):
             _fail(f"--auto_augment={value}: expected none, v0 or randaugment")
 
     from efficientnet_advprop import data  # pylint: disable=g-import-not-at-top
-    from efficientnet_advprop.benchmarking import measure_input
+    from efficientnet_advprop.tools.benchmarking import measure_input
 
     try:
         info = data.resolve_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.holdout_shards)

@@ -11,7 +11,7 @@ reference, vanilla, AdvProp PGD-1 and PGD-5 and Fast AdvProp, interleaved in one
 process (median round; img/s, step-time ratio to vanilla, device memory peak), times
 the input pipeline (inception crop, with and without AutoAugment v0) on one CPU core
 and on all of them against the fastest step, and writes device_report.json and
-device_report.md into --out_dir (efficientnet_advprop.device_check says how).
+device_report.md into --out_dir (efficientnet_advprop.tools.device_check says how).
 
 --dry_run runs the same code at toy sizes on a CPU (tiny widths, 32 px, batch 8, two
 rounds, resnet-18-cifar width 0.125 in place of ResNet-50); the accelerator tests then
@@ -51,7 +51,7 @@ flags.DEFINE_string("input_data_dir", None, "Time the input pipeline on this dat
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    from efficientnet_advprop import device_check
+    from efficientnet_advprop.tools import device_check
 
     overrides = {key: getattr(FLAGS, key) for key in (
         "batch_size", "steps", "repeats", "precision", "jit_compile", "breakdown",

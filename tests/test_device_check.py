@@ -9,8 +9,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO_ROOT
-from efficientnet_advprop import device_check
-from efficientnet_advprop.device_check import dry_run_plan
+from efficientnet_advprop.tools import device_check
+from efficientnet_advprop.tools.device_check import dry_run_plan
 from efficientnet_advprop.recipes import RECIPES
 
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "device_check.py")

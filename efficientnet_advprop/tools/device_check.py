@@ -7,7 +7,7 @@
    they skip, and the report lists them as skipped with the reason). The subprocess
    runs while the benchmark builds (compiles) its configurations; every timing round
    waits for it to end, so tests and timings never share the device;
-3. the train-step benchmark (efficientnet_advprop.benchmarking): per model, its
+3. the train-step benchmark (efficientnet_advprop.tools.benchmarking): per model, its
    configurations built and timed in alternating rounds in one process (median round),
    with img/s, the step-time ratio to vanilla and to keras.applications.EfficientNetB0,
    and the device allocator's peak memory; a configuration that runs out of device
@@ -339,7 +339,7 @@ def _benchmark_model(model, plan, batch_size, model_deadline, overall_deadline, 
                      wait_for_tests, workdir):
     """Builds and times one model's configurations at `batch_size`. Raises _OutOfMemory
     (everything released) when the device runs out of memory."""
-    from efficientnet_advprop import benchmarking
+    from efficientnet_advprop.tools import benchmarking
     from efficientnet_advprop.training import set_global_seed
 
     set_global_seed(0)  # once per model: see benchmarking.build_config
@@ -409,7 +409,7 @@ def benchmark(plan, start, deadline, wait_for_tests=lambda: None):
     """The train-step benchmark of every model of `plan` before `deadline`."""
     import tensorflow as tf
 
-    from efficientnet_advprop import benchmarking
+    from efficientnet_advprop.tools import benchmarking
 
     kind = accelerator_kind()
     memory = benchmarking.DeviceMemory(f"{kind}:0") if kind else None
@@ -455,7 +455,8 @@ def benchmark(plan, start, deadline, wait_for_tests=lambda: None):
 def input_pipeline(plan, benchmark_result, workdir):
     """Images/s of the training input pipeline on one core and on all of them, and the
     cores needed to feed the fastest measured step at the pipeline's resolution."""
-    from efficientnet_advprop import benchmarking, data
+    from efficientnet_advprop import data
+    from efficientnet_advprop.tools import benchmarking
 
     start = time.perf_counter()
     if plan.input_data_dir:
@@ -517,7 +518,7 @@ def findings(report):
     elif counts.get("passed"):
         lines.append(f"{counts['passed']} accelerator tests passed"
                      + (f", {counts['skipped']} skipped." if counts.get("skipped") else "."))
-    from efficientnet_advprop.benchmarking import target_verdict
+    from efficientnet_advprop.tools.benchmarking import target_verdict
 
     for model in (report.get("benchmark") or {}).get("models", []):
         label = f"{model['model']} @{model['image_size']}px, batch {model['batch_size']}"
@@ -627,7 +628,7 @@ def markdown(report):
                "steps (reset before each round); resident = in use before them (every "
                "built config's variables)." if bench["memory_device"]
                else "device memory is not tracked on this device.")]
-    from efficientnet_advprop.benchmarking import target_verdict
+    from efficientnet_advprop.tools.benchmarking import target_verdict
 
     for model in bench["models"]:
         out += ["", f"### {model['model']} @{model['image_size']} px, batch "
