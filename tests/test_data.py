@@ -1,5 +1,6 @@
 """Tests of efficientnet_advprop.data on real CIFAR-10 JPEGs (no mocks)."""
 
+import dataclasses
 import io
 import os
 import tarfile
@@ -108,7 +109,7 @@ def test_embedded_info_batch_and_size():
         batch_size=32,
         image_size=32,
         is_training=True,
-        augmentation="cifar",
+        options=data.InputOptions(augmentation="cifar"),
     )
     x, y = next(iter(ds))
     assert x.shape == (32, 32, 32, 3) and x.dtype == tf.float32
@@ -134,7 +135,7 @@ def test_embedded_eval_labels_balanced_and_upscaled():
         batch_size=512,
         image_size=64,
         is_training=False,
-        augmentation="cifar",
+        options=data.InputOptions(augmentation="cifar"),
     )
     shapes, labels = [], []
     for x, y in ds:
@@ -150,7 +151,8 @@ def test_embedded_eval_labels_balanced_and_upscaled():
 # ---------------------------------------------------------------------------
 def test_determinism_and_start_step_embedded():
     info = data.resolve_dataset()
-    kw = dict(batch_size=16, image_size=32, is_training=True, augmentation="cifar")
+    kw = dict(batch_size=16, image_size=32, is_training=True,
+              options=data.InputOptions(augmentation="cifar"))
     a = _batches(data.make_dataset(info, None, "train", seed=7, **kw), 6)
     # Same seed, different tf.data parallelism and global tf.random state.
     tf.random.set_seed(1234)
@@ -181,8 +183,7 @@ def test_start_step_beyond_one_epoch(tiny_tfrecords, monkeypatch, stream):
         image_size=32,
         is_training=True,
         seed=3,
-        augmentation="cifar",
-        shuffle_buffer=16,
+        options=data.InputOptions(augmentation="cifar", shuffle_buffer=16),
     )
     full = _batches(data.make_dataset(info, d, "train", **kw), 18)
     for start in (3, 6, 14):
@@ -205,7 +206,7 @@ def test_augmentation_is_random_and_seeded():
         image_size=32,
         is_training=True,
         seed=1,
-        augmentation="none",
+        options=data.InputOptions(augmentation="none"),
     )
     ds_aug = data.make_dataset(
         info,
@@ -215,7 +216,7 @@ def test_augmentation_is_random_and_seeded():
         image_size=32,
         is_training=True,
         seed=1,
-        augmentation="cifar",
+        options=data.InputOptions(augmentation="cifar"),
     )
     ((x0, y0),) = _batches(ds, 1)
     ((x1, y1),) = _batches(ds_aug, 1)
@@ -234,7 +235,7 @@ def _eval_examples(info, d, input_context=None):
         batch_size=256,
         image_size=32,
         is_training=False,
-        augmentation="none",
+        options=data.InputOptions(augmentation="none"),
         input_context=input_context,
     )
     out = []
@@ -273,7 +274,7 @@ def test_two_pipelines_train_disjoint(tiny_tfrecords):
             batch_size=5,
             image_size=32,
             is_training=True,
-            augmentation="none",
+            options=data.InputOptions(augmentation="none"),
             input_context=_ctx(i),
         )
         # One epoch of this pipeline's 25 examples.
@@ -293,7 +294,7 @@ def test_distribute_datasets_from_function(two_device_strategy):
             batch_size=ctx.get_per_replica_batch_size(16),
             image_size=32,
             is_training=True,
-            augmentation="none",
+            options=data.InputOptions(augmentation="none"),
             input_context=ctx,
         )
 
@@ -348,7 +349,7 @@ def test_tfrecord_round_trip_pixel_identical(cifar_jpegs, tmp_path):
             batch_size=64,
             image_size=32,
             is_training=False,
-            augmentation="none",
+            options=data.InputOptions(augmentation="none"),
         )
         xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
         xs, ys = np.concatenate(xs), np.concatenate(ys)
@@ -371,7 +372,7 @@ def test_gzip_tfrecords_detected_without_metadata(cifar_jpegs, tmp_path):
         batch_size=30,
         image_size=32,
         is_training=False,
-        augmentation="none",
+        options=data.InputOptions(augmentation="none"),
     )
     x, y = next(iter(ds))
     np.testing.assert_array_equal(x.numpy(), np.stack([_decode(it[0]) for it in items]))
@@ -403,7 +404,7 @@ def test_image_folder(cifar_jpegs, tmp_path):
         batch_size=8,
         image_size=32,
         is_training=False,
-        augmentation="none",
+        options=data.InputOptions(augmentation="none"),
     )
     xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
     expected = [
@@ -422,7 +423,7 @@ def test_image_folder(cifar_jpegs, tmp_path):
         batch_size=16,
         image_size=40,
         is_training=True,
-        augmentation="inception",
+        options=data.InputOptions(augmentation="inception"),
     )
     x, y = next(iter(ds))
     assert x.shape == (16, 40, 40, 3) and set(y.numpy()) <= {0, 1, 2}
@@ -489,7 +490,7 @@ def test_tfds_dataset(cifar_jpegs, tmp_path, monkeypatch):
         batch_size=32,
         image_size=32,
         is_training=False,
-        augmentation="none",
+        options=data.InputOptions(augmentation="none"),
     )
     xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
     assert sorted(np.concatenate(ys).tolist()) == sorted(it[1] for it in test_items)
@@ -500,19 +501,22 @@ def test_tfds_dataset(cifar_jpegs, tmp_path, monkeypatch):
     want = {(it[1], _decode(it[0]).astype(np.uint8).tobytes()) for it in test_items}
     assert got == want
 
-    kw = dict(batch_size=8, image_size=32, is_training=True, seed=5, augmentation="cifar")
-    full = _batches(data.make_dataset(info, d, "train", **kw), 9)
+    cifar = data.InputOptions(augmentation="cifar")
+    kw = dict(batch_size=8, image_size=32, is_training=True, seed=5)
+    full = _batches(data.make_dataset(info, d, "train", options=cifar, **kw), 9)
     _assert_same_batches(
-        full[8:9], _batches(data.make_dataset(info, d, "train", start_step=8, **kw), 1)
+        full[8:9],
+        _batches(data.make_dataset(info, d, "train", start_step=8, options=cifar, **kw), 1),
     )
     # Streamed (large-dataset) path: block shuffle instead of a full permutation.
     with monkeypatch.context() as m:
         m.setattr(tfrecord, "MEMORY_LIMIT_BYTES", 0)
-        streamed = _batches(data.make_dataset(info, d, "train", shuffle_buffer=16, **kw), 9)
+        blocks = dataclasses.replace(cifar, shuffle_buffer=16)
+        streamed = _batches(data.make_dataset(info, d, "train", options=blocks, **kw), 9)
         _assert_same_batches(
             streamed[8:9],
             _batches(
-                data.make_dataset(info, d, "train", start_step=8, shuffle_buffer=16, **kw),
+                data.make_dataset(info, d, "train", start_step=8, options=blocks, **kw),
                 1,
             ),
         )
@@ -627,17 +631,96 @@ def test_resolve_dataset_errors(tmp_path):
         data.resolve_dataset("folder", data_dir=empty)
     with pytest.raises(ValueError, match="bogus"):
         data.resolve_dataset("bogus")
+
+
+# ---------------------------------------------------------------------------
+# InputOptions.
+# ---------------------------------------------------------------------------
+def test_input_options_defaults_and_normalised_values():
+    assert dataclasses.asdict(data.InputOptions()) == dict(
+        augmentation="inception", auto_augment=None, randaugment_layers=2,
+        randaugment_magnitude=10.0, auto_augment_fraction=1.0,
+        auto_augment_constants="auto", source_tags=False, extra_views=(), cache=False,
+        shuffle_buffer=None, holdout_shards=None, skip_bad_records=False)
+    options = data.InputOptions(randaugment_layers=np.int64(3), randaugment_magnitude=15,
+                                auto_augment_fraction=1, extra_views=["tda", "tda"])
+    assert type(options.randaugment_layers) is int and options.randaugment_layers == 3
+    assert type(options.randaugment_magnitude) is float
+    assert type(options.auto_augment_fraction) is float
+    assert options.extra_views == ("tda",)
+    assert data.InputOptions(extra_views="tda").extra_views == ("tda",)
+    hash(options)  # frozen and hashable, extra_views included
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.augmentation = "none"
+    changed = dataclasses.replace(options, augmentation="cifar")
+    assert (changed.augmentation, changed.extra_views) == ("cifar", ("tda",))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("augmentation", "autoaugment"),
+    ("auto_augment", "v1"),
+    ("randaugment_layers", -1),
+    ("randaugment_layers", 1.5),
+    ("randaugment_magnitude", -0.5),
+    ("randaugment_magnitude", float("nan")),
+    ("auto_augment_fraction", 1.5),
+    ("auto_augment_constants", "imagenet"),
+    ("source_tags", 1),
+    ("extra_views", ("texture",)),
+    ("cache", "yes"),
+    ("shuffle_buffer", 0),
+    ("shuffle_buffer", True),
+    ("holdout_shards", -1),
+    ("holdout_shards", 1.5),
+    ("skip_bad_records", None),
+])
+def test_input_options_reject_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        data.InputOptions(**{field: value})
+
+
+def test_input_options_from_data_config():
+    from efficientnet_advprop import config
+    from efficientnet_advprop.recipes import RECIPES
+
+    cfg = config.DataConfig(augmentation="cifar", auto_augment="randaugment",
+                            randaugment_layers=3, randaugment_magnitude=15.0,
+                            auto_augment_fraction=None, skip_bad_records=True,
+                            holdout_shards=2)
+    options = data.InputOptions.from_data_config(cfg)
+    assert options == data.InputOptions(
+        augmentation="cifar", auto_augment="randaugment", randaugment_layers=3,
+        randaugment_magnitude=15.0, auto_augment_fraction=1.0, skip_bad_records=True)
+    # holdout_shards stays None: the DatasetInfo resolved with it carries it.
+    assert options.holdout_shards is None
+    tagged = data.InputOptions.from_data_config(cfg, RECIPES["fine_grained_advprop"])
+    assert (tagged.source_tags, tagged.extra_views) == (True, ())
+    assert tagged == dataclasses.replace(options, source_tags=True)
+    views = data.InputOptions.from_data_config(
+        dataclasses.replace(cfg, auto_augment_fraction=0.25), RECIPES["nofrost_star"])
+    assert (views.source_tags, views.extra_views) == (False, ("tda",))
+    assert views.auto_augment_fraction == 0.25
+    with pytest.raises(ValueError, match="augmentation=None"):
+        data.InputOptions.from_data_config(config.DataConfig())  # not resolved
+
+
+def test_make_dataset_takes_input_options_only():
     info = data.resolve_dataset()
-    with pytest.raises(ValueError, match="augmentation"):
-        data.make_dataset(
-            info,
-            None,
-            "train",
-            batch_size=8,
-            image_size=32,
-            is_training=True,
-            augmentation="autoaugment",
-        )
+    kw = dict(batch_size=8, image_size=32, is_training=True)
+    with pytest.raises(TypeError, match="InputOptions"):
+        data.make_dataset(info, None, "train", options={"augmentation": "none"}, **kw)
+    with pytest.raises(TypeError):  # no keyword shim for the old arguments
+        data.make_dataset(info, None, "train", augmentation="none", **kw)
+    # The default options are the inception augmentation: a different stream from
+    # "none" with the same seed, the same labels.
+    ((x0, y0),) = _batches(data.make_dataset(info, None, "train", **kw), 1)
+    ((x1, y1),) = _batches(data.make_dataset(
+        info, None, "train", options=data.InputOptions(augmentation="none"), **kw), 1)
+    np.testing.assert_array_equal(y0, y1)
+    assert not np.array_equal(x0, x1)
+    ((x2, _),) = _batches(data.make_dataset(
+        info, None, "train", options=data.InputOptions(augmentation="inception"), **kw), 1)
+    np.testing.assert_array_equal(x0, x2)
 
 
 # ---------------------------------------------------------------------------
@@ -686,12 +769,13 @@ def test_skip_bad_records_in_tfrecords(cifar_jpegs, tmp_path, monkeypatch, strea
     good = _damaged_tfrecords(cifar_jpegs, d)
     info = data.resolve_dataset(data_dir=d, skip_bad_records=True)
     assert info.num_train == 22  # record headers; the payload damage is not seen yet
-    kw = dict(batch_size=4, image_size=32, is_training=True, seed=1, augmentation="none")
+    kw = dict(batch_size=4, image_size=32, is_training=True, seed=1)
+    plain = data.InputOptions(augmentation="none")
+    skipping = data.InputOptions(augmentation="none", skip_bad_records=True)
     with pytest.raises(tf.errors.OpError):  # without the option the run stops
-        _batches(data.make_dataset(info, d, "train", **kw), 6)
+        _batches(data.make_dataset(info, d, "train", options=plain, **kw), 6)
     counter = data.make_skip_counter()
-    ds = data.make_dataset(info, d, "train", skip_bad_records=True, skip_counter=counter,
-                           **kw)
+    ds = data.make_dataset(info, d, "train", options=skipping, skip_counter=counter, **kw)
     # In memory the shards are read at once: the non-Example and the 4 unreadable
     # records are counted then; streamed shards count as they are read.
     assert int(counter.numpy()) == (0 if stream else 5)
@@ -701,7 +785,7 @@ def test_skip_bad_records_in_tfrecords(cifar_jpegs, tmp_path, monkeypatch, strea
     # Over 25 batches (> 5 epochs) the bad JPEG is met (and, streamed, every epoch
     # also misses the non-Example and the 4 lost positions).
     assert int(counter.numpy()) >= (20 if stream else 6)
-    again = data.make_dataset(info, d, "train", skip_bad_records=True, **kw)
+    again = data.make_dataset(info, d, "train", options=skipping, **kw)
     _assert_same_batches(batches[:5], _batches(again, 5))  # still deterministic
 
 
@@ -713,11 +797,13 @@ def test_skip_bad_records_in_an_image_folder(cifar_jpegs, tmp_path):
     for k in range(3):
         (tmp_path / "train" / "cat" / f"zz_broken_{k}.jpg").write_bytes(b"not a jpeg")
     info = data.resolve_dataset(data_dir=str(tmp_path), skip_bad_records=True)
-    kw = dict(batch_size=4, image_size=32, is_training=True, seed=2, augmentation="none")
+    kw = dict(batch_size=4, image_size=32, is_training=True, seed=2)
+    plain = data.InputOptions(augmentation="none")
+    skipping = data.InputOptions(augmentation="none", skip_bad_records=True)
     with pytest.raises(tf.errors.InvalidArgumentError):
-        _batches(data.make_dataset(info, str(tmp_path), "train", **kw), 10)
+        _batches(data.make_dataset(info, str(tmp_path), "train", options=plain, **kw), 10)
     counter = data.make_skip_counter()
-    ds = data.make_dataset(info, str(tmp_path), "train", skip_bad_records=True,
+    ds = data.make_dataset(info, str(tmp_path), "train", options=skipping,
                            skip_counter=counter, **kw)
     batches = _batches(ds, 20)
     good = [(jpeg, 0, "cat") for _, jpeg in cifar_jpegs["cat"][:10]]
@@ -727,4 +813,4 @@ def test_skip_bad_records_in_an_image_folder(cifar_jpegs, tmp_path):
     assert int(counter.numpy()) >= 3
     with pytest.raises(ValueError, match="training data only"):
         data.make_dataset(info, str(tmp_path), "eval", batch_size=4, image_size=32,
-                          is_training=False, skip_bad_records=True)
+                          is_training=False, options=skipping)

@@ -5,14 +5,17 @@ Public API::
   info = resolve_dataset(dataset=None, data_dir=None,
                          holdout_shards=None,
                          skip_bad_records=False)       # -> DatasetInfo
+  options = InputOptions(augmentation="inception", auto_augment=None,
+                         randaugment_layers=2, randaugment_magnitude=10,
+                         auto_augment_fraction=1.0, auto_augment_constants="auto",
+                         source_tags=False, extra_views=(), cache=False,
+                         shuffle_buffer=None, holdout_shards=None,
+                         skip_bad_records=False)    # these are the defaults
+  options = InputOptions.from_data_config(config.data, recipe)  # or from a config
   ds = make_dataset(info, data_dir, "train", batch_size=..., image_size=...,
                     is_training=True, seed=0, start_step=0,
-                    augmentation="inception", input_context=None,
-                    auto_augment=None, randaugment_layers=2,
-                    randaugment_magnitude=10, auto_augment_fraction=1.0,
-                    auto_augment_constants="auto",
-                    source_tags=False, extra_views=(), holdout_shards=None,
-                    skip_bad_records=False, skip_counter=None)
+                    input_context=None, skip_counter=None,
+                    options=InputOptions())
   # -> (images, labels), or (images, labels, extras) with source_tags/extra_views
   counter = make_skip_counter()     # int64 variable for skip_counter
   image = distort_image_with_autoaugment(image, seed)            # policy v0
@@ -62,8 +65,9 @@ per-image side information is asked for; ``extras`` is a dict:
   (seed, epoch, index) as the image's other augmentation.
 
 Recipes say what they need (``Recipe.needs_source_tags``, ``Recipe.input_views``):
-``make_dataset(..., source_tags=recipe.needs_source_tags,
-extra_views=recipe.input_views)``.
+``make_dataset(..., options=InputOptions(source_tags=recipe.needs_source_tags,
+extra_views=recipe.input_views))``, which ``InputOptions.from_data_config(data_cfg,
+recipe)`` sets.
 
 Holdout shards (TFRecord layouts only, as the official EfficientNet
 ``--holdout_shards``): ``resolve_dataset(..., holdout_shards=N)`` makes the
@@ -87,6 +91,7 @@ uninterrupted one.  Evaluation never skips: a bad held-out image stops the run
 """
 
 import dataclasses
+import numbers
 import os
 
 import tensorflow as tf
@@ -454,59 +459,20 @@ def _eval_dataset(source, *, batch_size, image_size, augmentation, cache, source
     return ds.batch(batch_size, drop_remainder=False)
 
 
-def make_dataset(
-    info,
-    data_dir,
-    split,
-    *,
-    batch_size,
-    image_size,
-    is_training,
-    seed=0,
-    start_step=0,
-    augmentation="inception",
-    input_context=None,
-    cache=False,
-    shuffle_buffer=None,
-    auto_augment=None,
-    randaugment_layers=2,
-    randaugment_magnitude=10,
-    auto_augment_fraction=1.0,
-    auto_augment_constants="auto",
-    source_tags=False,
-    extra_views=(),
-    holdout_shards=None,
-    skip_bad_records=False,
-    skip_counter=None,
-) -> tf.data.Dataset:
-    """Batched (images float32 [B,H,W,3] in [0,255], labels int32 [B]) dataset.
+@dataclasses.dataclass(frozen=True)
+class InputOptions:
+    """How make_dataset reads and augments the data (everything but the split,
+    batch and image size, seed, position and distribution).
 
-    With ``source_tags=True`` or a non-empty ``extra_views`` each element is
-    ``(images, labels, extras)``, extras a dict (module docstring): with
-    ``source_tags``, ``extras["source_tags"]`` int32 [B] (0 = clean image, 1 =
-    augmented by AutoAugment/RandAugment); with "tda" in ``extra_views``,
-    ``extras["tda_images"]`` float32 [B,H,W,3] in [0,255].
+    Frozen; ``dataclasses.replace(options, field=value)`` makes a changed copy.
+    Invalid values raise ValueError naming the field.  ``randaugment_layers`` is
+    stored as an int, ``randaugment_magnitude`` and ``auto_augment_fraction`` as
+    floats and ``extra_views`` as a tuple in EXTRA_VIEWS order without repeats.
 
-    Args:
-      info: DatasetInfo from resolve_dataset.
-      data_dir: the data directory (ignored for "embedded").
-      split: "train" or "eval".
-      batch_size: per-pipeline batch size.
-      image_size: output height and width.
-      is_training: True: infinite shuffled, augmented stream with
-        drop_remainder; False: one pass in file order, no augmentation,
-        partial last batch kept.
-      seed: run seed (shuffling and augmentation).
-      start_step: number of batches to skip (resume); training only.
+    Fields:
       augmentation: "inception", "cifar", "cifar_zeros" or "none".  Eval uses
         the padded center crop for "inception" and a whole-image resize
         otherwise.
-      input_context: tf.distribute.InputContext or None; each input pipeline
-        reads a disjoint part of the split.
-      cache: training: hold the encoded records in memory even when large;
-        eval: cache the preprocessed images in memory after the first pass.
-      shuffle_buffer: block size of the stateless block shuffle for streamed
-        (large) training data; default 1024.
       auto_augment: None, "v0" (AutoAugment policy v0) or "randaugment": extra
         training augmentation applied after crop + flip + resize, as in the
         official EfficientNet; augmented images are rounded to integers.
@@ -522,40 +488,157 @@ def make_dataset(
         translate/cutout pixel constants of ``auto_augment``.  "auto": the
         official ImageNet constants when ``image_size >= 64``, scaled to the
         image below (``autoaugment_constants(image_size, ...)`` says which).
-      source_tags: also yield the per-image source tags (eval: all 0), as
-        ``extras["source_tags"]``.
+      source_tags: True or False: also yield the per-image source tags (eval:
+        all 0), as ``extras["source_tags"]``.
       extra_views: names from EXTRA_VIEWS of extra per-image views to add to
         each training element's extras: "tda" -> ``extras["tda_images"]``, the
         texture-debiased view made from the decoded image (NoFrost*).
-        Training only.
+        Training only (make_dataset refuses them for eval).
+      cache: True or False.  Training: hold the encoded records in memory even
+        when large; eval: cache the preprocessed images in memory after the
+        first pass.
+      shuffle_buffer: None (1024) or a positive int: block size of the
+        stateless block shuffle for streamed (large) training data.
       holdout_shards: None: use ``info.holdout_shards`` (set by
         ``resolve_dataset(..., holdout_shards=N)``, the way to use it, since
         the info's num_train/num_eval then match).  N >= 1 (TFRecord data
         only): "train" reads all train-* files but the first N, "eval" reads
         exactly the first N train-* files (one pass, file order); 0: no
-        holdout.  A value that contradicts a nonzero ``info.holdout_shards``
-        is a ValueError.
-      skip_bad_records: training only: drop undecodable images, non-Example
-        records and damaged TFRecord tails instead of failing (module
-        docstring).
-      skip_counter: with skip_bad_records, an int64 tf.Variable on the host
-        (``make_skip_counter()``) that the number of dropped records is added
-        to; None: drop without counting.
+        holdout.  make_dataset refuses a value that contradicts a nonzero
+        ``info.holdout_shards``.
+      skip_bad_records: True or False.  Training only (make_dataset refuses it
+        for eval): drop undecodable images, non-Example records and damaged
+        TFRecord tails instead of failing (module docstring).
     """
+
+    augmentation: str = "inception"
+    auto_augment: str = None
+    randaugment_layers: int = 2
+    randaugment_magnitude: float = 10.0
+    auto_augment_fraction: float = 1.0
+    auto_augment_constants: str = "auto"
+    source_tags: bool = False
+    extra_views: tuple = ()
+    cache: bool = False
+    shuffle_buffer: int = None
+    holdout_shards: int = None
+    skip_bad_records: bool = False
+
+    def __post_init__(self):
+        preprocessing.check_augmentation(self.augmentation)
+        _, layers, magnitude, fraction = preprocessing.check_auto_augment(
+            self.auto_augment, self.randaugment_layers, self.randaugment_magnitude,
+            self.auto_augment_fraction,
+        )
+        if self.auto_augment_constants not in autoaugment.CONSTANTS:
+            raise ValueError(
+                f"auto_augment_constants={self.auto_augment_constants!r}: expected one "
+                f"of {autoaugment.CONSTANTS}"
+            )
+        for name in ("source_tags", "cache", "skip_bad_records"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected True or False")
+        extra_views = preprocessing.check_extra_views(self.extra_views)
+        buffer = self.shuffle_buffer
+        if buffer is not None and (
+            isinstance(buffer, bool) or not isinstance(buffer, numbers.Integral)
+            or buffer < 1
+        ):
+            raise ValueError(f"shuffle_buffer={buffer!r}: expected None or an integer >= 1")
+        if self.holdout_shards is not None:
+            _check_holdout_shards(self.holdout_shards)
+        for name, value in (("randaugment_layers", layers),
+                            ("randaugment_magnitude", magnitude),
+                            ("auto_augment_fraction", fraction),
+                            ("extra_views", extra_views)):
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_data_config(cls, data_cfg, recipe=None):
+        """The options of a resolved ExperimentConfig's ``data`` section (a
+        config.DataConfig, or anything with its fields) for its training data.
+
+        ``augmentation``, ``auto_augment``, ``randaugment_layers``,
+        ``randaugment_magnitude``, ``auto_augment_fraction`` (None -> 1) and
+        ``skip_bad_records`` come from ``data_cfg``; the other fields keep their
+        defaults (``holdout_shards=None``: the DatasetInfo resolved with the
+        config's holdout_shards carries it).  With a ``recipe`` (class or
+        instance), ``source_tags=recipe.needs_source_tags`` and
+        ``extra_views=recipe.input_views``.
+        """
+        if data_cfg.augmentation is None:
+            raise ValueError(
+                "augmentation=None: the data config is not resolved (config.resolve "
+                "picks the augmentation from the image size)"
+            )
+        fraction = data_cfg.auto_augment_fraction
+        options = dict(
+            augmentation=data_cfg.augmentation,
+            auto_augment=data_cfg.auto_augment,
+            randaugment_layers=data_cfg.randaugment_layers,
+            randaugment_magnitude=data_cfg.randaugment_magnitude,
+            auto_augment_fraction=1.0 if fraction is None else fraction,
+            skip_bad_records=bool(data_cfg.skip_bad_records),
+        )
+        if recipe is not None:
+            options.update(source_tags=bool(recipe.needs_source_tags),
+                           extra_views=tuple(recipe.input_views))
+        return cls(**options)
+
+
+def make_dataset(
+    info,
+    data_dir,
+    split,
+    *,
+    batch_size,
+    image_size,
+    is_training,
+    seed=0,
+    start_step=0,
+    input_context=None,
+    skip_counter=None,
+    options=InputOptions(),
+) -> tf.data.Dataset:
+    """Batched (images float32 [B,H,W,3] in [0,255], labels int32 [B]) dataset.
+
+    With ``options.source_tags=True`` or a non-empty ``options.extra_views``
+    each element is ``(images, labels, extras)``, extras a dict (module
+    docstring): with ``source_tags``, ``extras["source_tags"]`` int32 [B] (0 =
+    clean image, 1 = augmented by AutoAugment/RandAugment); with "tda" in
+    ``extra_views``, ``extras["tda_images"]`` float32 [B,H,W,3] in [0,255].
+
+    Args:
+      info: DatasetInfo from resolve_dataset.
+      data_dir: the data directory (ignored for "embedded").
+      split: "train" or "eval" ("validation" and "test" mean "eval").
+      batch_size: per-pipeline batch size.
+      image_size: output height and width.
+      is_training: True: infinite shuffled, augmented stream with
+        drop_remainder; False: one pass in file order, no augmentation,
+        partial last batch kept.
+      seed: run seed (shuffling and augmentation).
+      start_step: number of batches to skip (resume); training only.
+      input_context: tf.distribute.InputContext or None; each input pipeline
+        reads a disjoint part of the split.
+      skip_counter: with ``options.skip_bad_records``, an int64 tf.Variable on
+        the host (``make_skip_counter()``) that the number of dropped records
+        is added to; None: drop without counting.
+      options: an InputOptions: augmentation and reading options (its
+        docstring).  ``extra_views`` and ``skip_bad_records`` are training only
+        (ValueError for eval).
+    """
+    if not isinstance(options, InputOptions):
+        raise TypeError(f"options={options!r}: expected an InputOptions")
+    augmentation = options.augmentation
+    source_tags = options.source_tags
+    extra_views = options.extra_views
+    cache = options.cache
+    skip_bad_records = options.skip_bad_records
     if split in ("validation", "test"):
         split = "eval"
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r}: expected 'train' or 'eval'")
-    preprocessing.check_augmentation(augmentation)
-    auto_augment, randaugment_layers, randaugment_magnitude, auto_augment_fraction = (
-        preprocessing.check_auto_augment(
-            auto_augment, randaugment_layers, randaugment_magnitude, auto_augment_fraction
-        )
-    )
-    autoaugment.check_constants(auto_augment_constants)
-    if not isinstance(source_tags, bool):
-        raise ValueError(f"source_tags={source_tags!r}: expected True or False")
-    extra_views = preprocessing.check_extra_views(extra_views)
     if extra_views and not is_training:
         raise ValueError(f"extra_views={extra_views}: training data only")
     batch_size = int(batch_size)
@@ -567,6 +650,7 @@ def make_dataset(
     if int(start_step) < 0:
         raise ValueError(f"start_step={start_step}: must be >= 0")
     info_holdout = int(getattr(info, "holdout_shards", 0) or 0)
+    holdout_shards = options.holdout_shards
     if holdout_shards is None:
         holdout_shards = info_holdout
     holdout_shards = _check_holdout_shards(holdout_shards)
@@ -594,13 +678,13 @@ def make_dataset(
             seed=int(seed),
             start_step=int(start_step),
             augmentation=augmentation,
-            shuffle_buffer=shuffle_buffer,
+            shuffle_buffer=options.shuffle_buffer,
             auto_augment_options=dict(
-                auto_augment=auto_augment,
-                randaugment_layers=randaugment_layers,
-                randaugment_magnitude=randaugment_magnitude,
-                auto_augment_fraction=auto_augment_fraction,
-                auto_augment_constants=auto_augment_constants,
+                auto_augment=options.auto_augment,
+                randaugment_layers=options.randaugment_layers,
+                randaugment_magnitude=options.randaugment_magnitude,
+                auto_augment_fraction=options.auto_augment_fraction,
+                auto_augment_constants=options.auto_augment_constants,
             ),
             source_tags=source_tags,
             extra_views=extra_views,
@@ -617,10 +701,10 @@ def make_dataset(
             source_tags=source_tags,
         )
     ds = ds.prefetch(tf.data.AUTOTUNE)
-    options = tf.data.Options()
-    options.deterministic = True
-    options.threading.max_intra_op_parallelism = 1
-    options.experimental_distribute.auto_shard_policy = (
+    tf_options = tf.data.Options()
+    tf_options.deterministic = True
+    tf_options.threading.max_intra_op_parallelism = 1
+    tf_options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.OFF
     )
-    return ds.with_options(options)
+    return ds.with_options(tf_options)
