@@ -55,14 +55,8 @@ class Run:
             self.info, cfg.data.data_dir, "train",
             batch_size=ctx.get_per_replica_batch_size(cfg.data.train_batch_size),
             image_size=cfg.model.image_size, is_training=True, seed=cfg.run.seed,
-            start_step=start_step, augmentation=cfg.data.augmentation, input_context=ctx,
-            auto_augment=cfg.data.auto_augment,
-            randaugment_layers=cfg.data.randaugment_layers,
-            randaugment_magnitude=cfg.data.randaugment_magnitude,
-            auto_augment_fraction=cfg.data.auto_augment_fraction,
-            source_tags=self.recipe.needs_source_tags,
-            extra_views=self.recipe.input_views,
-            skip_bad_records=cfg.data.skip_bad_records, skip_counter=self.skip_counter)
+            start_step=start_step, input_context=ctx, skip_counter=self.skip_counter,
+            options=data.InputOptions.from_data_config(cfg.data, self.recipe))
 
     def eval_dataset(self):
         return eval_dataset(self.config, self.info)
@@ -82,7 +76,8 @@ def eval_dataset(config, info, image_size=None, augmentation=None):
     ds = data.make_dataset(info, config.data.data_dir, "eval", batch_size=batch,
                            image_size=image_size or config.model.image_size,
                            is_training=False, seed=config.run.seed,
-                           augmentation=augmentation or config.data.augmentation)
+                           options=data.InputOptions(
+                               augmentation=augmentation or config.data.augmentation))
     if config.num_eval < info.num_eval:
         ds = ds.unbatch().take(config.num_eval).batch(batch)
     return ds

@@ -80,16 +80,15 @@ class JaxRun:
         if self.input_path == "tfdata":
             from efficientnet_advprop import data
 
+            # This engine neither skips nor counts bad records (yet).
+            options = dataclasses.replace(
+                data.InputOptions.from_data_config(cfg.data, self.recipe),
+                skip_bad_records=False)
             ds = data.make_dataset(
                 self.info, cfg.data.data_dir, "train",
                 batch_size=cfg.data.train_batch_size, image_size=cfg.model.image_size,
                 is_training=True, seed=cfg.run.seed, start_step=start_step,
-                augmentation=cfg.data.augmentation, auto_augment=cfg.data.auto_augment,
-                randaugment_layers=cfg.data.randaugment_layers,
-                randaugment_magnitude=cfg.data.randaugment_magnitude,
-                auto_augment_fraction=cfg.data.auto_augment_fraction,
-                source_tags=self.recipe.needs_source_tags,
-                extra_views=self.recipe.input_views)
+                options=options)
             return ds.as_numpy_iterator()
         from efficientnet_advprop.data import numpy_input
 

@@ -59,8 +59,8 @@ def main():
         return data.make_dataset(info, None, "train",
                                  batch_size=ctx.get_per_replica_batch_size(BATCH),
                                  image_size=32, is_training=True, seed=SEED,
-                                 start_step=start_step, augmentation="cifar",
-                                 input_context=ctx)
+                                 start_step=start_step, input_context=ctx,
+                                 options=data.InputOptions(augmentation="cifar"))
 
     os.makedirs(args.out, exist_ok=True)
 
@@ -70,7 +70,7 @@ def main():
     model = model_fn(dropout_rate=0.0)
     images, labels = next(iter(data.make_dataset(
         info, None, "train", batch_size=2 * BATCH, image_size=32, is_training=True,
-        seed=SEED, augmentation="cifar")))
+        seed=SEED, options=data.InputOptions(augmentation="cifar"))))
 
     @tf.function
     def gradient():

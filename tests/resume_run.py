@@ -77,8 +77,8 @@ def main():
         return data.make_dataset(info, None, "train",
                                  batch_size=ctx.get_per_replica_batch_size(BATCH),
                                  image_size=32, is_training=True, seed=SEED,
-                                 start_step=start_step, augmentation="cifar",
-                                 input_context=ctx)
+                                 start_step=start_step, input_context=ctx,
+                                 options=data.InputOptions(augmentation="cifar"))
 
     def trainer(model_dir):
         set_global_seed(SEED)  # the same initial weights in every "process"

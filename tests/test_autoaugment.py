@@ -36,7 +36,7 @@ def cifar_image():
         batch_size=2,
         image_size=32,
         is_training=False,
-        augmentation="none",
+        options=data.InputOptions(augmentation="none"),
     )
     x, _ = next(iter(ds))
     return x.numpy()[1]
@@ -445,7 +445,8 @@ def test_preprocess_for_train_passes_the_constants_on(cifar_image):
 def cifar_batch():
     """64 real 32x32 CIFAR-10 images (float32) from the embedded set."""
     ds = data.make_dataset(data.resolve_dataset("embedded"), None, "eval", batch_size=64,
-                           image_size=32, is_training=False, augmentation="none")
+                           image_size=32, is_training=False,
+                           options=data.InputOptions(augmentation="none"))
     return next(iter(ds))[0].numpy()
 
 
@@ -485,8 +486,7 @@ def _train(info, **kw):
         image_size=32,
         is_training=True,
         seed=5,
-        augmentation="cifar",
-        **kw,
+        options=data.InputOptions(augmentation="cifar", **kw),
     )
 
 
@@ -520,7 +520,8 @@ def test_make_dataset_source_tags_and_clean_images():
     np.testing.assert_array_equal(none["source_tags"].numpy(), np.zeros(32, np.int32))
     xe, ye, se = next(iter(data.make_dataset(
         info, None, "eval", batch_size=4, image_size=32, is_training=False,
-        augmentation="none", auto_augment="v0", source_tags=True)))
+        options=data.InputOptions(augmentation="none", auto_augment="v0",
+                                  source_tags=True))))
     np.testing.assert_array_equal(se["source_tags"].numpy(), np.zeros(4, np.int32))
 
 
@@ -533,10 +534,10 @@ def test_make_dataset_source_tags_and_clean_images():
         (dict(auto_augment_fraction=1.5), "auto_augment_fraction"),
         (dict(auto_augment_fraction="half"), "auto_augment_fraction"),
         (dict(source_tags="yes"), "source_tags"),
-        (dict(auto_augment_constants="imagenet"), "constants"),
+        (dict(auto_augment_constants="imagenet"), "auto_augment_constants="),
         (dict(extra_views=("deepaugment",)), "extra_views"),
     ],
 )
-def test_make_dataset_validates_auto_augment_args(kw, name):
+def test_input_options_validate_auto_augment_args(kw, name):
     with pytest.raises(ValueError, match=name):
-        _train(data.resolve_dataset("embedded"), **kw)
+        data.InputOptions(augmentation="cifar", **kw)

@@ -88,7 +88,7 @@ def _decoded_key(encoded):
 def _eval_images(info, d, split, input_context=None, **kw):
     ds = data.make_dataset(
         info, d, split, batch_size=16, image_size=32, is_training=False,
-        augmentation="none", input_context=input_context, **kw,
+        input_context=input_context, options=data.InputOptions(augmentation="none", **kw),
     )
     xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
     return np.concatenate(xs), np.concatenate(ys)
@@ -300,8 +300,9 @@ def test_holdout_shards(four_shards, monkeypatch, stream):
     batch = 8
     steps = len(kept) // batch
     ds = data.make_dataset(info, out, "train", batch_size=batch, image_size=32,
-                           is_training=True, augmentation="none", seed=1,
-                           shuffle_buffer=16)
+                           is_training=True, seed=1,
+                           options=data.InputOptions(augmentation="none",
+                                                     shuffle_buffer=16))
     epochs = [[], [], []]
     for step, (x, _) in enumerate(ds.take(3 * steps)):
         epochs[step // steps].extend(_key(xi) for xi in x.numpy())
@@ -322,7 +323,8 @@ def test_holdout_shards_two_pipelines(four_shards):
     for i, files in ((0, (1, 3)), (1, (2,))):
         n = sum(len(shards[f]) for f in files)
         ds = data.make_dataset(info, out, "train", batch_size=n, image_size=32,
-                               is_training=True, augmentation="none", input_context=_ctx(i))
+                               is_training=True, input_context=_ctx(i),
+                               options=data.InputOptions(augmentation="none"))
         (x, _), = ds.take(1)
         seen.append([_key(xi) for xi in x.numpy()])
         assert sorted(seen[-1]) == sorted(k for f in files for k in shards[f])

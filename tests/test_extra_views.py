@@ -1,4 +1,4 @@
-"""Extra per-image views of the input pipeline (make_dataset(extra_views=...)) and how
+"""Extra per-image views of the input pipeline (InputOptions(extra_views=...)) and how
 they reach the recipes: NoFrost*'s TDA view, made from the decoded image."""
 
 import os
@@ -99,12 +99,12 @@ def ramp_folder(tmp_path_factory):
     return str(root), files
 
 
-def _tda_pipeline(root, **kw):
+def _tda_pipeline(root, start_step=0, **kw):
     info = data.resolve_dataset("folder", data_dir=root)
-    options = dict(batch_size=4, image_size=32, is_training=True, seed=3,
-                   augmentation="inception", extra_views=("tda",))
-    options.update(kw)
-    return data.make_dataset(info, root, "train", **options)
+    options = data.InputOptions(augmentation="inception", extra_views=("tda",), **kw)
+    return data.make_dataset(info, root, "train", batch_size=4, image_size=32,
+                             is_training=True, seed=3, start_step=start_step,
+                             options=options)
 
 
 def test_make_dataset_tda_view_comes_from_the_decoded_image(ramp_folder):
@@ -144,7 +144,7 @@ def test_make_dataset_tda_view_comes_from_the_decoded_image(ramp_folder):
     with pytest.raises(ValueError, match="training data only"):
         data.make_dataset(data.resolve_dataset("folder", data_dir=root), root, "eval",
                           batch_size=4, image_size=32, is_training=False,
-                          extra_views=("tda",))
+                          options=data.InputOptions(extra_views=("tda",)))
 
 
 # ------------------------------------------------------------------ recipes and loop
@@ -203,8 +203,10 @@ def _dataset_fn(recipe, batch, info, data_dir=None, **kw):
         return data.make_dataset(
             info, data_dir, "train", batch_size=ctx.get_per_replica_batch_size(batch),
             image_size=32, is_training=True, seed=0, start_step=start_step,
-            augmentation="cifar", input_context=ctx,
-            source_tags=recipe.needs_source_tags, extra_views=recipe.input_views, **kw)
+            input_context=ctx,
+            options=data.InputOptions(augmentation="cifar",
+                                      source_tags=recipe.needs_source_tags,
+                                      extra_views=recipe.input_views, **kw))
 
     return dataset_fn
 

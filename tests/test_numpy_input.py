@@ -108,11 +108,11 @@ def test_embedded_set_streams_and_augments_on_jax_without_tensorflow():
 
 # --------------------------------------------------------------------------- parity
 def test_embedded_validation_matches_the_tensorflow_pipeline():
-    from efficientnet_advprop.data import make_dataset, resolve_dataset
+    from efficientnet_advprop.data import InputOptions, make_dataset, resolve_dataset
 
     info = resolve_dataset("embedded")
     ds = make_dataset(info, None, "eval", batch_size=500, image_size=32,
-                      is_training=False, augmentation="none")
+                      is_training=False, options=InputOptions(augmentation="none"))
     tf_images, tf_labels = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
     tf_images, tf_labels = np.concatenate(tf_images), np.concatenate(tf_labels)
 

@@ -137,7 +137,8 @@ def _embedded_batches(steps, batch):
     the same batches every epoch."""
     info = data.resolve_dataset("embedded")
     return data.make_dataset(info, None, "train", batch_size=batch, image_size=32,
-                             is_training=True, seed=0, augmentation="cifar").take(
+                             is_training=True, seed=0,
+                             options=data.InputOptions(augmentation="cifar")).take(
         steps).apply(tf.data.experimental.assert_cardinality(steps))
 
 

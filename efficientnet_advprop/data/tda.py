@@ -51,8 +51,9 @@ is drawn with the same rule on the original ``h x w`` (same draws as
 :func:`sample_tda_params` for a batch of one), the crop is resized to
 ``image_size x image_size`` with ``tf.image.resize`` bilinear, ``antialias=True`` (like
 torchvision's PIL bilinear resize, which filters when it shrinks), then flipped and
-colour-distorted exactly as :func:`apply_tda`.  ``make_dataset(...,
-extra_views=("tda",))`` uses it to add ``extras["tda_images"]`` to each training batch.
+colour-distorted exactly as :func:`apply_tda`.  ``make_dataset`` with
+``InputOptions(extra_views=("tda",))`` uses it to add ``extras["tda_images"]`` to each
+training batch.
 
 XLA notes (TF 2.21, CPU): ``tf.image.crop_and_resize`` has no XLA kernel, so the crop is
 a hand-written separable bilinear resampler (two batched ``tf.gather`` + lerp; the flip

@@ -49,9 +49,9 @@ class StepContext:
         `efficientnet_advprop.data.make_dataset`); keys present only when the
         pipeline made them:
           "source_tags": int32 [B], 0 = plain clean image, 1 = AutoAugment/RandAugment
-            image (`make_dataset(..., source_tags=True)`);
+            image (`InputOptions(source_tags=True)`);
           "tda_images": float32 [B, H, W, 3], the texture-debiased view of each image
-            made from the decoded image (`make_dataset(..., extra_views=("tda",))`).
+            made from the decoded image (`InputOptions(extra_views=("tda",))`).
       source_tags: `extras.get("source_tags")` (read-only). The constructor also takes
         `source_tags=` and stores it in `extras`.
     """
@@ -258,9 +258,9 @@ class Recipe:
       attack_bn_set: the BN set the attack runs through (and the set that normalises
         adversarial images; evaluation reports it next to the main set).
       needs_source_tags: the input pipeline must tag each image with its source
-        (`make_dataset(..., source_tags=True)` -> `ctx.extras["source_tags"]`).
+        (`InputOptions(source_tags=True)` -> `ctx.extras["source_tags"]`).
       input_views: extra per-image views the input pipeline must make, names from
-        `efficientnet_advprop.data.EXTRA_VIEWS` (`make_dataset(...,
+        `efficientnet_advprop.data.EXTRA_VIEWS` (`InputOptions(
         extra_views=recipe.input_views)`); "tda" -> `ctx.extras["tda_images"]`.
       preferred_preprocessing: the model's input normalisation this recipe's paper
         uses (None: the model family's default).

@@ -128,7 +128,7 @@ def augmented_view(images, seed, tda_images):
     made from the decoded image -- random resized crop with scale (0.64, 1) of the
     original picture, flip, colour distortion -- not from the already cropped training
     image: NoFrostStar declares `input_views = ("tda",)` and reads
-    `ctx.extras["tda_images"]` (`make_dataset(..., extra_views=recipe.input_views)`;
+    `ctx.extras["tda_images"]` (`InputOptions(extra_views=recipe.input_views)`;
     `efficientnet_advprop.data.tda.tda_view`). DeepAugment-style runs here, in the step,
     on the training batch."""
     from efficientnet_advprop.data.deepaugment import deep_augment
@@ -161,7 +161,7 @@ class NoFrostStar(NoFrost):
             raise ValueError(
                 "nofrost_star needs the TDA view of each image from the input pipeline "
                 "(StepContext.extras['tda_images'], missing): build the training data "
-                "with make_dataset(..., extra_views=recipe.input_views), i.e. "
+                "with InputOptions(extra_views=recipe.input_views), i.e. "
                 "extra_views=('tda',)")
         adv = attack_model(model, images, labels, self.attack, bn_set=MAIN,
                            num_classes=self.num_classes, seed=ctx.fold(0))

@@ -402,8 +402,10 @@ def measure_input(info, data_dir, *, image_size, batch_size, steps, warmup, augm
     start = time.perf_counter()
     ds = data.make_dataset(
         info, data_dir, "train", batch_size=batch_size, image_size=image_size,
-        is_training=True, seed=seed, augmentation=augmentation,
-        auto_augment=None if auto_augment == "none" else auto_augment)
+        is_training=True, seed=seed,
+        options=data.InputOptions(
+            augmentation=augmentation,
+            auto_augment=None if auto_augment == "none" else auto_augment))
     if threads is not None:
         options = tf.data.Options()
         options.threading.private_threadpool_size = int(threads)

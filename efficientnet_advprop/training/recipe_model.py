@@ -128,9 +128,9 @@ class RecipeModel(keras.Model):
 
     Batches: (images, labels) or (images, labels, extras), images float RGB in
     [0, 255] (any dtype, cast to float32), labels int class ids (or soft targets),
-    extras the dict `make_dataset(..., source_tags=..., extra_views=...)` yields
-    (StepContext.extras). A Keras sample_weight would be read as extras: not
-    supported. Training batches must split evenly over the replicas
+    extras the dict `make_dataset` yields with `InputOptions(source_tags=...,
+    extra_views=...)` (StepContext.extras). A Keras sample_weight would be read as
+    extras: not supported. Training batches must split evenly over the replicas
     (drop_remainder=True), as main.py's.
 
     Logs: "loss" (the recipe's loss per image) and every recipe metric as

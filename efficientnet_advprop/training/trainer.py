@@ -385,8 +385,8 @@ class Trainer:
           dataset_fn: (input_context, start_step) -> per-replica batched dataset of
             (images, labels) or (images, labels, extras), extras a dict of per-image
             side information that reaches the recipe as StepContext.extras
-            ("source_tags", "tda_images": make_dataset(..., source_tags=
-            recipe.needs_source_tags, extra_views=recipe.input_views)); a bare
+            ("source_tags", "tda_images": make_dataset(..., options=InputOptions(
+            source_tags=recipe.needs_source_tags, extra_views=recipe.input_views))); a bare
             source-tags tensor in place of the dict is accepted too. Called through
             distribute_datasets_from_function.
           sample_images: optional (images, labels) numpy batch whose adversarial
