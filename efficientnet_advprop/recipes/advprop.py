@@ -82,15 +82,32 @@ class AdvProp(Recipe):
         self.attack = attack or DEFAULT_ATTACK
 
     def compute(self, model, images, labels, ctx):
-        adv = attack_model(model, images, labels, self.attack, bn_set=AUX,
-                           num_classes=self.num_classes, seed=as_context(ctx).seed)
+        """Algorithm 1 on one replica's batch. What a variant changes is a method:
+        `joint_bn_route` (which BN set normalises each image of the joint forward)
+        and `route_metrics` (metrics of that routing)."""
+        ctx = as_context(ctx)
+        adv = attack_model(model, images, labels, self.attack, bn_set=self.attack_bn_set,
+                           num_classes=self.num_classes, seed=ctx.seed)
         batch = ops.shape(images)[0]
         joint = ops.concatenate([ops.cast(images, adv.dtype), adv], axis=0)
-        with bn_route([MAIN, AUX]):
+        with self.joint_bn_route(ctx, batch):
             logits = model(joint, training=True)
         clean_loss, adv_loss, metrics = self.joint_losses(labels, logits, batch)
+        metrics.update(self.route_metrics(ctx, batch))
         return RecipeOutput(loss_sum=ops.sum(clean_loss) + ops.sum(adv_loss),
                             metrics=metrics)
+
+    def joint_bn_route(self, ctx, batch):
+        """The `bn_route` of the forward of [clean; adversarial] (`batch` images
+        each): here the clean half through the main BNs, the adversarial half through
+        the auxiliary ones (`attack_bn_set`)."""
+        del ctx, batch  # two equal halves
+        return bn_route([MAIN, self.attack_bn_set])
+
+    def route_metrics(self, ctx, batch):
+        """Metrics of `joint_bn_route`'s routing, {name: (sum, count)}: none here."""
+        del ctx, batch
+        return {}
 
     def passes_per_image(self):
         return self.attack.cost + 2.0
