@@ -474,6 +474,55 @@ def test_fine_grained_advprop_refuses_untagged_batches():
         recipe.compute(model, images, labels, _ctx())
 
 
+def test_fine_grained_advprop_without_augmented_images_is_advprop_on_its_third_set():
+    """Fine-grained AdvProp runs AdvProp's step with another routing: with every image
+    tagged 0 (none from AutoAugment) and BN sets 1 and 2 equal (as built), its loss,
+    gradients and statistics are AdvProp's with set 2 in place of set 1, and set 1 is
+    left alone; one tagged image moves set 1."""
+    images, labels = _batch(8)
+    advprop_model, fine_model = micro_model(num_aux=2), micro_model(num_aux=2)
+    advprop = make_recipe("advprop", NUM_CLASSES).gradients(
+        advprop_model, advprop_model.trainable_variables, images, labels, _ctx())
+    fine = make_recipe("fine_grained_advprop", NUM_CLASSES).gradients(
+        fine_model, fine_model.trainable_variables, images, labels,
+        _ctx(tags=tf.zeros([8], tf.int32)))
+
+    def swap(path):  # advprop's set-1 variables are fine-grained's set-2 ones
+        return path.replace("aux1_", "aux2_") if "aux1_" in path else path
+
+    np.testing.assert_allclose(fine.loss_sum.numpy(), advprop.loss_sum.numpy(), rtol=1e-5)
+    assert set(fine.metrics) == set(advprop.metrics) | {"fraction/augmented"}
+    for name, (total, count) in advprop.metrics.items():
+        np.testing.assert_allclose(fine.metrics[name][0].numpy(), total.numpy(), rtol=1e-5)
+        assert fine.metrics[name][1].numpy() == count.numpy()
+    assert [float(v) for v in fine.metrics["fraction/augmented"]] == [0.0, 8.0]
+    fine_grads = {v.path: g for v, g in zip(fine_model.trainable_variables, fine.grads)}
+    for variable, grad in zip(advprop_model.trainable_variables, advprop.grads):
+        if "aux2_" in variable.path:  # advprop leaves its set 2 out of the step
+            assert grad is None or not np.any(grad.numpy()), variable.path
+            continue
+        np.testing.assert_allclose(fine_grads[swap(variable.path)].numpy(), grad.numpy(),
+                                   rtol=1e-4, atol=1e-6, err_msg=variable.path)
+    fine_stats = {v.path: v.numpy() for v in fine_model.non_trainable_variables}
+    for variable in advprop_model.non_trainable_variables:
+        if "aux2_" not in variable.path:
+            np.testing.assert_allclose(fine_stats[swap(variable.path)], variable.numpy(),
+                                       rtol=1e-5, atol=1e-6, err_msg=variable.path)
+    built = micro_model(num_aux=2)
+    for variable in built.non_trainable_variables:  # set 1: no image tagged 1
+        if "aux1_" in variable.path:
+            np.testing.assert_array_equal(fine_stats[variable.path], variable.numpy())
+
+    tagged = micro_model(num_aux=2)
+    make_recipe("fine_grained_advprop", NUM_CLASSES).gradients(
+        tagged, tagged.trainable_variables, images, labels,
+        _ctx(tags=tf.constant([0, 1, 0, 0, 0, 0, 0, 0], tf.int32)))
+    built_stats = {v.path: v.numpy() for v in built.non_trainable_variables}
+    for variable in tagged.non_trainable_variables:
+        if variable.path.endswith("aux1_moving_mean"):
+            assert not np.allclose(variable.numpy(), built_stats[variable.path])
+
+
 def test_fast_advprop_mixes_only_the_clean_share():
     model = micro_model()
     recipe = FastAdvProp(NUM_CLASSES, mixup_alpha=0.4, cutmix_alpha=1.0,
