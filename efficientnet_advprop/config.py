@@ -1,16 +1,24 @@
 """One resolved experiment configuration.
 
 An experiment is six frozen sections (model, data, optim, attack, recipe, run),
-resolved once from four layers, each overriding the one before:
+resolved once by `resolve` from five layers, applied in this order, each overriding
+the ones before:
 
-    defaults (the official EfficientNet main.py)
-      < recipe preset   (the recipe file's `paper` table, with a citation per value)
-      < dataset preset  (DATASET_PRESETS: the small embedded set's scale settings)
-      < overrides       (what the user set: main.py's flags, a notebook's dict)
+    1. defaults        the official EfficientNet main.py's values (`_defaults`)
+    2. recipe          the recipe file's options and `paper` table, a citation per
+                       value (`_recipe_layer`)
+    3. dataset preset  DATASET_PRESETS: the small embedded set's settings; some
+                       entries give way to a recipe's paper (`_preset_yields`)
+                       (`_dataset_preset_layer`)
+    4. overrides       what the user set: main.py's flags, a notebook's dict
+                       (`_override_layer`)
+    5. derived         what follows from the rest (`_derive`): the unset image size,
+                       preprocessing and augmentation, the dataset's class count, a
+                       preset batch raised to whole BN batches, the run's steps,
+                       epochs and milestones after the recipe's budget calibration
 
-then completed with the values that follow from the others (the model's image size,
-the dataset's class count, the run's steps and milestones, ...). Every value keeps
-where it came from (`ExperimentConfig.sources`), which `describe()` prints.
+Every value keeps where it came from (`ExperimentConfig.sources`), which `describe()`
+prints.
 
 Field names are main.py's flag names, so a field's error message turns into a flag
 error by prefixing "--". Validation lives here: every problem raises ConfigError
@@ -23,6 +31,7 @@ import math
 import os
 
 from efficientnet_advprop.attacks.pgd import ATTACKERS, AttackConfig
+from efficientnet_advprop.models.initializers import CLASSIFIER_INITS
 from efficientnet_advprop.models.nf_resnet import NUM_STAGE_GAINS
 from efficientnet_advprop.models.registry import (default_image_size, is_normalizer_free,
                                                   model_names)
@@ -37,15 +46,21 @@ MODES = ("train", "eval", "train_and_eval", "eval_robustness")
 EXPORT_FORMATS = ("saved_model", "tflite", "tflite_dynamic")
 CONFIG_FILE = "experiment_config.json"
 
-# The dataset preset of the embedded CIFAR-10 subset, chosen by measurement (README,
-# "Embedded default"): efficientnet-b0 from scratch at 32 pixels barely learns with
-# the ImageNet recipe in a few minutes. The data-scale entries always apply; the
-# entries in RECIPE_KEEPS yield to a recipe preset that set them (an SGD paper's
-# learning rate, or its decision to keep no EMA, is not the RMSProp preset's).
+# The dataset preset of the embedded CIFAR-10 subset, chosen by measurement
+# (docs/embedded_default.md): efficientnet-b0 from scratch at 32 pixels in a few
+# minutes on a CPU. The data-scale entries always apply.
+# The optimisation entries (RECIPE_KEEPS) were tuned with the optimizer TUNED_FOR
+# names: a recipe whose paper trains with another (the SGD recipes' 0.1 per 256, no
+# EMA) keeps its own. AutoAugment is off (it halves a 2-core machine's throughput and
+# costs accuracy in 4 epochs) except for a recipe that routes its images by source.
+TUNED_FOR = "tuned_for_optimizer"
 DATASET_PRESETS = {
     "embedded": {
+        TUNED_FOR: "rmsprop",
         "image_size": 32,
         "augmentation": "cifar",
+        "auto_augment": None,
+        "classifier_init": "zeros",
         "train_batch_size": 64,
         "eval_batch_size": 250,
         "train_epochs": 4.0,
@@ -60,6 +75,19 @@ DATASET_PRESETS = {
 }
 RECIPE_KEEPS = ("base_learning_rate", "lr_decay_epoch", "lr_decay_factor", "dropout_rate",
                 "moving_average_decay")
+
+
+def _preset_yields(name, preset, cls):
+    """Whether a preset entry gives way to the recipe's: an optimisation entry its
+    paper sets when it trains with another optimizer than the preset was tuned with;
+    AutoAugment's absence to a recipe that needs the source tags AutoAugment makes."""
+    if name == "auto_augment":
+        return cls.needs_source_tags
+    if name in RECIPE_KEEPS and name in cls.paper:
+        optimizer = cls.paper.get("optimizer")
+        optimizer = optimizer.value if optimizer else OptimConfig.optimizer
+        return optimizer != preset.get(TUNED_FOR)
+    return False
 
 
 class ConfigError(ValueError):
@@ -107,6 +135,7 @@ class ModelConfig:
     survival_prob: float = None
     drop_path_rate: float = None
     zero_init_last_bn: bool = None  # None: off; BN ResNets only
+    classifier_init: str = None  # None: the family's published initialiser ("official")
     nf_stage_gains: tuple = None  # None: the published NF-ResNet (a diagnostic otherwise)
     sync_batch_norm: bool = None  # None: on for TPU (official groups), off elsewhere
     sync_batch_norm_group_size: int = None
@@ -135,6 +164,8 @@ class ModelConfig:
              "must be in [0, 1)"),
             ("sync_batch_norm_group_size", _none_or(self.sync_batch_norm_group_size,
                                                     lambda v: v >= 1), "must be >= 1"),
+            ("classifier_init", self.classifier_init in (None,) + CLASSIFIER_INITS,
+             f"choose from {', '.join(CLASSIFIER_INITS)}"),
         ])
         if self.width_multiplier != 1.0 and self.model_name.startswith("efficientnet"):
             raise ConfigError("width_multiplier", self.width_multiplier,
@@ -528,6 +559,31 @@ def reuse_saved(overrides, saved, identity=RUN_IDENTITY):
     return out
 
 
+def resolve_with_saved_run(overrides, dataset_info):
+    """`resolve` for a run in a model directory that may hold one already: the saved
+    run's identity settings (RUN_IDENTITY) complete the overrides, an override that
+    contradicts one raises ConfigError, and each reused value's source names the
+    directory (what main.py does: an eval or a resumed run needs no repeated flags)."""
+    overrides = dict(overrides)
+    recipe_name = overrides.get("recipe") or "vanilla"
+    paper_model = getattr(RECIPES.get(recipe_name), "paper", {}).get("model_name")
+    model_name = overrides.get("model_name") or (paper_model.value if paper_model
+                                                 else ModelConfig.model_name)
+    model_dir = overrides.get("model_dir") or os.path.join(
+        "runs", f"{model_name}-{recipe_name}")
+    saved, reused = None, ()
+    if "://" in str(model_dir) or os.path.isdir(model_dir):
+        saved = load_saved_config(model_dir)
+    if saved is not None:
+        completed = reuse_saved(overrides, saved)
+        reused = [k for k in completed if k not in overrides]
+        overrides = completed
+    config = resolve(overrides, dataset_info)
+    for name in reused:
+        config.sources[name] = f"saved run ({model_dir})"
+    return config
+
+
 def _same(a, b):
     if isinstance(a, float) or isinstance(b, float):
         try:
@@ -540,17 +596,18 @@ def _same(a, b):
 def resolve(overrides=None, dataset_info=None):
     """The ExperimentConfig of `overrides` ({field name: value}, e.g. main.py's set
     flags; "recipe" names the recipe) on the dataset `dataset_info` (a
-    data.DatasetInfo; None: the embedded set's description is read).
+    data.DatasetInfo; None: the dataset the overrides name is resolved).
 
+    The layers, in the order they apply (module docstring): `_defaults`,
+    `_recipe_layer`, `_dataset_preset_layer`, `_override_layer`, then `_derive`.
     Raises ConfigError naming the field on any invalid or inconsistent value.
     """
-    overrides = {k: v for k, v in (overrides or {}).items()}
+    overrides = dict(overrides or {})
     recipe_name = overrides.pop("recipe", None) or "vanilla"
     if recipe_name not in RECIPES:
         raise ConfigError("recipe", recipe_name,
                           f"unknown recipe; choose from {', '.join(RECIPES)}")
     cls = RECIPES[recipe_name]
-    option_names = {o.name for o in cls.options}
     all_options = recipe_option_names()
     for key in overrides:
         if key not in FIELD_SECTION and key not in all_options:
@@ -560,43 +617,100 @@ def resolve(overrides=None, dataset_info=None):
 
         dataset_info = data.resolve_dataset(overrides.get("dataset"),
                                             overrides.get("data_dir"))
+    steps_set = "train_steps" in overrides
+    values, sources = _defaults()
+    relative_milestones = _recipe_layer(values, sources, cls, steps_set)
+    _dataset_preset_layer(values, sources, cls, dataset_info, steps_set)
+    _override_layer(values, sources, cls, overrides, all_options)
+    return _derive(values, sources, cls, dataset_info, relative_milestones)
 
+
+def _defaults():
+    """Layer 1: every field's default (the official EfficientNet main.py's flags)."""
     values, sources = {}, {}
     for section in SECTIONS.values():
         for f in dataclasses.fields(section):
             values[f.name] = f.default
             sources[f.name] = "default"
+    return values, sources
+
+
+def _recipe_layer(values, sources, cls, steps_set):
+    """Layer 2: the recipe's options and its `paper` table. An explicit train_steps
+    keeps the paper's epochs out. Returns the paper's lr_milestones as (fractions of
+    the run, source), which `_derive` scales once the run's length is known."""
+    relative_milestones = None
     for option in cls.options:
         values[option.name] = option.value
-        sources[option.name] = f"recipe {recipe_name}: {option.source}"
-
-    steps_set = "train_steps" in overrides
-    relative_milestones = None
+        sources[option.name] = f"recipe {cls.name}: {option.source}"
     for name, cite in cls.paper.items():
         if name == "train_epochs" and steps_set:
             continue  # an explicit step count wins over the paper's epochs
         if name == "lr_milestones":
-            relative_milestones = (cite.value, f"recipe {recipe_name}: {cite.source}")
+            relative_milestones = (cite.value, f"recipe {cls.name}: {cite.source}")
             continue
         values[name] = cite.value
-        sources[name] = f"recipe {recipe_name}: {cite.source}"
+        sources[name] = f"recipe {cls.name}: {cite.source}"
+    return relative_milestones
 
-    for name, value in DATASET_PRESETS.get(dataset_info.name, {}).items():
-        if name == "train_epochs" and steps_set:
+
+def _dataset_preset_layer(values, sources, cls, dataset_info, steps_set):
+    """Layer 3: the dataset's preset (DATASET_PRESETS), with `_preset_yields`."""
+    preset = DATASET_PRESETS.get(dataset_info.name, {})
+    for name, value in preset.items():
+        if name == TUNED_FOR or (name == "train_epochs" and steps_set):
             continue
-        if name in RECIPE_KEEPS and name in cls.paper:
+        if _preset_yields(name, preset, cls):
             continue
         values[name] = value
         sources[name] = f"{dataset_info.name} dataset preset"
 
+
+def _override_layer(values, sources, cls, overrides, all_options):
+    """Layer 4: what the user set (a recipe option must be the recipe's own)."""
+    option_names = {o.name for o in cls.options}
     for name, value in overrides.items():
         if name in all_options and name not in option_names:
-            raise ConfigError(name, value, f"is not an option of recipe {recipe_name} "
+            raise ConfigError(name, value, f"is not an option of recipe {cls.name} "
                                            f"(it is {', '.join(all_options[name])}'s)")
         values[name] = value
         sources[name] = "set"
 
-    # ------------------------------------------------------------ derived values
+
+def _derive(values, sources, cls, dataset_info, relative_milestones):
+    """Layer 5: the values that follow from the others, the sections and the recipe
+    built and checked, the preset's batch raised to whole BN batches, and the run's
+    length in steps (budget calibration, milestones)."""
+    recipe_name = cls.name
+    _derive_fields(values, sources, cls, dataset_info)
+    sections, recipe_settings = _sections(values, cls)
+    model_cfg, data_cfg, optim = sections["model"], sections["data"], sections["optim"]
+    num_classes = values["num_label_classes"] or dataset_info.num_classes
+    num_train = values["num_train_images"] or dataset_info.num_train
+    num_eval = min(values["num_eval_images"] or dataset_info.num_eval, dataset_info.num_eval)
+    if num_classes < 2:
+        raise ConfigError("num_label_classes", values["num_label_classes"],
+                          "must be >= 2 (leave it unset for the dataset's)")
+    # The recipe with its options (its own checks name its options).
+    recipe = _build_recipe(recipe_name, recipe_settings, sections["attack"], optim,
+                           num_classes)
+    _check_recipe_fits(recipe, model_cfg, data_cfg)
+    data_cfg = _raise_preset_batch(recipe, model_cfg, data_cfg, sections["run"], sources)
+    optim = _run_length(recipe, optim, data_cfg.train_batch_size, num_train, sources,
+                        relative_milestones)
+    config = ExperimentConfig(model=model_cfg, data=data_cfg, optim=optim,
+                              attack=sections["attack"], recipe=recipe_settings,
+                              run=sections["run"], num_classes=num_classes,
+                              num_train=num_train, num_eval=num_eval,
+                              dataset_name=dataset_info.name, sources=sources)
+    check_bn_batches(config, num_replicas=1)
+    return config
+
+
+def _derive_fields(values, sources, cls, dataset_info):
+    """The unset values that follow from the model, the recipe and the dataset."""
+    recipe_name = cls.name
+
     def derive(name, value, why):
         if values.get(name) is None:
             values[name] = value
@@ -622,13 +736,18 @@ def resolve(overrides=None, dataset_info=None):
     derive("augmentation", "cifar" if values["image_size"] <= 64 else "inception",
            "cifar crop at <= 64 px, inception crop above")
     derive("auto_augment_fraction", 1.0, "every training image")
-    num_classes = values["num_label_classes"] or dataset_info.num_classes
-    num_train = values["num_train_images"] or dataset_info.num_train
-    num_eval = min(values["num_eval_images"] or dataset_info.num_eval, dataset_info.num_eval)
     if values["model_dir"] is None:
         values["model_dir"] = f"runs/{model}-{recipe_name}"
         sources["model_dir"] = "derived: runs/<model_name>-<recipe>"
+    if (dataset_info.name == "embedded" and values["export_dir"] is None
+            and values["mode"] in ("train", "train_and_eval")):
+        values["export_dir"] = f"{str(values['model_dir']).rstrip('/')}/export"
+        sources["export_dir"] = ("derived: a run on the embedded set exports to "
+                                 "<model_dir>/export (replaced by the next run there)")
 
+
+def _sections(values, cls):
+    """The six frozen sections of `values` (their own checks raise ConfigError)."""
     sections = {}
     try:
         for section, section_cls in SECTIONS.items():
@@ -637,38 +756,35 @@ def resolve(overrides=None, dataset_info=None):
             if section == "optim" and kwargs["lr_milestones"] is not None:
                 kwargs["lr_milestones"] = tuple(float(m) for m in kwargs["lr_milestones"])
             sections[section] = section_cls(**kwargs)
-        recipe_settings = RecipeSettings(recipe_name, tuple(
+        recipe_settings = RecipeSettings(cls.name, tuple(
             (o.name, values[o.name]) for o in cls.options))
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError("config", "", str(e)) from None
+    return sections, recipe_settings
 
-    model_cfg, data_cfg, optim = sections["model"], sections["data"], sections["optim"]
-    run = sections["run"]
-    if num_classes < 2:
-        raise ConfigError("num_label_classes", values["num_label_classes"],
-                          "must be >= 2 (leave it unset for the dataset's)")
 
-    # The recipe with its options (its own checks name its options).
-    recipe = _build_recipe(recipe_name, recipe_settings, sections["attack"], optim,
-                           num_classes)
+def _check_recipe_fits(recipe, model_cfg, data_cfg):
+    """A recipe's needs the model and input must meet."""
     if recipe.needs_source_tags and not data_cfg.auto_augment:
         raise ConfigError("auto_augment", data_cfg.auto_augment,
-                          f"recipe {recipe_name} routes AutoAugment images to their own "
+                          f"recipe {recipe.name} routes AutoAugment images to their own "
                           "BN set: set auto_augment=v0 or randaugment")
     if recipe.num_aux:
         if model_cfg.normalizer_free:
-            raise ConfigError("recipe", recipe_name,
-                              f"routes batch norms, and model_name={model} has none "
-                              "(normalizer-free)")
+            raise ConfigError("recipe", recipe.name,
+                              f"routes batch norms, and model_name={model_cfg.model_name} "
+                              "has none (normalizer-free)")
         if model_cfg.normalizer != "split_batch_norm":
             raise ConfigError("normalizer", model_cfg.normalizer,
-                              f"recipe {recipe_name} routes auxiliary batch norms, which "
+                              f"recipe {recipe.name} routes auxiliary batch norms, which "
                               f"normalizer={model_cfg.normalizer} does not have")
 
-    # A preset's batch grows to the recipe's smallest that keeps BN batches whole
-    # (Fast AdvProp's 64-image embedded batch would leave 13 adversarial images).
+
+def _raise_preset_batch(recipe, model_cfg, data_cfg, run, sources):
+    """A preset's batch grows to the recipe's smallest that keeps BN batches whole
+    (Fast AdvProp's 64-image embedded batch would leave 13 adversarial images)."""
     batch = data_cfg.train_batch_size
     if (sources.get("train_batch_size", "").endswith("dataset preset")
             and not model_cfg.normalizer_free and model_cfg.normalizer == "split_batch_norm"):
@@ -676,10 +792,13 @@ def resolve(overrides=None, dataset_info=None):
         if good and good != batch:
             sources["train_batch_size"] += (f" ({batch}), raised to {recipe.name}'s smallest "
                                             f"batch with BN batches >= {run.min_bn_batch}")
-            batch = good
-            data_cfg = dataclasses.replace(data_cfg, train_batch_size=batch)
+            data_cfg = dataclasses.replace(data_cfg, train_batch_size=good)
+    return data_cfg
 
-    # The run's length: epochs (calibrated by the recipe's budget) -> steps.
+
+def _run_length(recipe, optim, batch, num_train, sources, relative_milestones):
+    """The run's length: epochs (calibrated by the recipe's budget) -> steps, and the
+    learning-rate milestones in epochs of this run."""
     steps_per_epoch = max(1, num_train // batch)
     calibrate = recipe.calibrates_budget
     budget = recipe.budget_factor if calibrate else 1.0
@@ -706,15 +825,8 @@ def resolve(overrides=None, dataset_info=None):
         raise ConfigError("lr_schedule", "step", "needs lr_milestones (epochs)")
     sources["lr_milestones"] = milestone_source
     sources["steps_per_epoch"] = f"derived: {num_train} images // batch {batch}"
-    optim = dataclasses.replace(optim, train_steps=train_steps,
-                                steps_per_epoch=steps_per_epoch, lr_milestones=milestones)
-    config = ExperimentConfig(model=model_cfg, data=data_cfg, optim=optim,
-                              attack=sections["attack"], recipe=recipe_settings, run=run,
-                              num_classes=num_classes, num_train=num_train,
-                              num_eval=num_eval, dataset_name=dataset_info.name,
-                              sources=sources)
-    check_bn_batches(config, num_replicas=1)
-    return config
+    return dataclasses.replace(optim, train_steps=train_steps,
+                               steps_per_epoch=steps_per_epoch, lr_milestones=milestones)
 
 
 def _build_recipe(recipe_name, settings, attack, optim, num_classes):

@@ -9,6 +9,8 @@ def model_kwargs(config, recipe, sync):
     """build_model keyword arguments of the config (unset values stay the model's)."""
     m = config.model
     kwargs = {"image_size": m.image_size, "preprocessing": m.preprocessing}
+    if m.classifier_init not in (None, "official"):
+        kwargs["classifier_init"] = m.classifier_init
     if m.width_multiplier != 1.0:
         kwargs["width_multiplier"] = m.width_multiplier
     if m.normalizer_free:

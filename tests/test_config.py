@@ -142,6 +142,48 @@ def test_layers_override_in_order_and_say_where_each_value_came_from():
     assert vanilla.sources["optimizer"] == "default"
 
 
+def test_embedded_preset_optimisation_yields_only_to_another_optimizers_paper():
+    """The embedded preset's optimisation entries were tuned with RMSProp: an RMSProp
+    recipe takes them over its paper's, an SGD recipe keeps its paper's. AutoAugment is
+    off there, except for a recipe that routes images by their source."""
+    preset = cfg.DATASET_PRESETS["embedded"]
+    assert preset[cfg.TUNED_FOR] == "rmsprop"
+    advprop = cfg.resolve({"recipe": "advprop"})
+    assert RECIPES["advprop"].paper["optimizer"].value == "rmsprop"
+    assert RECIPES["advprop"].paper["base_learning_rate"].value == 0.016
+    for name in cfg.RECIPE_KEEPS:
+        if name in RECIPES["advprop"].paper:
+            assert advprop.value(name) == preset[name], name
+            assert advprop.sources[name] == "embedded dataset preset", name
+    assert advprop.optim.base_learning_rate == preset["base_learning_rate"]
+    assert advprop.data.auto_augment is None  # the paper's v0 gives way on this set
+    assert advprop.sources["auto_augment"] == "embedded dataset preset"
+
+    trades = cfg.resolve({"recipe": "trades"})  # SGD with momentum, 0.1 per 256
+    assert trades.optim.optimizer == "momentum"
+    assert trades.optim.base_learning_rate == RECIPES["trades"].paper[
+        "base_learning_rate"].value == 0.1
+    assert trades.sources["base_learning_rate"].startswith("recipe trades:")
+    assert trades.optim.moving_average_decay == 0.0  # its paper keeps no EMA
+    assert trades.sources["train_epochs"] == "embedded dataset preset"  # data scale
+    assert trades.data.auto_augment is None
+    # madry_at's paper table sets the attack only: it trains with the defaults
+    # (RMSProp), so the preset's rate applies
+    assert "optimizer" not in RECIPES["madry_at"].paper
+    madry = cfg.resolve({"recipe": "madry_at"})
+    assert madry.optim.base_learning_rate == preset["base_learning_rate"]
+    assert madry.sources["base_learning_rate"] == "embedded dataset preset"
+
+    fine = cfg.resolve({"recipe": "fine_grained_advprop"})
+    assert RECIPES["fine_grained_advprop"].needs_source_tags
+    assert fine.data.auto_augment == "v0"  # it refuses to run without AutoAugment
+    assert fine.sources["auto_augment"].startswith("recipe fine_grained_advprop:")
+    assert fine.optim.base_learning_rate == preset["base_learning_rate"]  # RMSProp
+    # on ImageNet nothing of the preset applies
+    assert imagenet("advprop", "efficientnet-b0").data.auto_augment == "v0"
+    assert imagenet("advprop", "efficientnet-b0").optim.base_learning_rate == 0.016
+
+
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_no_bn_batch_below_the_minimum_in_any_recipe_default(recipe):
     model = "nf-resnet-26-cifar" if recipe.startswith("nofrost") else "resnet-26-cifar"
@@ -229,11 +271,17 @@ def test_print_config_prints_the_resolved_config_and_writes_nothing(tmp_path):
 
 
 def test_auto_augment_none_turns_off_the_papers_autoaugment(tmp_path):
-    on = run_main("--print_config", "--recipe=advprop", cwd=tmp_path)
-    off = run_main("--print_config", "--recipe=advprop", "--auto_augment=none", cwd=tmp_path)
+    on = run_main("--print_config", "--recipe=advprop", "--dataset=imagenet", cwd=tmp_path)
+    off = run_main("--print_config", "--recipe=advprop", "--dataset=imagenet",
+                   "--auto_augment=none", cwd=tmp_path)
     assert on.returncode == 0 and off.returncode == 0, off.stderr[-2000:]
     assert "--auto_augment=v0  # recipe advprop" in on.stdout
     assert "--auto_augment=none  # set" in off.stdout
+    # on the embedded set the preset has it off; the flag turns it back on
+    embedded = run_main("--print_config", "--recipe=advprop", "--auto_augment=v0",
+                        cwd=tmp_path)
+    assert embedded.returncode == 0, embedded.stderr[-2000:]
+    assert "--auto_augment=v0  # set" in embedded.stdout
 
 
 def test_config_round_trips_through_json(tmp_path):

@@ -28,6 +28,14 @@ def test_advprop_run_trains_evaluates_checkpoints_exports_and_resumes(tmp_path):
     assert any(name.startswith("events") for name in os.listdir(model_dir / "train"))
     saved = json.loads((model_dir / "eval_results.json").read_text())
     assert saved["step"] == 2
+    # After the JSON line, a summary for a person on stderr.
+    err = first.stderr.splitlines()
+    assert "Held-out accuracy (100 images):" in err
+    assert any(l.startswith("  main BNs:") and "pgd2 eps1" in l for l in err)
+    assert any(l.startswith("  adversarial (auxiliary) BNs:") for l in err)
+    assert f"Checkpoints and TensorBoard logs: {model_dir}" in err
+    assert (f"Next: python main.py --mode=eval_robustness --model_dir={model_dir} "
+            "--robustness_profile=quick") in first.stderr
 
     second = run_main(*common, "--train_steps=3", f"--export_dir={export_dir}",
                       "--export_format=saved_model,tflite", cwd=tmp_path)
@@ -38,6 +46,9 @@ def test_advprop_run_trains_evaluates_checkpoints_exports_and_resumes(tmp_path):
     meta = json.loads((export_dir / "efficientnet_advprop.json").read_text())
     assert meta["preprocessing"] == "advprop" and meta["step"] == 3
     assert (export_dir / "model.tflite").stat().st_size > 0
+    assert (f"Exported saved_model, tflite (main BN set, EMA weights, preprocessing "
+            f"inside): {export_dir}") in second.stderr
+    assert f"tf.saved_model.load('{export_dir}')" in second.stderr
     tflite_meta = json.loads((export_dir / "model.tflite.json").read_text())
     assert tflite_meta["step"] == 3 and tflite_meta["quantization"] == "none (float32)"
 
@@ -207,6 +218,12 @@ def _no_tfrecords(tmp_path):
     (lambda p: ["--export_format=saved_model,onnx"], "--export_format=saved_model,onnx: "
                                                      "choose one or more of saved_model, "
                                                      "tflite, tflite_dynamic"),
+    (lambda p: ["--mode=eval_robustness", "--robustness_attacks=pgd,fab"],
+     "--robustness_attacks=pgd,fab: unknown value(s) fab; choose from pgd,"),
+    (lambda p: ["--mode=eval_robustness", "--mbn_modes=main,mixed"],
+     "--mbn_modes=main,mixed: unknown value(s) mixed"),
+    (lambda p: ["--mode=eval_robustness", "--curve_iterations=10,x"],
+     "--curve_iterations=10,x: not a list of int values"),
 ])
 def test_bad_input_in_process_is_one_line_and_exit_status_2(tmp_path, main_in_process,
                                                             make_args, message):
@@ -289,3 +306,40 @@ def test_a_second_run_on_a_locked_model_dir_is_refused_in_one_line(tmp_path,
     assert err[-1].startswith("main.py: error:") and str(model_dir) in err[-1]
     assert f"pid {os.getpid()}" in err[-1] or str(os.getpid()) in err[-1]
     assert not (model_dir / "checkpoint").exists()  # nothing trained or written
+
+
+def test_summary_lines_name_both_bn_sets_the_directories_and_the_next_commands(tmp_path):
+    from efficientnet_advprop.config import resolve
+    from efficientnet_advprop.data import DatasetInfo
+    from efficientnet_advprop.entry import summary_lines
+
+    info = DatasetInfo("embedded", 10, 15000, 2000, 32)
+    model_dir, export_dir = str(tmp_path / "m"), str(tmp_path / "e")
+    config = resolve({"recipe": "advprop", "model_dir": model_dir,
+                      "export_dir": export_dir}, info)
+    results = {"step": 9, "num_eval_images": 2000, "clean_accuracy": 0.5,
+               "pgd10_eps1_accuracy": 0.25, "aux_bn_clean_accuracy": 0.375,
+               "aux_bn_pgd10_eps1_accuracy": 0.3125}
+    lines = summary_lines(results, config, export_dir)
+    assert lines[0] == "Held-out accuracy (2000 images):"
+    assert re.fullmatch(r"  main BNs: +clean +50\.0% +pgd10 eps1 +25\.0%", lines[1])
+    assert re.fullmatch(r"  adversarial \(auxiliary\) BNs: +clean +37\.5% +pgd10 eps1 "
+                        r"+31\.2%", lines[2])
+    assert f"Checkpoints and TensorBoard logs: {model_dir}" in lines
+    assert any(l.startswith("Exported saved_model (main BN set") and
+               l.endswith(export_dir) for l in lines)
+    assert any(f"--mode=eval_robustness --model_dir={model_dir}" in l for l in lines)
+    assert any(f"tf.saved_model.load({export_dir!r})" in l for l in lines)
+
+    # A vanilla run without an attack or an export: one BN set, no export lines.
+    config = resolve({"model_dir": model_dir}, info)
+    lines = summary_lines({"clean_accuracy": 0.5, "num_eval_images": 100}, config)
+    assert re.fullmatch(r"  main BNs: +clean +50\.0%", lines[1])
+    assert not any("BNs" in l for l in lines[2:])
+    assert not any("xported" in l or "saved_model" in l for l in lines)
+    # A TFLite-only export names the file to load.
+    config = resolve({"model_dir": model_dir, "export_dir": export_dir,
+                      "export_format": ("tflite_dynamic",)}, info)
+    lines = summary_lines({}, config, export_dir)
+    assert lines[0] == f"Checkpoints and TensorBoard logs: {model_dir}"
+    assert any("model_dynamic_range.tflite" in l for l in lines)

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import run_main
+from conftest import REPO_ROOT, run_main
 from efficientnet_advprop.evaluation import RobustnessConfig, evaluate_robustness, write_report
 
 SMALL = dict(epsilon=8.0, pgd_iterations=3, apgd_iterations=4, mi_fgsm_iterations=3,
@@ -80,6 +80,92 @@ def test_config_rejects_unknown_names():
         RobustnessConfig(epsilon=0)
 
 
+def test_suite_options_defaults_are_main_py_flag_defaults(monkeypatch):
+    from efficientnet_advprop.robustness_experiment import SuiteOptions
+
+    monkeypatch.syspath_prepend(REPO_ROOT)
+    import main
+
+    def options(*args):
+        main.FLAGS.unparse_flags()
+        try:
+            main.FLAGS(["main.py", *args])
+            return main.suite_options()
+        finally:
+            main.FLAGS.unparse_flags()
+
+    assert options() == SuiteOptions() and SuiteOptions().set_fields == frozenset()
+    assert SuiteOptions().corruptions is None  # all of them, as --corruptions=all
+    chosen = options("--robustness_attacks=pgd,cw", "--mbn_gammas=0,1",
+                     "--corruptions=none", "--corruption_severities=2",
+                     "--apgd_iterations=7")
+    assert chosen == SuiteOptions(robustness_attacks=("pgd", "cw"), mbn_gammas=(0.0, 1.0),
+                                  corruptions=(), corruption_severities=(2,),
+                                  apgd_iterations=7)
+    assert chosen.set_fields == {"robustness_attacks", "mbn_gammas", "corruptions",
+                                 "corruption_severities", "apgd_iterations"}
+
+
+def test_quick_profile_keeps_the_options_set_and_says_what_it_left_out():
+    from efficientnet_advprop.robustness_experiment import (QUICK_PROFILE, SuiteOptions,
+                                                            quick_profile_note,
+                                                            with_profile)
+
+    options = SuiteOptions(robustness_attacks=("pgd", "cw"), curve_iterations=(1, 2))
+    assert with_profile(options, "full") is options
+    quick = with_profile(options, "quick")
+    assert quick.robustness_attacks == ("pgd", "cw") and quick.curve_iterations == (1, 2)
+    assert quick.apgd_iterations == 20 and quick.corruption_severities == (3,)
+    assert quick.corruptions == QUICK_PROFILE["corruptions"]
+    assert quick.robustness_properties is False
+    note = quick_profile_note(options, 250, 2000)
+    assert note.startswith("quick robustness profile, --robustness_profile=full for")
+    assert "--apgd_iterations 20 (full: 100)" in note
+    assert "--mbn_gammas 0,0.5,1 (full: 0,0.25,0.5,0.75,1)" in note
+    assert "(full: all)" in note and note.endswith("; 250 of 2000 held-out images")
+    assert "--robustness_attacks" not in note and "--curve_iterations" not in note
+
+
+def test_bad_suite_options_raise_config_error_naming_the_option(tmp_path):
+    from efficientnet_advprop.config import ConfigError, resolve
+    from efficientnet_advprop.data import DatasetInfo
+    from efficientnet_advprop.robustness_experiment import (SuiteOptions, check_names,
+                                                            shift_datasets, suite_config)
+
+    def field(make):
+        with pytest.raises(ConfigError) as error:
+            make()
+        return error.value.field, str(error.value)
+
+    assert field(lambda: SuiteOptions(robustness_profile="fast"))[0] == "robustness_profile"
+    assert field(lambda: SuiteOptions(autoattack_version="plus"))[0] == "autoattack_version"
+    name, text = field(lambda: check_names(SuiteOptions(robustness_attacks=("pgd",
+                                                                            "fab"))))
+    assert name == "robustness_attacks" and "unknown value(s) fab" in text
+    assert field(lambda: check_names(SuiteOptions(mbn_modes=["main", "mix"])))[0] == (
+        "mbn_modes")
+    assert field(lambda: check_names(SuiteOptions(corruptions=("rain",))))[0] == (
+        "corruptions")
+
+    config = resolve({"model_dir": str(tmp_path / "m"), "eval_epsilon": 2.0},
+                     DatasetInfo("embedded", 10, 100, 50, 32))
+    suite = suite_config(SuiteOptions(), config, 10)
+    assert suite.epsilon == 2.0 and len(suite.corruptions) == 15
+    assert field(lambda: suite_config(SuiteOptions(mbn_modes=("mix",)), config, 10))[0] == (
+        "mbn_modes")
+    assert suite.attacks == SuiteOptions().robustness_attacks
+    name, text = field(lambda: suite_config(SuiteOptions(mce_baseline="alexnet"), config,
+                                            10))
+    assert name == "mce_baseline" and "this model has 10 classes" in text
+    assert field(lambda: suite_config(SuiteOptions(mce_baseline=str(tmp_path / "no.json")),
+                                      config, 10))[0] == "mce_baseline"
+    assert field(lambda: suite_config(SuiteOptions(corruption_severities=(0,)), config,
+                                      10))[0] == "mode"  # RobustnessConfig's own check
+    name, text = field(lambda: shift_datasets(SuiteOptions(shift_datasets=("imagenet_a",)),
+                                              config, 32, "cifar", 10))
+    assert name == "shift_datasets" and "needs a 1000-class model" in text
+
+
 @pytest.mark.slow
 def test_main_eval_robustness_on_checkpoint_and_saved_model(tmp_path):
     model_dir, export_dir = tmp_path / "model", tmp_path / "export"
@@ -90,7 +176,8 @@ def test_main_eval_robustness_on_checkpoint_and_saved_model(tmp_path):
     small = ["--num_eval_images=32", "--eval_batch_size=16", "--eval_epsilon=4",
              "--eval_attack_iterations=2", "--apgd_iterations=3", "--square_queries=5",
              "--curve_iterations=1,3", "--corruptions=gaussian_noise,fog",
-             "--corruption_severities=1,5", "--mbn_gammas=0,0.5,1"]
+             "--corruption_severities=1,5", "--mbn_gammas=0,0.5,1",
+             "--robustness_profile=full"]  # every MBN mode (auto is quick here)
     common = ["--advprop", "--model=resnet-18-cifar", "--width_multiplier=0.125"]
     ckpt = run_main(*common, f"--model_dir={model_dir}", "--mode=eval_robustness", *small,
                     cwd=tmp_path)
