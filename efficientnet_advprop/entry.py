@@ -108,16 +108,36 @@ def resolve_run(settings, info=None, describe_only=False):
     return config, info
 
 
-def export_dir_ready(config):
-    """Checks config.run.export_dir before any work: a directory the user named must be
-    empty or absent; a derived one (a source starting "derived") is the run's own and
-    is replaced."""
+def export_target(config, log=None):
+    """Where this run exports, checked before any work (None: no export).
+
+    A directory the user named must be empty or absent, and on the JAX engine
+    TensorFlow must be importable (export is the TF engine's): both raise ConfigError
+    before training. A derived one (a source starting "derived") is the run's own: it is
+    replaced, and skipped with a line to `log` where TensorFlow is missing."""
     export_dir = config.run.export_dir
-    if not export_dir or not os.path.isdir(export_dir) or not os.listdir(export_dir):
-        return
-    if config.sources.get("export_dir", "").startswith("derived"):
+    if not export_dir:
+        return None
+    derived = config.sources.get("export_dir", "").startswith("derived")
+    if on_jax():
+        from efficientnet_advprop.jax_experiment import tensorflow_available
+
+        if not tensorflow_available():
+            if not derived:
+                raise ConfigError("export_dir", export_dir, "export to SavedModel/TFLite "
+                                  "needs TensorFlow, which is not installed here; drop "
+                                  "the flag, and export model_dir later with "
+                                  "efficientnet_advprop.export_checkpoint where it is")
+            if log:
+                log(f"not exporting to {export_dir}: TensorFlow is not installed here; "
+                    f"export later with python -m efficientnet_advprop.export_checkpoint "
+                    f"--model_dir={config.run.model_dir} where it is")
+            return None
+    if not os.path.isdir(export_dir) or not os.listdir(export_dir):
+        return export_dir
+    if derived:
         shutil.rmtree(export_dir)
-        return
+        return export_dir
     raise ConfigError("export_dir", export_dir, "exists and is not empty; choose a new "
                                                 "directory")
 
@@ -141,9 +161,9 @@ def run(config, info, suite_options=None, log=_stderr):
         raise ConfigError("mode", mode, "runs on the TensorFlow engine (its attack suite "
                           "is TensorFlow's): run it with KERAS_BACKEND=tensorflow on this "
                           "model_dir, which reads the JAX engine's checkpoints")
-    export_dir_ready(config)
     if info.name == "embedded":
         log(embedded_note(config, info))
+    export_dir = export_target(config, log)
     if config.recipe.name == "fast_advprop" and config.recipe.values["budget_calibration"]:
         log(f"fast_advprop budget calibration: {config.sources['train_steps']}; "
             f"milestones {config.optim.lr_milestones}")
@@ -169,7 +189,6 @@ def run(config, info, suite_options=None, log=_stderr):
         results["skipped_records"] = int(job.skip_counter.numpy())
         log(f"--skip_bad_records: dropped {results['skipped_records']} unreadable "
             f"training records (each time one was read)")
-    export_dir = config.run.export_dir
     if export_dir:
         bn_set = exp.export(job, export_dir, config.run.export_bn_set,
                             formats=config.run.export_format)

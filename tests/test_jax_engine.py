@@ -43,7 +43,8 @@ def checkpoint(model_dir, step):
 
 def test_advprop_trains_and_evaluates_with_tensorflow_blocked(tmp_path):
     """The TF-free machine: the core imports, the embedded set is read without TF,
-    an AdvProp step runs jitted, evaluation reports both BN sets."""
+    an AdvProp step runs jitted, evaluation reports both BN sets, and the embedded
+    set's derived export is skipped with a line saying how to export later."""
     done = run_jax("--recipe=advprop", *TINY, "--train_steps=3",
                    f"--model_dir={tmp_path / 'run'}", block_tf=True, cwd=tmp_path)
     results = last_json(done)
@@ -52,6 +53,8 @@ def test_advprop_trains_and_evaluates_with_tensorflow_blocked(tmp_path):
     for key in ("clean_accuracy", "pgd2_eps1_accuracy", "aux_bn_clean_accuracy"):
         assert 0.0 <= results[key] <= 1.0
     assert results["num_eval_images"] == 250
+    assert "not exporting" in done.stderr and "export_checkpoint" in done.stderr
+    assert not (tmp_path / "run" / "export").exists()
     arrays = checkpoint(tmp_path / "run", 3)
     assert int(arrays["step"]) == 3
     assert any(k.startswith("ema/") for k in arrays)  # AdvProp keeps the EMA
@@ -62,12 +65,13 @@ def test_advprop_trains_and_evaluates_with_tensorflow_blocked(tmp_path):
     (["--precision=float16"], True, "--precision=float16"),
     (["--mode=eval_robustness"], True, "--mode=eval_robustness"),
     (["--auto_augment=v0"], True, "--auto_augment=v0"),
+    (["--export_dir=exported"], True, "--export_dir=exported"),
     (["--recipe=nofrost_star", "--model_name=nf-resnet-26-cifar"], False,
      "--recipe=nofrost_star"),
 ])
 def test_what_the_jax_engine_cannot_do_is_one_line(tmp_path, flags, block_tf, names):
-    """float16 loss scaling, the robustness suite, (without TensorFlow) AutoAugment,
-    and NoFrost*'s TDA view (tf.data ops that follow Keras' backend) are refused in
+    """float16 loss scaling, the robustness suite, (without TensorFlow) AutoAugment
+    and a named export directory, and NoFrost*'s TDA view (tf.data ops that follow Keras' backend) are refused in
     one line naming the flag, before anything is written."""
     recipe = [] if any(f.startswith("--recipe") for f in flags) else [
         "--recipe=advprop", "--model_name=resnet-18-cifar"]
