@@ -23,7 +23,7 @@ setup(
     ],
     include_package_data=True,
     install_requires=[
-        # Tested with TF 2.21.0 / Keras 3.15.1 / TFDS 4.9.10 (README, "Versions").
+        # Tested with TF 2.21.0 / Keras 3.15.1 / TFDS 4.9.10 (docs/install.md, "Versions").
         "tensorflow>=2.18,<2.22",
         "keras>=3.8,<3.16",
         "tensorflow-datasets>=4.9",

@@ -64,7 +64,7 @@ DATASET_PRESETS = {
         "train_batch_size": 64,
         "eval_batch_size": 250,
         "train_epochs": 4.0,
-        "base_learning_rate": 0.008,
+        "base_learning_rate": 0.004,
         "lr_warmup_epochs": 0.3,
         "lr_decay_epoch": 1.0,
         "lr_decay_factor": 0.8,

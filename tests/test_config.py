@@ -138,7 +138,7 @@ def test_layers_override_in_order_and_say_where_each_value_came_from():
     assert user.optim.weight_decay == 1e-3 and user.sources["weight_decay"] == "set"
     assert user.optim.train_steps == 7  # an explicit step count beats every epoch count
     vanilla = cfg.resolve({})
-    assert vanilla.optim.base_learning_rate == 0.008  # the embedded RMSProp preset
+    assert vanilla.optim.base_learning_rate == 0.004  # the embedded RMSProp preset
     assert vanilla.sources["optimizer"] == "default"
 
 

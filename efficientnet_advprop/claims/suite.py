@@ -100,7 +100,7 @@ TIERS = {
         mbn_gammas=(0.0, 0.5, 1.0), min_bn_batch=2, iterations_per_loop=1,
         recipe_options=(("fast_advprop", (("shuffle_bn_group_size", 2),)),),
         budget="2 steps per run"),
-    # This 2-core CPU, 2 seeds (README "Does it reproduce the papers?" for the cost).
+    # This 2-core CPU, 2 seeds (docs/reproducing.md, "Cost").
     "cpu": Tier(
         name="cpu", data="split", model="resnet-18-cifar",
         pair_models=("resnet-26-cifar", "nf-resnet-26-cifar"), width=0.125,

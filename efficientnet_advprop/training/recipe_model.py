@@ -18,7 +18,7 @@ config and in a model weight (saved by `save()`, `ModelCheckpoint` and
 `BackupAndRestore`), and the step is the optimizer's iteration count, so a resumed run
 draws the attacks an uninterrupted one would.
 
-Compared with main.py's `Trainer` (see README "Training with Keras fit()"):
+Compared with main.py's `Trainer` (see docs/python_api.md, "Training with Keras fit()"):
 - weight decay: `weight_decay=` is the Trainer's coupled L2 (wd * w added to the
   gradient of every non-normalisation weight, before the optimizer); a Keras
   optimizer's own `weight_decay=` is decoupled (AdamW-style) and applies to every
