@@ -86,11 +86,9 @@ def test_what_the_jax_engine_cannot_do_is_one_line(tmp_path, flags, block_tf, na
 
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     """Weights, optimizer slots, EMA, seed-generator states and the data position
-    come back from the checkpoint: 2 + 2 steps give the 4-step run's state bitwise.
-    Two steps per call compute the same steps, to float32 rounding (XLA fuses across
-    the two steps of one call, so not bitwise)."""
+    come back from the checkpoint: 2 + 2 steps give the 4-step run's state bitwise."""
     common = ["--recipe=advprop", *TINY, "--checkpoint_every_steps=2", "--mode=train"]
-    straight, resumed, paired = tmp_path / "straight", tmp_path / "resumed", tmp_path / "paired"
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     last_json(run_jax(*common, "--train_steps=4", f"--model_dir={straight}", block_tf=True,
                       cwd=tmp_path))
     last_json(run_jax(*common, "--train_steps=2", f"--model_dir={resumed}", block_tf=True,
@@ -106,9 +104,19 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     # and the run did move: step 2's weights differ from step 4's
     assert any(not np.array_equal(checkpoint(resumed, 2)[k], b[k]) for k in b
                if k.startswith("model/"))
+
+
+@pytest.mark.slow  # two more runs (one compiling a two-step call): ~2 minutes here
+def test_two_steps_per_call_compute_the_same_run(tmp_path):
+    """Two steps per call compute the same steps as one per call, to float32 rounding
+    (XLA fuses across the two steps of one call, so not bitwise)."""
+    common = ["--recipe=advprop", *TINY, "--checkpoint_every_steps=2", "--mode=train"]
+    single, paired = tmp_path / "single", tmp_path / "paired"
+    last_json(run_jax(*common, "--train_steps=4", f"--model_dir={single}", block_tf=True,
+                      cwd=tmp_path))
     last_json(run_jax(*common, "--train_steps=4", "--iterations_per_loop=2",
                       f"--model_dir={paired}", block_tf=True, cwd=tmp_path))
-    c = checkpoint(paired, 4)
+    a, c = checkpoint(single, 4), checkpoint(paired, 4)
     for key in a:
         np.testing.assert_allclose(c[key], a[key], rtol=1e-4, atol=1e-6, err_msg=key)
 

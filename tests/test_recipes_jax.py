@@ -12,7 +12,7 @@ which sets `sys.modules["tensorflow"] = None` before Keras is imported, so any
 `import tensorflow` on the way fails the run (each run's error is recorded in OUT.json,
 which the tests read).
 
-Tiers: "micro" (the default suite, about a minute): tests/test_recipes.py's micro model
+Tiers: "micro" (slow tier, about 2.5 minutes on 2 loaded cores): tests/test_recipes.py's micro model
 (conv-SplitBN-relu x2 -> pool -> dense at 16 pixels; without BN for NoFrost and
 NoFrost*); "models" (slow, about 5 minutes on 2 CPU cores): resnet-18-cifar at width
 1/8 and 32 pixels with SplitBatchNorm (`recipe.num_aux` auxiliary sets), nf-resnet-26-
@@ -292,6 +292,10 @@ def _check_run(results, run, kind):
         assert "loss/adversarial" in got["eager"]["metrics"]
 
 
+# slow since the default suite outgrew 15 minutes: tests/test_engine_parity.py runs every
+# recipe's step on JAX with TensorFlow blocked there, against TensorFlow's gradients and
+# BN statistics; this adds eager-vs-jit and the Mixup/CutMix variants (~2.5 minutes).
+@pytest.mark.slow
 @pytest.mark.parametrize("run", list(RUNS))
 def test_recipe_gradients_on_jax_micro_model(micro_results, run):
     _check_run(micro_results, run, "micro")
