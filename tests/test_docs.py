@@ -233,7 +233,7 @@ def test_relative_links_and_anchors_resolve(page):
 
 
 def program_commands():
-    """(block name, program, [flag names]) for each `python main.py` / `python
+    """(block name, program, [flag names]) for each `python[3] main.py` / `python[3]
     scripts/NAME.py` command in a bash block."""
     commands = []
     for page in PAGES:
@@ -242,7 +242,7 @@ def program_commands():
                 continue
             for line in block.code.replace("\\\n", " ").splitlines():
                 line = line.split(" #", 1)[0]
-                for match in re.finditer(r"\bpython\s+((?:scripts/)?[\w-]+\.py)\b(.*?)"
+                for match in re.finditer(r"\bpython3?\s+((?:scripts/)?[\w-]+\.py)\b(.*?)"
                                          r"(?=&&|\||;|$)", line):
                     names = [token[2:].split("=", 1)[0]
                              for token in match[2].split() if token.startswith("--")]
