@@ -116,7 +116,8 @@ def main_jax():
         plan, FLAGS.out_dir, command=" ".join(["python"] + sys.argv),
         log=lambda line: print(line, file=sys.stderr, flush=True))
     print(jax_device_check.markdown(report))
-    failed = sum(1 for row in report["tests"].get("rows", []) if row["outcome"] != "passed")
+    failed = sum(1 for row in report["tests"].get("rows", [])
+                 if row["outcome"] in ("failed", "error"))
     errors = sum(len(g["errors"]) for g in report["benchmark"]["groups"])
     return 1 if failed or errors else 0
 

@@ -7,24 +7,25 @@ out_dir)` does:
 
 1. environment: versions (jax, jaxlib, keras, numpy; torch and timm when importable),
    JAX's devices with their kind and memory, nvidia-smi, the XLA variables;
-2. accelerator tests: every recipe's jitted training step (`JaxTrainer`, one step of
-   plain SGD from the same weights and batch, its attack cut to one iteration as in
-   tests/test_engine_parity.py) on the accelerator against the same step on the CPU.
-   The CPU side runs in a child process (`JAX_PLATFORMS=cpu`) while the parent works
-   on the device. float32 runs at JAX's "highest" matmul precision (no TF32), and must
-   agree to `Plan.float32_tolerance` (loss, relative) with update cosine >=
-   `Plan.float32_min_cosine`; bfloat16 (the mixed_bfloat16 policy) is checked against
-   the float32 CPU step with the looser bfloat16 bounds;
-3. the benchmark: per (precision, model) group, every configuration
-   (tools.step_configs: vanilla, AdvProp PGD-1 and PGD-5, Fast AdvProp) is compiled
-   (`jax.jit(...).lower().compile()`: compile seconds and XLA's memory analysis of the
-   step, i.e. the device memory the step needs) and timed in alternating rounds with
-   the others of its group, median round reported: img/s (drawn images), the time per
-   drawn image as a ratio to vanilla's (the cost per epoch), and the recipe's cost
-   model. A step that runs out of device memory halves the batch of its group. The
-   bfloat16 group of a model with a `peer` also times timm's model of that name in
-   PyTorch (bfloat16 autocast, channels-last, `torch.compile`, SGD with momentum),
-   when torch and timm import: the report gives our img/s as ratios to the peer's;
+2. the benchmark, first (the most wanted figures): per (precision, model) group, every
+   configuration (tools.step_configs: vanilla, AdvProp PGD-1 and PGD-5, Fast AdvProp)
+   is compiled (`jax.jit(...).lower().compile()`: compile seconds and XLA's memory
+   analysis of the step, i.e. the device memory the step needs) and timed in
+   alternating rounds with the others of its group, median round reported: img/s
+   (drawn images), the time per drawn image as a ratio to vanilla's (the cost per
+   epoch), and the recipe's cost model. A step that runs out of device memory halves
+   the batch of its group. The bfloat16 group of a model with a `peer` also times
+   timm's model of that name in PyTorch (bfloat16 autocast, channels-last,
+   `torch.compile`, SGD with momentum), when torch and timm import: the report gives
+   our img/s as ratios to the peer's;
+3. accelerator tests, in the time kept for them (`tests_reserve_s`): every recipe's
+   jitted training step (`JaxTrainer`, one step of plain SGD from the same weights and
+   batch, its attack cut to one iteration as in tests/test_engine_parity.py) on the
+   accelerator against the same step on the CPU. The CPU side runs in a child process
+   (`JAX_PLATFORMS=cpu`) from the start. float32 runs at JAX's "highest" matmul
+   precision (no TF32), and must agree to `Plan.float32_tolerance` (loss, relative)
+   with update cosine >= `Plan.float32_min_cosine`; bfloat16 (the mixed_bfloat16
+   policy) is checked against the float32 CPU step with the looser bfloat16 bounds;
 4. findings (Fast AdvProp over 1.3x vanilla, peer ratios, failed tests, what was
    skipped) and device_report.json / device_report.md in `out_dir`.
 
@@ -90,6 +91,7 @@ class Plan:
     peer: bool = True
     peer_compile: bool = True
     peer_reserve_s: float = 90.0  # kept for the peers out of the benchmark's time
+    tests_reserve_s: float = 150.0  # kept for the device side of the tests
     time_budget_s: float = 480.0
     dry_run: bool = False
 
@@ -138,7 +140,8 @@ def dry_run_plan(**overrides):
     )
     values = dict(models=models, batch_size=16, min_batch_size=4, steps=1, warmup=1,
                   repeats=2, test_recipes=("vanilla", "advprop", "fast_advprop"),
-                  peer_compile=False, peer_reserve_s=0.0, time_budget_s=3600.0,
+                  peer_compile=False, peer_reserve_s=0.0, tests_reserve_s=0.0,
+                  time_budget_s=3600.0,
                   dry_run=True)
     values.update(overrides)
     return Plan(**values)
@@ -398,11 +401,16 @@ def compare(device_out, reference, name, precision, plan):
             "seconds": round(device_out["seconds"], 2)}
 
 
-def accelerator_tests(plan, device, reference, log):
-    """Device side of the tests now; rows once `reference` (a Reference) is done."""
+def accelerator_tests(plan, device, deadline, log):
+    """The device side of the tests, each recipe while `deadline` allows (the others
+    are reported as skipped); compared by `finish_tests` once the reference is done."""
     outs, errors = {}, []
     for name in test_recipe_names(plan):
         for precision in ("float32", "bfloat16"):
+            if time.perf_counter() > deadline:
+                errors.append({"recipe": name, "precision": precision,
+                               "outcome": "skipped", "error": "time budget"})
+                continue
             try:
                 outs[(name, precision)] = test_step(name, plan, precision, device)
             except Exception as e:  # noqa: BLE001 -- reported per recipe
@@ -770,8 +778,8 @@ def markdown(report):
                 "| recipe | precision | outcome | loss (device / CPU) | rel. diff | "
                 "update cosine |", "|---|---|---|---|---:|---:|"]
         for row in tests["rows"]:
-            if row["outcome"] == "error":
-                out.append(f"| {row['recipe']} | {row['precision']} | error: "
+            if row["outcome"] in ("error", "skipped"):
+                out.append(f"| {row['recipe']} | {row['precision']} | {row['outcome']}: "
                            f"{row['error']} | | | |")
             else:
                 out.append(f"| {row['recipe']} | {row['precision']} | {row['outcome']} | "
@@ -830,13 +838,13 @@ def run(plan, out_dir, command="", log=print):
                        "engine": "jax"},
               "environment": environment()}
     log(f"device: {device.device_kind} ({device.platform})")
-    if reference is not None:
-        outs, errors = accelerator_tests(plan, device, reference, log)
-    else:
-        outs, errors = {}, []
-    bench_deadline = deadline - (plan.peer_reserve_s if plan.peer else 0.0)
+    # The benchmark first (the most wanted figures), then the device side of the tests
+    # in the time kept for them; the CPU reference runs beside both.
+    bench_deadline = deadline - (plan.peer_reserve_s if plan.peer else 0.0) - (
+        plan.tests_reserve_s if plan.run_tests else 0.0)
     report["benchmark"] = benchmark(plan, device, bench_deadline, log)
     if reference is not None:
+        outs, errors = accelerator_tests(plan, device, deadline, log)
         report["tests"] = finish_tests(plan, outs, errors, reference,
                                        deadline - time.perf_counter() + 60.0)
     else:
