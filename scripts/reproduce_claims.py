@@ -11,12 +11,22 @@ Each (run, seed) without a result file in --results_dir/<tier>/<run>/seed<k>.jso
 trained (resuming from --work_dir when it was interrupted) and evaluated in a fresh
 process, then the report results/claims/README.md is rewritten from every result file.
 The first call builds the fixed 45,000 / 5,000 split of ../shared/data in --data_dir.
+
+--engine=jax (auto: where KERAS_BACKEND=jax or TensorFlow is not importable) runs the
+suite on the JAX engine (efficientnet_advprop.claims.jax_runner), as on a GPU machine
+with jax but no TensorFlow: it reads --source itself (the same split, no TFRecords),
+sets KERAS_BACKEND=jax, and measures everything but the corruption errors, which are
+TensorFlow's. --time_budget_s starts no run that the longest one so far says would
+end past it; a later call goes on with the runs still without a result file:
+
+    python3 scripts/reproduce_claims.py --tier=gpu --engine=jax --time_budget_s=480
 """
 
 import dataclasses
 import os
 import subprocess
 import sys
+import time
 
 from absl import app, flags
 
@@ -46,7 +56,36 @@ flags.DEFINE_bool("isolate", None, "Each run in a fresh process (default: on the
                   "whose runs take long enough that a clean process is worth its start).")
 flags.DEFINE_string("only", None, "run:seed -- train and evaluate just this one here "
                     "(what an isolated run executes).")
+flags.DEFINE_enum("engine", "auto", ["auto", "tensorflow", "jax"], "Training engine; "
+                  "auto: jax when KERAS_BACKEND=jax or TensorFlow is not importable.")
+flags.DEFINE_float("time_budget_s", None, "Start no run that would end after this many "
+                   "seconds of this call (judged by the longest run so far); rerun to go "
+                   "on.")
 FLAGS = flags.FLAGS
+
+
+def choose_engine(requested):
+    """"jax" or "tensorflow"; sets KERAS_BACKEND=jax for the JAX engine."""
+    import importlib.util
+
+    engine = requested
+    if engine == "auto":
+        try:
+            has_tf = importlib.util.find_spec("tensorflow") is not None
+        except (ImportError, ValueError):
+            has_tf = False
+        engine = "jax" if os.environ.get("KERAS_BACKEND") == "jax" or not has_tf else (
+            "tensorflow")
+    backend = os.environ.get("KERAS_BACKEND")
+    if engine == "jax" and backend not in (None, "jax"):
+        fail(f"--engine=jax with KERAS_BACKEND={backend}: unset it or set it to jax")
+    if engine == "tensorflow" and backend == "jax":
+        fail("--engine=tensorflow with KERAS_BACKEND=jax: unset it")
+    if engine == "jax":
+        if "keras" in sys.modules and sys.modules["keras"].backend.backend() != "jax":
+            fail("keras was imported before the engine was chosen")  # a bug, not input
+        os.environ["KERAS_BACKEND"] = "jax"
+    return engine
 
 
 def fail(message):
@@ -67,17 +106,21 @@ def selected_runs():
     return [r.name for r in suite.RUNS if r.name in wanted]
 
 
-def run_here(tier, spec, seed, data_dir, command):
+def run_here(tier, spec, seed, data_dir, command, engine):
     """One run in this process; a bad setting ends with one line naming it."""
-    from efficientnet_advprop.claims import runner
     from efficientnet_advprop.config import ConfigError
-    from efficientnet_advprop.training import RunLockedError, TrainingError
+    from efficientnet_advprop.training.loop import TrainingError
+    from efficientnet_advprop.training.run_lock import RunLockedError
 
+    if engine == "jax":
+        from efficientnet_advprop.claims import jax_runner as runner
+    else:
+        from efficientnet_advprop.claims import runner
     try:
         runner.run_one(tier, spec, seed, data_dir=data_dir, work_dir=FLAGS.work_dir,
                        results_dir=FLAGS.results_dir, command=command,
                        log=lambda m: print(m, file=sys.stderr, flush=True))
-    except (ConfigError, RunLockedError, TrainingError) as e:
+    except (ConfigError, RunLockedError, TrainingError, ValueError) as e:
         fail(f"{spec.name} seed {seed}: {e}")
 
 
@@ -92,7 +135,9 @@ verdict rule are in the top-level README, "Does it reproduce the papers?".
 
 def main(argv):
     del argv
-    from efficientnet_advprop.claims import ensure_split, report, runner
+    engine = choose_engine(FLAGS.engine)
+    from efficientnet_advprop.claims import ensure_split, report
+    from efficientnet_advprop.claims.runner_common import pending
 
     tier = suite.TIERS[FLAGS.tier]
     if FLAGS.seeds:
@@ -107,7 +152,11 @@ def main(argv):
                                  report.readme_block(FLAGS.results_dir))
         return
     data_dir = None
-    if tier.data == "split":
+    if tier.data == "split" and engine == "jax":
+        if not os.path.isfile(FLAGS.source):
+            fail(f"--source={FLAGS.source}: no such file (the CIFAR-10 JPEG tar.gz)")
+        data_dir = FLAGS.source  # read directly: the same split, no TFRecords
+    elif tier.data == "split":
         try:
             ensure_split(FLAGS.source, FLAGS.data_dir)
         except ValueError as e:
@@ -118,18 +167,26 @@ def main(argv):
         name, _, seed = FLAGS.only.partition(":")
         if name not in suite.RUNS_BY_NAME or not seed.isdigit():
             fail(f"--only={FLAGS.only}: expected run:seed with a run of the suite")
-        run_here(tier, suite.RUNS_BY_NAME[name], int(seed), data_dir, command)
+        run_here(tier, suite.RUNS_BY_NAME[name], int(seed), data_dir, command, engine)
         return
     isolate = FLAGS.isolate if FLAGS.isolate is not None else tier.name == "cpu"
-    todo = runner.pending(tier, FLAGS.results_dir, selected_runs())
-    print(f"tier {tier.name} ({tier.budget}): {len(todo)} run(s) to do: "
+    todo = pending(tier, FLAGS.results_dir, selected_runs())
+    print(f"tier {tier.name} ({tier.budget}), {engine} engine: {len(todo)} run(s) to do: "
           + ", ".join(f"{spec.name}:{seed}" for spec, seed in todo), flush=True)
-    for spec, seed in todo:
+    start, longest = time.time(), 0.0
+    for index, (spec, seed) in enumerate(todo):
+        elapsed = time.time() - start
+        if FLAGS.time_budget_s and index and elapsed + longest > FLAGS.time_budget_s:
+            left = ", ".join(f"{s.name}:{k}" for s, k in todo[index:])
+            print(f"time budget: {elapsed:.0f} s used, the longest run took {longest:.0f} s;"
+                  f" not started: {left} (rerun to go on)", flush=True)
+            break
+        run_start = time.time()
         if isolate:
             cmd = [sys.executable, os.path.abspath(__file__), f"--tier={tier.name}",
                    f"--only={spec.name}:{seed}", f"--results_dir={FLAGS.results_dir}",
                    f"--work_dir={FLAGS.work_dir}", f"--data_dir={FLAGS.data_dir}",
-                   f"--source={FLAGS.source}"]
+                   f"--source={FLAGS.source}", f"--engine={engine}"]
             if FLAGS.seeds:
                 cmd.append(f"--seeds={','.join(FLAGS.seeds)}")
             done = subprocess.run(cmd)
@@ -137,7 +194,8 @@ def main(argv):
                 fail(f"{spec.name} seed {seed} failed (exit {done.returncode}); rerun to "
                      f"resume")
         else:
-            run_here(tier, spec, seed, data_dir, command)
+            run_here(tier, spec, seed, data_dir, command, engine)
+        longest = max(longest, time.time() - run_start)
         print(f"done {spec.name}:{seed}", flush=True)
     print(report.write_report(FLAGS.results_dir, header=REPORT_HEADER))
 

@@ -18,6 +18,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO_ROOT
 
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "benchmark_engines.py")
@@ -64,6 +66,8 @@ def test_dry_run_vanilla_advprop(tmp_path):
     assert [c["drawn_batch"] for c in result["cases"]] == [8, 8]
 
 
+@pytest.mark.slow  # ~1 minute; test_batch_rule checks the sizing, and the JAX device
+# check's dry run (test_device_check_jax.py) times Fast AdvProp's jitted step
 def test_dry_run_fast_advprop(tmp_path):
     result = _dry_run(tmp_path, "fast_advprop", 2)
     case = result["cases"][0]

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from efficientnet_advprop.evaluation import (bn_statistics, boundary_thickness,
                                              decision_margin, kl_smoothness, mbn_logits_fn)
-from efficientnet_advprop.evaluation.bn_stats import summarize_bn_statistics
+from efficientnet_advprop.layers.bn_statistics import summarize_bn_statistics
 from efficientnet_advprop.evaluation.mbn import random_layer_subset, split_bn_layers
 from efficientnet_advprop.layers import AUX, MAIN, SplitBatchNorm, bn_route
 

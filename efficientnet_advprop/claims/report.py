@@ -361,10 +361,19 @@ def update_readme(path, block):
         f.write(text)
 
 
+def engine_note(runs):
+    """The engines of a tier's result files (files before the JAX runner: TensorFlow)."""
+    engines = sorted({r.get("engine", "tensorflow") for rs in runs.values() for r in rs})
+    note = ", ".join(engines)
+    if "jax" in engines:
+        note += " (the JAX engine does not measure the corruption errors)"
+    return note
+
+
 def write_report(results_dir, tiers=("cpu", "gpu", "smoke"), out_name="README.md",
                  header=""):
     """Writes results_dir/README.md (and each tier's plots); returns its text."""
-    from efficientnet_advprop.evaluation.report import plot_bn_statistics
+    from efficientnet_advprop.utils.plots import plot_bn_statistics
 
     parts = [header.strip(), ""] if header else []
     for tier in tiers:
@@ -382,7 +391,8 @@ def write_report(results_dir, tiers=("cpu", "gpu", "smoke"), out_name="README.md
                      f" held-out); git "
                      f"{sorted({r['git_revision'] for rs in runs.values() for r in rs})}; "
                      f"machine: {first['machine']['cpu']}, {first['machine']['cpu_count']} "
-                     f"CPUs, GPUs {first['machine']['gpus'] or 'none'}. Training times "
+                     f"CPUs, GPUs {first['machine']['gpus'] or 'none'}; engine "
+                     f"{engine_note(runs)}. Training times "
                      f"depend on what else ran: each result file records the load "
                      f"average at its start.")
         parts.append("")

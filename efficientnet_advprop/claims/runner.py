@@ -9,7 +9,6 @@ command, git revision, data split, seed, wall time, machine and every number mea
 import json
 import os
 import platform
-import subprocess
 import time
 
 import numpy as np
@@ -19,40 +18,15 @@ from efficientnet_advprop import config as config_lib
 from efficientnet_advprop import experiment
 from efficientnet_advprop.attacks import attack as run_attack
 from efficientnet_advprop.claims import suite
+from efficientnet_advprop.claims.runner_common import (  # noqa: F401 -- re-exported
+    CURVE_FILE, git_revision, pending, result_path, write_record)
 from efficientnet_advprop.data.cifar_tar import SPLIT_FILE
 from efficientnet_advprop.data.corruptions import corrupt
 from efficientnet_advprop.evaluation import eval_attack_config
 from efficientnet_advprop.evaluation import evaluate as evaluate_model
-from efficientnet_advprop.evaluation.bn_stats import bn_statistics, summarize_bn_statistics
+from efficientnet_advprop.layers.bn_statistics import bn_statistics, summarize_bn_statistics
 from efficientnet_advprop.evaluation.mbn import mbn_logits_fn
 from efficientnet_advprop.layers.split_batch_norm import MAIN, bn_route
-
-CURVE_FILE = "claims_curve.json"
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def result_path(results_dir, tier, run_name, seed):
-    return os.path.join(results_dir, tier, run_name, f"seed{seed}.json")
-
-
-def pending(tier, results_dir, run_names=None):
-    """(run, seed) pairs of the tier without a result file, in suite order."""
-    wanted = run_names or [r.name for r in suite.RUNS]
-    return [(suite.RUNS_BY_NAME[name], seed) for name in wanted for seed in tier.seeds
-            if not os.path.exists(result_path(results_dir, tier.name, name, seed))]
-
-
-def git_revision(repo=REPO):
-    """Short commit of the checkout, "+dirty" when tracked files differ from it."""
-    try:
-        rev = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "-uno"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return rev + ("+dirty" if dirty else "")
-
 
 def machine():
     """What the run ran on."""
@@ -253,12 +227,7 @@ def run_one(tier, spec, seed, *, data_dir, work_dir, results_dir, command, log=p
         "wall_seconds": round(time.time() - start_wall, 1),
         "results": results,
     }
-    path = result_path(results_dir, tier.name, spec.name, seed)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=1)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    write_record(result_path(results_dir, tier.name, spec.name, seed), record)
     return record
 
 

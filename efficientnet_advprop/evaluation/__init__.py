@@ -8,7 +8,7 @@ statistics) and `write_report` turns its result into robustness.json/.md and plo
 
 from efficientnet_advprop.evaluation.accuracy import eval_attack_config, evaluate, main_logits_fn
 from efficientnet_advprop.evaluation.autoattack import AutoAttackResult, autoattack
-from efficientnet_advprop.evaluation.bn_stats import bn_statistics
+from efficientnet_advprop.layers.bn_statistics import bn_statistics
 from efficientnet_advprop.evaluation.distribution_shift import (class_subset_logits,
                                                                 mean_corruption_error)
 from efficientnet_advprop.evaluation.mbn import MBN_MODES, mbn_logits_fn

@@ -20,15 +20,10 @@ mixed model itself, white box) draws the accuracy-robustness frontier.
 import numpy as np
 import tensorflow as tf
 
-from efficientnet_advprop.layers.split_batch_norm import AUX, MAIN, SplitBatchNorm, bn_route
+from efficientnet_advprop.layers.bn_statistics import split_bn_layers  # noqa: F401
+from efficientnet_advprop.layers.split_batch_norm import AUX, MAIN, bn_route
 
 MBN_MODES = ("main", "aux", "logits", "layers", "random_layers")
-
-
-def split_bn_layers(model):
-    """The SplitBatchNorm layers of `model` that have an auxiliary set, in call order."""
-    return [layer for layer in model._flatten_layers(include_self=False, recursive=True)
-            if isinstance(layer, SplitBatchNorm) and layer.num_aux >= 1]
 
 
 def has_auxiliary_bn(model):

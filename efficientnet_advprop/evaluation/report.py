@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from efficientnet_advprop.data.corruptions import BLUR, DIGITAL, NOISE, WEATHER  # noqa: E402
+from efficientnet_advprop.utils.plots import plot_bn_statistics  # noqa: E402
 
 
 def _pct(value):
@@ -148,23 +149,6 @@ def plot_mbn_frontier(mbn, path):
     ax.set_title("MBN accuracy-robustness frontier (labels: gamma)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
-
-
-def plot_bn_statistics(records, path):
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    for ax, key, title in ((axes[0], "mean", "running mean"),
-                           (axes[1], "var", "running variance")):
-        main = [r[f"main_{key}"] for r in records]
-        aux = [r[f"aux_{key}"] for r in records]
-        ax.scatter(main, aux, s=12, c=range(len(records)), cmap="viridis")
-        lo, hi = min(main + aux), max(main + aux)
-        ax.plot([lo, hi], [lo, hi], "k--", linewidth=0.8, label="aux = main")
-        ax.set_xlabel(f"main BN {title} (channel mean)")
-        ax.set_ylabel(f"auxiliary BN {title}")
-        ax.set_title(f"{title} per layer (colour: depth)")
-        ax.legend(fontsize=8)
-        ax.grid(True, alpha=0.3)
     _save(fig, path)
 
 

@@ -44,7 +44,7 @@ from efficientnet_advprop.attacks.pgd import linf_attack, random_targets
 from efficientnet_advprop.attacks.square import square_attack
 from efficientnet_advprop.data.corruptions import CORRUPTIONS, corrupt
 from efficientnet_advprop.evaluation.autoattack import autoattack
-from efficientnet_advprop.evaluation.bn_stats import bn_statistics, summarize_bn_statistics
+from efficientnet_advprop.layers.bn_statistics import bn_statistics, summarize_bn_statistics
 from efficientnet_advprop.evaluation.distribution_shift import (class_subset_logits,
                                                                 mean_corruption_error)
 from efficientnet_advprop.evaluation.mbn import MBN_MODES, has_auxiliary_bn, mbn_logits_fn

@@ -3,13 +3,20 @@
 Xie & Yuille (2020) plot, per BN layer, the running mean and variance that clean
 (main) and adversarial (auxiliary) images produce: adversarial images give larger
 values, the reason one BN set cannot serve both. `bn_statistics` reads them from a
-model (no data needed); `report.plot_bn_statistics` draws the scatter plots.
+model (no data needed); `utils.plots.plot_bn_statistics` draws the scatter plots.
+Backend-neutral: the robustness suite (TensorFlow) and the claims suite on either
+engine read them.
 """
 
 import numpy as np
 
-from efficientnet_advprop.evaluation.mbn import split_bn_layers
-from efficientnet_advprop.layers.split_batch_norm import AUX, MAIN
+from efficientnet_advprop.layers.split_batch_norm import AUX, MAIN, SplitBatchNorm
+
+
+def split_bn_layers(model):
+    """The SplitBatchNorm layers of `model` that have an auxiliary set, in call order."""
+    return [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(layer, SplitBatchNorm) and layer.num_aux >= 1]
 
 
 def bn_statistics(model, main_set=MAIN, aux_set=AUX):

@@ -1,0 +1,224 @@
+"""One run of the claims suite on the JAX engine, for machines without TensorFlow.
+
+The same contract and result file as `runner.run_one` (so `report` reads both): train
+(or resume) with `jax_experiment` on the TF-free input path, the held-out curve at
+every checkpoint, then the run's evaluations on the held-out images, all jitted:
+
+- clean accuracy through the main BNs and through the adversarial BN set;
+- PGD-10 (the evaluation attack of `attacks.pgd.eval_attack_config`) through either;
+- the BN statistics of the two sets (`layers.bn_statistics`);
+- the MBN logit interpolation sweep (1 - g) z_main + g z_aux, clean and PGD.
+
+Data: the "split" tiers read the CIFAR-10 tarball itself (`data_dir` is the .tar.gz;
+`data.numpy_input`'s "cifar_tar" source selects the suite's 45,000 / 5,000 split with
+the same rule as the TFRecord split `claims.ensure_split` writes); the smoke tier the
+embedded set. Not measured here: the corruption errors (`data/corruptions.py` is
+TensorFlow's); the result names why, and the report shows those cells as missing.
+The random draws (attack starts, targets) are jax.random's, so a run matches the TF
+engine's in distribution, not bitwise.
+"""
+
+import functools
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from efficientnet_advprop import config as config_lib
+from efficientnet_advprop import jax_experiment, seam
+from efficientnet_advprop.attacks.pgd import attack as run_attack
+from efficientnet_advprop.attacks.pgd import eval_attack_config
+from efficientnet_advprop.claims import split_description, suite
+from efficientnet_advprop.claims.runner_common import (CURVE_FILE, git_revision,
+                                                       result_path, write_record)
+from efficientnet_advprop.data import numpy_input
+from efficientnet_advprop.layers.bn_statistics import bn_statistics, summarize_bn_statistics
+from efficientnet_advprop.layers.split_batch_norm import MAIN, bn_route
+from efficientnet_advprop.recipes.base import count_correct
+
+CORRUPTIONS_NOT_MEASURED = ("corruptions are TensorFlow's (data/corruptions.py); not "
+                            "measured on the JAX engine")
+_EVAL_TAG = 0xC1A1
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "engine": "jax",
+            "gpus": [d.device_kind for d in jax.local_devices() if d.platform != "cpu"],
+            "devices": [f"{d.platform}:{d.device_kind}" for d in jax.local_devices()],
+            "platform": platform.platform(), "jax": jax.__version__,
+            "keras": keras.__version__,
+            "load_average_at_start": (list(os.getloadavg())
+                                      if hasattr(os, "getloadavg") else None)}
+
+
+def held_out_arrays(run, count):
+    images, labels, have = [], [], 0
+    for x, y in run.eval_batches():
+        images.append(x)
+        labels.append(y)
+        have += len(y)
+        if have >= count:
+            break
+    return np.concatenate(images)[:count], np.concatenate(labels)[:count]
+
+
+class Evaluator:
+    """Jitted counts over held-out arrays for one model (values passed per call)."""
+
+    def __init__(self, model, num_classes, batch):
+        self.model = model
+        self.variables = list(model.variables)
+        self.num_classes = num_classes
+        self.batch = batch
+
+    def values(self):
+        return [v.value for v in self.variables]
+
+    def _logits(self, images, bn_set, gamma, aux_set):
+        if gamma is None:
+            with bn_route(bn_set):
+                return self.model(images, training=False)
+        with bn_route(MAIN):
+            main = self.model(images, training=False)
+        with bn_route(aux_set):
+            aux = self.model(images, training=False)
+        return (1.0 - gamma) * main + gamma * aux
+
+    @functools.lru_cache(maxsize=None)
+    def _fn(self, bn_set, attack, mbn_aux_set):
+        def count(values, images, labels, seed, gamma):
+            with keras.StatelessScope(state_mapping=list(zip(self.variables, values))):
+                g = gamma if mbn_aux_set is not None else None
+
+                def logits_fn(x):
+                    return self._logits(x, bn_set, g, mbn_aux_set)
+
+                clean = count_correct(labels, logits_fn(images))
+                robust = jnp.float32(0.0)
+                if attack is not None:
+                    adv = run_attack(logits_fn, images, labels, attack,
+                                     num_classes=self.num_classes, seed=seed)
+                    robust = count_correct(labels, logits_fn(adv))
+            return clean, robust
+
+        return jax.jit(count)
+
+    def accuracy(self, images, labels, *, bn_set=MAIN, attack=None, seed=0,
+                 mbn_aux_set=None, gamma=0.0):
+        """(clean accuracy, adversarial accuracy or None)."""
+        fn = self._fn(bn_set, attack, mbn_aux_set)
+        values = self.values()
+        clean = robust = 0.0
+        for index, start in enumerate(range(0, len(labels), self.batch)):
+            x = jnp.asarray(images[start:start + self.batch], jnp.float32)
+            y = jnp.asarray(labels[start:start + self.batch])
+            step_seed = seam.fold_in(seam.make_seed(seed, index), _EVAL_TAG)
+            c, r = fn(values, x, y, step_seed, jnp.float32(gamma))
+            clean, robust = clean + float(c), robust + float(r)
+        n = float(len(labels))
+        return clean / n, (robust / n if attack is not None else None)
+
+
+def run_one(tier, spec, seed, *, data_dir, work_dir, results_dir, command, log=print):
+    """Trains (or resumes) and evaluates one run on the JAX engine; writes and returns
+    its result dict (the schema of `runner.run_one`)."""
+    model_dir = os.path.join(work_dir, tier.name, f"{spec.name}-seed{seed}")
+    overrides = suite.tier_overrides(tier, spec, seed, data_dir, model_dir)
+    if overrides.get("nf_stage_gains") == suite.FIT_ON_TRAINING_BATCH:
+        raise ValueError(f"{spec.name}: fitting stage gains reads the TFRecord split; "
+                         "run this control on the TensorFlow engine")
+    info = numpy_input.resolve_dataset(overrides.get("dataset"), overrides.get("data_dir"))
+    cfg = config_lib.resolve(overrides, info)
+    start_wall = time.time()
+    info_machine = machine()
+    revision = git_revision()
+    run = jax_experiment.prepare(cfg, info=info, log=log, input_path="numpy")
+    batch = cfg.data.eval_batch_size
+    need = max(tier.curve_images, tier.eval_images, tier.attack_images, tier.mbn_images)
+    images, labels = held_out_arrays(run, need)
+    model = run.trainer.model
+    evaluator = Evaluator(model, cfg.num_classes, batch)
+
+    curve_path = os.path.join(model_dir, CURVE_FILE)
+    curve = []
+    if os.path.exists(curve_path):
+        with open(curve_path) as f:
+            curve = json.load(f)
+    steps_per_epoch = cfg.optim.steps_per_epoch
+
+    def on_checkpoint(trainer):
+        trainer.sync_to_model()  # the current weights, as the TF runner reads them
+        acc = evaluator.accuracy(images[:tier.curve_images], labels[:tier.curve_images])[0]
+        curve.append({"step": int(trainer.step),
+                      "epoch": round(trainer.step / steps_per_epoch, 3),
+                      "clean_accuracy": acc})
+        with open(curve_path, "w") as f:
+            json.dump(curve, f)
+        log(f"{spec.name} seed {seed}: step {trainer.step} held-out clean {acc:.4f}")
+
+    start_train = time.time()
+    jax_experiment.train(run, on_checkpoint=on_checkpoint)
+    train_seconds = time.time() - start_train
+    run.trainer.sync_to_model()  # the tiers keep no EMA: the trained weights
+    results = {"step": int(run.trainer.step), "curve": curve}
+    ev = images[:tier.eval_images], labels[:tier.eval_images]
+    at = images[:tier.attack_images], labels[:tier.attack_images]
+    aux_set = run.recipe.attack_bn_set
+    attack = eval_attack_config(spec.eval_epsilon, tier.eval_iterations)
+    results["clean_accuracy"] = evaluator.accuracy(*ev)[0]
+    if "aux" in spec.evals:
+        results["aux_clean_accuracy"] = evaluator.accuracy(*ev, bn_set=aux_set)[0]
+    if "pgd" in spec.evals:
+        results["pgd_accuracy"] = evaluator.accuracy(*at, attack=attack, seed=seed)[1]
+        if "aux" in spec.evals:
+            results["aux_pgd_accuracy"] = evaluator.accuracy(
+                *at, bn_set=aux_set, attack=attack, seed=seed)[1]
+    if "corruptions" in spec.evals:
+        results["corruptions_not_measured"] = CORRUPTIONS_NOT_MEASURED
+    if "bn_stats" in spec.evals:
+        records = bn_statistics(model, MAIN, aux_set)
+        results["bn_statistics"] = records
+        results["bn_statistics_summary"] = summarize_bn_statistics(records)
+    if "mbn" in spec.evals:
+        rows = []
+        for g in tier.mbn_gammas:
+            clean, robust = evaluator.accuracy(
+                images[:tier.mbn_images], labels[:tier.mbn_images], attack=attack,
+                seed=seed, mbn_aux_set=aux_set, gamma=float(g))
+            rows.append({"gamma": float(g), "clean_accuracy": clean, "pgd_accuracy": robust})
+        results["mbn_sweep"] = rows
+    record = {
+        "run": spec.name, "title": spec.title, "recipe": spec.recipe, "tier": tier.name,
+        "seed": int(seed), "command": command, "git_revision": revision, "engine": "jax",
+        "data": {"dataset": run.info.name, "data_dir": data_dir,
+                 "num_train": run.info.num_train, "num_held_out": run.info.num_eval,
+                 "split": ({"description": split_description(), "source": data_dir,
+                            "reader": "data.numpy_input cifar_tar"}
+                           if run.info.name == "cifar_tar" else None)},
+        "machine": info_machine, "model_name": cfg.model.model_name,
+        "width_multiplier": cfg.model.width_multiplier,
+        "train_steps": cfg.optim.train_steps, "steps_per_epoch": steps_per_epoch,
+        "train_batch_size": cfg.data.train_batch_size,
+        "eval_epsilon": spec.eval_epsilon, "eval_attack_iterations": tier.eval_iterations,
+        "overrides": {k: v for k, v in overrides.items() if k != "model_dir"},
+        "start_step": int(run.trainer.start_step or 0),
+        "train_seconds": round(train_seconds, 1),
+        "train_images_per_second": (round(run.trainer.images_per_second, 1)
+                                    if run.trainer.images_per_second else None),
+        "wall_seconds": round(time.time() - start_wall, 1),
+        "results": results,
+    }
+    write_record(result_path(results_dir, tier.name, spec.name, seed), record)
+    return record

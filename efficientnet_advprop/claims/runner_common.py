@@ -1,0 +1,44 @@
+"""What both claims runners share (`runner`: TensorFlow; `jax_runner`: JAX): where a
+run's result file lives, which runs are pending, the git revision, the atomic write.
+Imports no engine."""
+
+import json
+import os
+import subprocess
+
+from efficientnet_advprop.claims import suite
+
+CURVE_FILE = "claims_curve.json"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def result_path(results_dir, tier, run_name, seed):
+    return os.path.join(results_dir, tier, run_name, f"seed{seed}.json")
+
+
+def pending(tier, results_dir, run_names=None):
+    """(run, seed) pairs of the tier without a result file, in suite order."""
+    wanted = run_names or [r.name for r in suite.RUNS]
+    return [(suite.RUNS_BY_NAME[name], seed) for name in wanted for seed in tier.seeds
+            if not os.path.exists(result_path(results_dir, tier.name, name, seed))]
+
+
+def git_revision(repo=REPO):
+    """Short commit of the checkout, "+dirty" when tracked files differ from it."""
+    try:
+        rev = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "-uno"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
+def write_record(path, record):
+    """Writes a result file atomically (a temporary file, then a rename)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
