@@ -120,7 +120,7 @@ def run_here(tier, spec, seed, data_dir, command, engine):
         runner.run_one(tier, spec, seed, data_dir=data_dir, work_dir=FLAGS.work_dir,
                        results_dir=FLAGS.results_dir, command=command,
                        log=lambda m: print(m, file=sys.stderr, flush=True))
-    except (ConfigError, RunLockedError, TrainingError, ValueError) as e:
+    except (ConfigError, RunLockedError, TrainingError) as e:
         fail(f"{spec.name} seed {seed}: {e}")
 
 

@@ -137,8 +137,9 @@ def run_one(tier, spec, seed, *, data_dir, work_dir, results_dir, command, log=p
     model_dir = os.path.join(work_dir, tier.name, f"{spec.name}-seed{seed}")
     overrides = suite.tier_overrides(tier, spec, seed, data_dir, model_dir)
     if overrides.get("nf_stage_gains") == suite.FIT_ON_TRAINING_BATCH:
-        raise ValueError(f"{spec.name}: fitting stage gains reads the TFRecord split; "
-                         "run this control on the TensorFlow engine")
+        raise config_lib.ConfigError("runs", spec.name, "its stage gains are fitted on "
+                                     "the TFRecord split: run this control on the "
+                                     "TensorFlow engine")
     info = numpy_input.resolve_dataset(overrides.get("dataset"), overrides.get("data_dir"))
     cfg = config_lib.resolve(overrides, info)
     start_wall = time.time()
