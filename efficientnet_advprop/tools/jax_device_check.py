@@ -36,6 +36,7 @@ on a CPU (tests/test_device_check_jax.py).
 
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import platform
@@ -650,6 +651,7 @@ def _group(plan, model, precision, device, deadline, log, with_peer):
             break
         for case in cases:
             case.release()
+        gc.collect()  # the device buffers go with their last reference
         result["out_of_memory"].append({"batch_size": batch, "error": oom})
         batch //= 2
         if batch < plan.min_batch_size:
@@ -680,6 +682,7 @@ def _group(plan, model, precision, device, deadline, log, with_peer):
         result["rows"].append(row)
     for case in cases:
         case.release()
+    gc.collect()
     return result
 
 
