@@ -111,9 +111,10 @@ TIERS = {
         recipe_options=(("fast_advprop", (("shuffle_bn_group_size", 8),
                                           ("min_bn_batch", 8))),),
         budget="4 epochs of 45,000 images per run"),
-    # One H100, 3 seeds, twice the width and more epochs, every run in one process
-    # (scripts/reproduce_claims.py --tier=gpu through the device tool). Not yet run: the
-    # one device lent so far had no TensorFlow (results/device/2026-11-26-h100-probe.md).
+    # One GPU, 3 seeds, twice the width and more epochs, every run in one process
+    # (scripts/reproduce_claims.py --tier=gpu --engine=jax through the device tool: the
+    # GPUs lent have no TensorFlow, results/device/2026-11-26-h100-probe.md). Not yet
+    # run, so its sizes are not calibrated to a device.
     "gpu": Tier(
         name="gpu", data="split", model="resnet-18-cifar",
         pair_models=("resnet-26-cifar", "nf-resnet-26-cifar"), width=0.25,
