@@ -21,7 +21,6 @@ engine's in distribution, not bitwise.
 import functools
 import json
 import os
-import platform
 import time
 
 import jax
@@ -34,7 +33,7 @@ from efficientnet_advprop import jax_experiment, seam
 from efficientnet_advprop.attacks.pgd import attack as run_attack
 from efficientnet_advprop.attacks.pgd import eval_attack_config
 from efficientnet_advprop.claims import split_description, suite
-from efficientnet_advprop.claims.runner_common import (CURVE_FILE, git_revision,
+from efficientnet_advprop.claims.runner_common import (CURVE_FILE, git_revision, host,
                                                        result_path, write_record)
 from efficientnet_advprop.data import numpy_input
 from efficientnet_advprop.layers.bn_statistics import bn_statistics, summarize_bn_statistics
@@ -47,20 +46,10 @@ _EVAL_TAG = 0xC1A1
 
 
 def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "engine": "jax",
-            "gpus": [d.device_kind for d in jax.local_devices() if d.platform != "cpu"],
-            "devices": [f"{d.platform}:{d.device_kind}" for d in jax.local_devices()],
-            "platform": platform.platform(), "jax": jax.__version__,
-            "keras": keras.__version__,
-            "load_average_at_start": (list(os.getloadavg())
-                                      if hasattr(os, "getloadavg") else None)}
+    """What the run ran on."""
+    return dict(host(), engine="jax", jax=jax.__version__, keras=keras.__version__,
+                gpus=[d.device_kind for d in jax.local_devices() if d.platform != "cpu"],
+                devices=[f"{d.platform}:{d.device_kind}" for d in jax.local_devices()])
 
 
 def held_out_arrays(run, count):

@@ -8,7 +8,6 @@ command, git revision, data split, seed, wall time, machine and every number mea
 
 import json
 import os
-import platform
 import time
 
 import numpy as np
@@ -19,7 +18,7 @@ from efficientnet_advprop import experiment
 from efficientnet_advprop.attacks import attack as run_attack
 from efficientnet_advprop.claims import suite
 from efficientnet_advprop.claims.runner_common import (  # noqa: F401 -- re-exported
-    CURVE_FILE, git_revision, pending, result_path, write_record)
+    CURVE_FILE, git_revision, host, pending, result_path, write_record)
 from efficientnet_advprop.data.cifar_tar import SPLIT_FILE
 from efficientnet_advprop.data.corruptions import corrupt
 from efficientnet_advprop.evaluation import eval_attack_config
@@ -30,21 +29,11 @@ from efficientnet_advprop.layers.split_batch_norm import MAIN, bn_route
 
 def machine():
     """What the run ran on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
     gpus = []
     for device in tf.config.list_physical_devices("GPU"):
         details = tf.config.experimental.get_device_details(device)
         gpus.append(details.get("device_name", device.name))
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "gpus": gpus,
-            "platform": platform.platform(), "tensorflow": tf.__version__,
-            "load_average_at_start": (list(os.getloadavg())
-                                      if hasattr(os, "getloadavg") else None)}
+    return dict(host(), gpus=gpus, tensorflow=tf.__version__)
 
 
 def held_out_arrays(run, count):

@@ -4,6 +4,7 @@ Imports no engine."""
 
 import json
 import os
+import platform
 import subprocess
 
 from efficientnet_advprop.claims import suite
@@ -42,3 +43,18 @@ def write_record(path, record):
         json.dump(record, f, indent=1)
         f.write("\n")
     os.replace(path + ".tmp", path)
+
+
+def host():
+    """What every result file records of the host: processor name, cores, platform and
+    the load average at the run's start (training times depend on it)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "load_average_at_start": (list(os.getloadavg())
+                                      if hasattr(os, "getloadavg") else None)}
