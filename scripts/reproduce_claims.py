@@ -14,12 +14,17 @@ The first call builds the fixed 45,000 / 5,000 split of ../shared/data in --data
 
 --engine=jax (auto: where KERAS_BACKEND=jax or TensorFlow is not importable) runs the
 suite on the JAX engine (efficientnet_advprop.claims.jax_runner), as on a GPU machine
-with jax but no TensorFlow: it reads --source itself (the same split, no TFRecords),
-sets KERAS_BACKEND=jax, and measures everything but the corruption errors, which are
-TensorFlow's. --time_budget_s starts no run that the longest one so far says would
-end past it; a later call goes on with the runs still without a result file:
+with jax but no TensorFlow: it reads the CIFAR-10 tarball itself (--source, or
+--data_dir when that names the tarball; the same split, no TFRecords) and measures
+everything but the corruption errors, which are TensorFlow's. The engine is chosen
+from the command line before anything imports Keras, and --engine=jax sets
+KERAS_BACKEND=jax in this process when it is unset (no second process; a
+KERAS_BACKEND naming another backend is refused). --time_budget_s starts no run that
+the longest one so far says would end past it; a later call goes on with the runs
+still without a result file:
 
     python3 scripts/reproduce_claims.py --tier=gpu --engine=jax --time_budget_s=480
+    python3 scripts/reproduce_claims.py --tier=gpu --engine=jax --data_dir=cifar10-train-jpeg.tar.gz
 """
 
 import dataclasses
@@ -32,6 +37,57 @@ from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+ENGINES = ("auto", "tensorflow", "jax")
+
+
+def fail(message):
+    raise SystemExit(f"reproduce_claims.py: error: {message}")
+
+
+def requested_engine(argv):
+    """--engine's value on the command line (the last one given; "auto" without one),
+    read before absl parses the flags: the package imports Keras, whose backend is
+    fixed by KERAS_BACKEND at that import."""
+    value = "auto"
+    for index, arg in enumerate(argv[1:], start=1):
+        if arg == "--":
+            break
+        if arg.startswith("--engine="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--engine" and index + 1 < len(argv):
+            value = argv[index + 1]
+    return value
+
+
+def choose_engine(requested):
+    """"jax" or "tensorflow"; sets KERAS_BACKEND=jax for the JAX engine. Runs before
+    Keras is imported."""
+    import importlib.util
+
+    if requested not in ENGINES:
+        fail(f"--engine={requested}: expected one of {', '.join(ENGINES)}")
+    backend = os.environ.get("KERAS_BACKEND")
+    engine = requested
+    if engine == "auto":
+        try:
+            has_tf = importlib.util.find_spec("tensorflow") is not None
+        except (ImportError, ValueError):
+            has_tf = False
+        engine = "jax" if backend == "jax" or not has_tf else "tensorflow"
+    chosen = f"--engine={requested}" + (f" (here {engine})" if requested == "auto" else "")
+    if engine == "jax" and backend not in (None, "", "jax"):
+        fail(f"{chosen} with KERAS_BACKEND={backend}: unset it or set it to jax")
+    if engine == "tensorflow" and backend == "jax":
+        fail(f"{chosen} with KERAS_BACKEND=jax: unset it")
+    if engine == "jax":
+        keras = sys.modules.get("keras")
+        if keras is not None and keras.backend.backend() != "jax":
+            fail("keras was imported before the engine was chosen")  # a bug, not input
+        os.environ["KERAS_BACKEND"] = "jax"
+    return engine
+
+
+ENGINE = choose_engine(requested_engine(sys.argv)) if __name__ == "__main__" else None
 
 from efficientnet_advprop.claims import suite  # noqa: E402
 
@@ -56,40 +112,13 @@ flags.DEFINE_bool("isolate", None, "Each run in a fresh process (default: on the
                   "whose runs take long enough that a clean process is worth its start).")
 flags.DEFINE_string("only", None, "run:seed -- train and evaluate just this one here "
                     "(what an isolated run executes).")
-flags.DEFINE_enum("engine", "auto", ["auto", "tensorflow", "jax"], "Training engine; "
-                  "auto: jax when KERAS_BACKEND=jax or TensorFlow is not importable.")
+flags.DEFINE_enum("engine", "auto", list(ENGINES), "Training engine; auto: jax when "
+                  "KERAS_BACKEND=jax or TensorFlow is not importable (read from the "
+                  "command line before Keras is imported).")
 flags.DEFINE_float("time_budget_s", None, "Start no run that would end after this many "
                    "seconds of this call (judged by the longest run so far); rerun to go "
                    "on.")
 FLAGS = flags.FLAGS
-
-
-def choose_engine(requested):
-    """"jax" or "tensorflow"; sets KERAS_BACKEND=jax for the JAX engine."""
-    import importlib.util
-
-    engine = requested
-    if engine == "auto":
-        try:
-            has_tf = importlib.util.find_spec("tensorflow") is not None
-        except (ImportError, ValueError):
-            has_tf = False
-        engine = "jax" if os.environ.get("KERAS_BACKEND") == "jax" or not has_tf else (
-            "tensorflow")
-    backend = os.environ.get("KERAS_BACKEND")
-    if engine == "jax" and backend not in (None, "jax"):
-        fail(f"--engine=jax with KERAS_BACKEND={backend}: unset it or set it to jax")
-    if engine == "tensorflow" and backend == "jax":
-        fail("--engine=tensorflow with KERAS_BACKEND=jax: unset it")
-    if engine == "jax":
-        if "keras" in sys.modules and sys.modules["keras"].backend.backend() != "jax":
-            fail("keras was imported before the engine was chosen")  # a bug, not input
-        os.environ["KERAS_BACKEND"] = "jax"
-    return engine
-
-
-def fail(message):
-    raise SystemExit(f"reproduce_claims.py: error: {message}")
 
 
 def selected_runs():
@@ -124,6 +153,23 @@ def run_here(tier, spec, seed, data_dir, command, engine):
         fail(f"{spec.name} seed {seed}: {e}")
 
 
+def jax_tarball():
+    """The CIFAR-10 tarball the JAX engine reads: --data_dir when it names a file,
+    else --source."""
+    if os.path.isfile(FLAGS.data_dir):
+        if FLAGS["source"].present and (os.path.abspath(FLAGS.source)
+                                        != os.path.abspath(FLAGS.data_dir)):
+            fail(f"--data_dir={FLAGS.data_dir} and --source={FLAGS.source}: two tarballs; "
+                 "give one")
+        return FLAGS.data_dir
+    if FLAGS["data_dir"].present and os.path.exists(FLAGS.data_dir):
+        fail(f"--data_dir={FLAGS.data_dir}: the JAX engine reads the CIFAR-10 tar.gz "
+             "itself; name that file (or pass it as --source)")
+    if not os.path.isfile(FLAGS.source):
+        fail(f"--source={FLAGS.source}: no such file (the CIFAR-10 JPEG tar.gz)")
+    return FLAGS.source
+
+
 REPORT_HEADER = """# Claims suite: results
 
 Written by `python scripts/reproduce_claims.py --report_only` from the result files
@@ -135,7 +181,12 @@ verdict rule are in the top-level README, "Does it reproduce the papers?".
 
 def main(argv):
     del argv
-    engine = choose_engine(FLAGS.engine)
+    if ENGINE is None:  # main() called without running the script
+        engine = choose_engine(FLAGS.engine)
+    elif FLAGS.engine != requested_engine(sys.argv):  # e.g. given in a --flagfile
+        fail(f"--engine={FLAGS.engine}: give --engine on the command line itself")
+    else:
+        engine = ENGINE
     from efficientnet_advprop.claims import ensure_split, report
     from efficientnet_advprop.claims.runner_common import pending
 
@@ -153,9 +204,7 @@ def main(argv):
         return
     data_dir = None
     if tier.data == "split" and engine == "jax":
-        if not os.path.isfile(FLAGS.source):
-            fail(f"--source={FLAGS.source}: no such file (the CIFAR-10 JPEG tar.gz)")
-        data_dir = FLAGS.source  # read directly: the same split, no TFRecords
+        data_dir = jax_tarball()  # read directly: the same split, no TFRecords
     elif tier.data == "split":
         try:
             ensure_split(FLAGS.source, FLAGS.data_dir)
@@ -185,8 +234,11 @@ def main(argv):
         if isolate:
             cmd = [sys.executable, os.path.abspath(__file__), f"--tier={tier.name}",
                    f"--only={spec.name}:{seed}", f"--results_dir={FLAGS.results_dir}",
-                   f"--work_dir={FLAGS.work_dir}", f"--data_dir={FLAGS.data_dir}",
-                   f"--source={FLAGS.source}", f"--engine={engine}"]
+                   f"--work_dir={FLAGS.work_dir}", f"--engine={engine}"]
+            if engine == "jax":  # the tarball already chosen (read directly)
+                cmd += [f"--source={data_dir}"] if data_dir else []
+            else:
+                cmd += [f"--data_dir={FLAGS.data_dir}", f"--source={FLAGS.source}"]
             if FLAGS.seeds:
                 cmd.append(f"--seeds={','.join(FLAGS.seeds)}")
             done = subprocess.run(cmd)

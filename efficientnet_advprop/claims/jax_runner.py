@@ -13,7 +13,9 @@ Data: the "split" tiers read the CIFAR-10 tarball itself (`data_dir` is the .tar
 `data.numpy_input`'s "cifar_tar" source selects the suite's 45,000 / 5,000 split with
 the same rule as the TFRecord split `claims.ensure_split` writes); the smoke tier the
 embedded set. Not measured here: the corruption errors (`data/corruptions.py` is
-TensorFlow's); the result names why, and the report shows those cells as missing.
+TensorFlow-only): the result holds `corruption_errors` and `mean_corruption_error` as
+null with `corruptions_not_measured` saying why, and the report marks them "not
+measured".
 The random draws (attack starts, targets) are jax.random's, so a run matches the TF
 engine's in distribution, not bitwise.
 """
@@ -33,15 +35,14 @@ from efficientnet_advprop import jax_experiment, seam
 from efficientnet_advprop.attacks.pgd import attack as run_attack
 from efficientnet_advprop.attacks.pgd import eval_attack_config
 from efficientnet_advprop.claims import split_description, suite
-from efficientnet_advprop.claims.runner_common import (CURVE_FILE, git_revision, host,
-                                                       result_path, write_record)
+from efficientnet_advprop.claims.runner_common import (CURVE_FILE, corruptions_not_measured,
+                                                       git_revision, host, result_path,
+                                                       write_record)
 from efficientnet_advprop.data import numpy_input
+from efficientnet_advprop.data.cifar_tar import names_digest
 from efficientnet_advprop.layers.bn_statistics import bn_statistics, summarize_bn_statistics
 from efficientnet_advprop.layers.split_batch_norm import MAIN, bn_route
-from efficientnet_advprop.recipes.base import count_correct
 
-CORRUPTIONS_NOT_MEASURED = ("corruptions are TensorFlow's (data/corruptions.py); not "
-                            "measured on the JAX engine")
 _EVAL_TAG = 0xC1A1
 
 
@@ -63,14 +64,27 @@ def held_out_arrays(run, count):
     return np.concatenate(images)[:count], np.concatenate(labels)[:count]
 
 
+def split_record(tarball):
+    """split.json's fields (the rule, the counts, each list's digest) of the split that
+    `numpy_input` reads from the tarball, as the TF runner records the TFRecord one."""
+    _, train, evals = numpy_input.cifar_split(tarball)
+    return {"description": split_description(), "num_train": len(train),
+            "num_held_out": len(evals), "train_sha256": names_digest(train),
+            "held_out_sha256": names_digest(evals), "source": tarball,
+            "reader": "data.numpy_input cifar_tar"}
+
+
 class Evaluator:
-    """Jitted counts over held-out arrays for one model (values passed per call)."""
+    """Jitted counts over held-out arrays for one model (values passed per call).
+
+    Every call sees batches of one shape (the last, partial one padded and masked), so
+    each evaluation kind compiles once, whatever the number of images it is given."""
 
     def __init__(self, model, num_classes, batch):
         self.model = model
         self.variables = list(model.variables)
         self.num_classes = num_classes
-        self.batch = batch
+        self.batch = int(batch)
 
     def values(self):
         return [v.value for v in self.variables]
@@ -87,19 +101,23 @@ class Evaluator:
 
     @functools.lru_cache(maxsize=None)
     def _fn(self, bn_set, attack, mbn_aux_set):
-        def count(values, images, labels, seed, gamma):
+        def correct(labels, logits, mask):
+            predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return jnp.sum(jnp.where(predictions == labels, mask, 0.0))
+
+        def count(values, images, labels, mask, seed, gamma):
             with keras.StatelessScope(state_mapping=list(zip(self.variables, values))):
                 g = gamma if mbn_aux_set is not None else None
 
                 def logits_fn(x):
                     return self._logits(x, bn_set, g, mbn_aux_set)
 
-                clean = count_correct(labels, logits_fn(images))
+                clean = correct(labels, logits_fn(images), mask)
                 robust = jnp.float32(0.0)
                 if attack is not None:
                     adv = run_attack(logits_fn, images, labels, attack,
                                      num_classes=self.num_classes, seed=seed)
-                    robust = count_correct(labels, logits_fn(adv))
+                    robust = correct(labels, logits_fn(adv), mask)
             return clean, robust
 
         return jax.jit(count)
@@ -107,17 +125,20 @@ class Evaluator:
     def accuracy(self, images, labels, *, bn_set=MAIN, attack=None, seed=0,
                  mbn_aux_set=None, gamma=0.0):
         """(clean accuracy, adversarial accuracy or None)."""
+        if not len(labels):
+            raise ValueError("no held-out images to evaluate")
         fn = self._fn(bn_set, attack, mbn_aux_set)
         values = self.values()
-        clean = robust = 0.0
+        clean = robust = jnp.float32(0.0)
         for index, start in enumerate(range(0, len(labels), self.batch)):
-            x = jnp.asarray(images[start:start + self.batch], jnp.float32)
-            y = jnp.asarray(labels[start:start + self.batch])
+            x, y, mask = numpy_input.pad_batch(
+                np.asarray(images[start:start + self.batch], np.float32),
+                np.asarray(labels[start:start + self.batch], np.int32), self.batch)
             step_seed = seam.fold_in(seam.make_seed(seed, index), _EVAL_TAG)
-            c, r = fn(values, x, y, step_seed, jnp.float32(gamma))
-            clean, robust = clean + float(c), robust + float(r)
+            c, r = fn(values, x, y, mask, step_seed, jnp.float32(gamma))
+            clean, robust = clean + c, robust + r  # summed on the device: no sync
         n = float(len(labels))
-        return clean / n, (robust / n if attack is not None else None)
+        return float(clean) / n, (float(robust) / n if attack is not None else None)
 
 
 def run_one(tier, spec, seed, *, data_dir, work_dir, results_dir, command, log=print):
@@ -139,7 +160,9 @@ def run_one(tier, spec, seed, *, data_dir, work_dir, results_dir, command, log=p
     need = max(tier.curve_images, tier.eval_images, tier.attack_images, tier.mbn_images)
     images, labels = held_out_arrays(run, need)
     model = run.trainer.model
-    evaluator = Evaluator(model, cfg.num_classes, batch)
+    # one batch shape for every evaluation: the configured size, or all of the
+    # images when they are fewer (the smoke tier), padded where a count falls short
+    evaluator = Evaluator(model, cfg.num_classes, min(batch, len(labels)))
 
     curve_path = os.path.join(model_dir, CURVE_FILE)
     curve = []
@@ -175,8 +198,8 @@ def run_one(tier, spec, seed, *, data_dir, work_dir, results_dir, command, log=p
         if "aux" in spec.evals:
             results["aux_pgd_accuracy"] = evaluator.accuracy(
                 *at, bn_set=aux_set, attack=attack, seed=seed)[1]
-    if "corruptions" in spec.evals:
-        results["corruptions_not_measured"] = CORRUPTIONS_NOT_MEASURED
+    if "corruptions" in spec.evals:  # the keys of runner's schema, null, and why
+        results.update(corruptions_not_measured())
     if "bn_stats" in spec.evals:
         records = bn_statistics(model, MAIN, aux_set)
         results["bn_statistics"] = records
@@ -194,9 +217,7 @@ def run_one(tier, spec, seed, *, data_dir, work_dir, results_dir, command, log=p
         "seed": int(seed), "command": command, "git_revision": revision, "engine": "jax",
         "data": {"dataset": run.info.name, "data_dir": data_dir,
                  "num_train": run.info.num_train, "num_held_out": run.info.num_eval,
-                 "split": ({"description": split_description(), "source": data_dir,
-                            "reader": "data.numpy_input cifar_tar"}
-                           if run.info.name == "cifar_tar" else None)},
+                 "split": split_record(data_dir) if run.info.name == "cifar_tar" else None},
         "machine": info_machine, "model_name": cfg.model.model_name,
         "width_multiplier": cfg.model.width_multiplier,
         "train_steps": cfg.optim.train_steps, "steps_per_epoch": steps_per_epoch,

@@ -11,6 +11,15 @@ from efficientnet_advprop.claims import suite
 
 CURVE_FILE = "claims_curve.json"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CORRUPTIONS_TF_ONLY = ("corruptions are TensorFlow-only (data/corruptions.py); not "
+                       "measured on the JAX engine")
+
+
+def corruptions_not_measured(reason=CORRUPTIONS_TF_ONLY):
+    """The corruption results of a run whose engine cannot measure them: the keys of
+    the schema, null, and why (`report` marks them "not measured")."""
+    return {"corruption_errors": None, "mean_corruption_error": None,
+            "corruptions_not_measured": reason}
 
 
 def result_path(results_dir, tier, run_name, seed):
