@@ -87,7 +87,8 @@ def test_build_check_catches_a_file_without_a_target(tmp_path):
     for name in ("efficientnet_advprop", "scripts", "tests"):
         shutil.copytree(os.path.join(REPO_ROOT, name), tmp_path / name,
                         ignore=shutil.ignore_patterns("__pycache__", "*.tfrecord*"))
-    for name in ("main.py", "pytest.ini"):
+    for name in ("main.py", "pytest.ini", "results/claims/split.json"):
+        os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
         shutil.copy(os.path.join(REPO_ROOT, name), tmp_path / name)
     assert build_problems(tmp_path) == []
     (tmp_path / "scripts" / "new_tool.py").write_text("print('hi')\n")
