@@ -36,8 +36,8 @@ from efficientnet_advprop.attacks.pgd import attack as run_attack
 from efficientnet_advprop.attacks.pgd import eval_attack_config
 from efficientnet_advprop.claims import split_description, suite
 from efficientnet_advprop.claims.runner_common import (CURVE_FILE, corruptions_not_measured,
-                                                       git_revision, host, result_path,
-                                                       write_record)
+                                                       git_revision, host, read_curve,
+                                                       result_path, write_record)
 from efficientnet_advprop.data import numpy_input
 from efficientnet_advprop.data.cifar_tar import names_digest
 from efficientnet_advprop.layers.bn_statistics import bn_statistics, summarize_bn_statistics
@@ -165,10 +165,7 @@ def run_one(tier, spec, seed, *, data_dir, work_dir, results_dir, command, log=p
     evaluator = Evaluator(model, cfg.num_classes, min(batch, len(labels)))
 
     curve_path = os.path.join(model_dir, CURVE_FILE)
-    curve = []
-    if os.path.exists(curve_path):
-        with open(curve_path) as f:
-            curve = json.load(f)
+    curve = read_curve(model_dir)
     steps_per_epoch = cfg.optim.steps_per_epoch
 
     def on_checkpoint(trainer):

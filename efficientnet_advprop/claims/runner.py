@@ -18,7 +18,7 @@ from efficientnet_advprop import experiment
 from efficientnet_advprop.attacks import attack as run_attack
 from efficientnet_advprop.claims import suite
 from efficientnet_advprop.claims.runner_common import (  # noqa: F401 -- re-exported
-    CURVE_FILE, git_revision, host, pending, result_path, write_record)
+    CURVE_FILE, git_revision, host, read_curve, pending, result_path, write_record)
 from efficientnet_advprop.data.cifar_tar import SPLIT_FILE
 from efficientnet_advprop.data.corruptions import corrupt
 from efficientnet_advprop.evaluation import eval_attack_config
@@ -144,10 +144,7 @@ def run_one(tier, spec, seed, *, data_dir, work_dir, results_dir, command, log=p
     images, labels = held_out_arrays(run, need)
 
     curve_path = os.path.join(model_dir, CURVE_FILE)
-    curve = []
-    if os.path.exists(curve_path):
-        with open(curve_path) as f:
-            curve = json.load(f)
+    curve = read_curve(model_dir)
     steps_per_epoch = cfg.optim.steps_per_epoch
 
     def on_checkpoint(trainer):

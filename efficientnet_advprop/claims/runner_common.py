@@ -67,3 +67,12 @@ def host():
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "load_average_at_start": (list(os.getloadavg())
                                       if hasattr(os, "getloadavg") else None)}
+
+
+def read_curve(model_dir):
+    """The held-out curve written so far by an interrupted run ([] for a new one)."""
+    path = os.path.join(model_dir, CURVE_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)

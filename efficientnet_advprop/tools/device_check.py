@@ -39,6 +39,8 @@ import xml.etree.ElementTree as ElementTree
 
 import numpy as np
 
+from efficientnet_advprop.tools.jax_device_check import nvidia_smi  # engine-free
+
 FAST_ADVPROP_TARGET = 1.3  # Fast AdvProp's step at most this many vanilla steps
 REPORT_JSON = "device_report.json"
 REPORT_MD = "device_report.md"
@@ -207,13 +209,7 @@ def environment():
                                                  "XLA_FLAGS", "TF_CPP_MIN_LOG_LEVEL")
                       if k in os.environ},
     }
-    try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                              "--format=csv,noheader"], capture_output=True, text=True,
-                             timeout=30)
-        env["nvidia_smi"] = smi.stdout.strip() if smi.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        env["nvidia_smi"] = None
+    env["nvidia_smi"] = nvidia_smi()
     return env
 
 

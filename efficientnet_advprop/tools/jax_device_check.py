@@ -212,14 +212,19 @@ def environment():
             "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION")
             if k in os.environ},
     }
+    env["nvidia_smi"] = nvidia_smi()
+    return env
+
+
+def nvidia_smi():
+    """nvidia-smi's name, memory and driver of each GPU (one CSV line each), or None."""
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
                               "--format=csv,noheader"], capture_output=True, text=True,
                              timeout=30)
-        env["nvidia_smi"] = smi.stdout.strip() if smi.returncode == 0 else None
+        return smi.stdout.strip() if smi.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
-        env["nvidia_smi"] = None
-    return env
+        return None
 
 
 def _importable(name):
