@@ -36,8 +36,8 @@ from efficientnet_advprop.attacks.pgd import attack as run_attack
 from efficientnet_advprop.attacks.pgd import eval_attack_config
 from efficientnet_advprop.claims import split_description, suite
 from efficientnet_advprop.claims.runner_common import (CURVE_FILE, corruptions_not_measured,
-                                                       git_revision, host, read_curve,
-                                                       result_path, write_record)
+                                                       finish_run, git_revision, host,
+                                                       read_curve)
 from efficientnet_advprop.data import numpy_input
 from efficientnet_advprop.data.cifar_tar import names_digest
 from efficientnet_advprop.layers.bn_statistics import bn_statistics, summarize_bn_statistics
@@ -209,24 +209,9 @@ def run_one(tier, spec, seed, *, data_dir, work_dir, results_dir, command, log=p
                 seed=seed, mbn_aux_set=aux_set, gamma=float(g))
             rows.append({"gamma": float(g), "clean_accuracy": clean, "pgd_accuracy": robust})
         results["mbn_sweep"] = rows
-    record = {
-        "run": spec.name, "title": spec.title, "recipe": spec.recipe, "tier": tier.name,
-        "seed": int(seed), "command": command, "git_revision": revision, "engine": "jax",
-        "data": {"dataset": run.info.name, "data_dir": data_dir,
-                 "num_train": run.info.num_train, "num_held_out": run.info.num_eval,
-                 "split": split_record(data_dir) if run.info.name == "cifar_tar" else None},
-        "machine": info_machine, "model_name": cfg.model.model_name,
-        "width_multiplier": cfg.model.width_multiplier,
-        "train_steps": cfg.optim.train_steps, "steps_per_epoch": steps_per_epoch,
-        "train_batch_size": cfg.data.train_batch_size,
-        "eval_epsilon": spec.eval_epsilon, "eval_attack_iterations": tier.eval_iterations,
-        "overrides": {k: v for k, v in overrides.items() if k != "model_dir"},
-        "start_step": int(run.trainer.start_step or 0),
-        "train_seconds": round(train_seconds, 1),
-        "train_images_per_second": (round(run.trainer.images_per_second, 1)
-                                    if run.trainer.images_per_second else None),
-        "wall_seconds": round(time.time() - start_wall, 1),
-        "results": results,
-    }
-    write_record(result_path(results_dir, tier.name, spec.name, seed), record)
-    return record
+    return finish_run(tier, spec, seed, engine="jax", run=run, cfg=cfg,
+                      overrides=overrides, data_dir=data_dir,
+                      split=split_record(data_dir) if run.info.name == "cifar_tar" else None,
+                      machine=info_machine, command=command, revision=revision,
+                      train_seconds=train_seconds, start_wall=start_wall, results=results,
+                      results_dir=results_dir)

@@ -18,7 +18,8 @@ from efficientnet_advprop import experiment
 from efficientnet_advprop.attacks import attack as run_attack
 from efficientnet_advprop.claims import suite
 from efficientnet_advprop.claims.runner_common import (  # noqa: F401 -- re-exported
-    CURVE_FILE, git_revision, host, read_curve, pending, result_path, write_record)
+    CURVE_FILE, finish_run, git_revision, host, pending, read_curve, result_path,
+    write_record)
 from efficientnet_advprop.data.cifar_tar import SPLIT_FILE
 from efficientnet_advprop.data.corruptions import corrupt
 from efficientnet_advprop.evaluation import eval_attack_config
@@ -192,29 +193,12 @@ def run_one(tier, spec, seed, *, data_dir, work_dir, results_dir, command, log=p
         results["mbn_sweep"] = mbn_sweep(model, images[:tier.mbn_images],
                                          labels[:tier.mbn_images], tier.mbn_gammas,
                                          attack, batch=batch, seed=seed)
-    record = {
-        "run": spec.name, "title": spec.title, "recipe": spec.recipe, "tier": tier.name,
-        "seed": int(seed), "command": command, "git_revision": revision,
-        "data": {"dataset": run.info.name, "data_dir": data_dir,
-                 "num_train": run.info.num_train, "num_held_out": run.info.num_eval,
-                 "split": read_split(data_dir)},
-        "machine": info_machine, "model_name": cfg.model.model_name,
-        "width_multiplier": cfg.model.width_multiplier,
-        "train_steps": cfg.optim.train_steps, "steps_per_epoch": steps_per_epoch,
-        "train_batch_size": cfg.data.train_batch_size,
-        "eval_epsilon": spec.eval_epsilon, "eval_attack_iterations": tier.eval_iterations,
-        "overrides": {k: v for k, v in overrides.items() if k != "model_dir"},
-        # train_seconds covers only this process's steps: from start_step (0 unless it
-        # resumed an interrupted run) to train_steps.
-        "start_step": int(run.trainer.start_step),
-        "train_seconds": round(train_seconds, 1),
-        "train_images_per_second": (round(run.trainer.images_per_second, 1)
-                                    if run.trainer.images_per_second else None),
-        "wall_seconds": round(time.time() - start_wall, 1),
-        "results": results,
-    }
-    write_record(result_path(results_dir, tier.name, spec.name, seed), record)
-    return record
+    return finish_run(tier, spec, seed, engine="tensorflow", run=run, cfg=cfg,
+                      overrides=overrides, data_dir=data_dir,
+                      split=read_split(data_dir),
+                      machine=info_machine, command=command, revision=revision,
+                      train_seconds=train_seconds, start_wall=start_wall, results=results,
+                      results_dir=results_dir)
 
 
 def read_split(data_dir):

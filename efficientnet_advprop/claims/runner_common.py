@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 
 from efficientnet_advprop.claims import suite
 
@@ -76,3 +77,32 @@ def read_curve(model_dir):
         return []
     with open(path) as f:
         return json.load(f)
+
+
+def finish_run(tier, spec, seed, *, engine, run, cfg, overrides, data_dir, split, machine,
+               command, revision, train_seconds, start_wall, results, results_dir):
+    """Writes one run's result file (the schema `report` reads) and returns it."""
+    trainer = run.trainer
+    record = {
+        "run": spec.name, "title": spec.title, "recipe": spec.recipe, "tier": tier.name,
+        "seed": int(seed), "command": command, "git_revision": revision, "engine": engine,
+        "data": {"dataset": run.info.name, "data_dir": data_dir,
+                 "num_train": run.info.num_train, "num_held_out": run.info.num_eval,
+                 "split": split},
+        "machine": machine, "model_name": cfg.model.model_name,
+        "width_multiplier": cfg.model.width_multiplier,
+        "train_steps": cfg.optim.train_steps, "steps_per_epoch": cfg.optim.steps_per_epoch,
+        "train_batch_size": cfg.data.train_batch_size,
+        "eval_epsilon": spec.eval_epsilon, "eval_attack_iterations": tier.eval_iterations,
+        "overrides": {k: v for k, v in overrides.items() if k != "model_dir"},
+        # train_seconds covers only this process's steps: from start_step (0 unless it
+        # resumed an interrupted run) to train_steps.
+        "start_step": int(trainer.start_step or 0),
+        "train_seconds": round(train_seconds, 1),
+        "train_images_per_second": (round(trainer.images_per_second, 1)
+                                    if trainer.images_per_second else None),
+        "wall_seconds": round(time.time() - start_wall, 1),
+        "results": results,
+    }
+    write_record(result_path(results_dir, tier.name, spec.name, seed), record)
+    return record
