@@ -43,6 +43,17 @@ def _stderr(message):
     print(message, file=sys.stderr)
 
 
+def enable_compilation_cache(directory):
+    """Keeps every compiled program in `directory` (JAX's persistent compilation cache)
+    and reads it back when a later program's HLO is the same: the runs of one recipe
+    and model that differ only in their seed (the step takes the seed as an
+    argument), or a rerun after an interruption, skip XLA's compilation."""
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def tensorflow_available():
     """TensorFlow can be imported here (installed, and not blocked)."""
     if "tensorflow" in sys.modules:

@@ -213,7 +213,7 @@ class _JaxCase:
         import numpy as np
 
         self.trainer.state, (losses, _) = self.fn(self.trainer.state, self.inputs,
-                                                  np.int32(self.count))
+                                                  np.int32(self.count), self.trainer.run_seed)
         self.count += 1
         return float(np.asarray(losses)[0])
 

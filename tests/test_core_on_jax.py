@@ -86,3 +86,29 @@ def test_advprop_trains_on_two_devices_as_on_one(tmp_path):
                     two.state["trainable"] + two.state["non_trainable"]):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
     assert two.images_per_second is None or two.images_per_second > 0
+
+
+def test_runs_that_differ_only_in_seed_compile_one_program(tmp_path):
+    """The run's seed is an argument of the compiled step, not a constant in it: two
+    seeds lower to the same HLO (so JAX's persistent cache compiles a tier's seeds of
+    one run once), and the step still draws from it (the attack's start differs)."""
+    import hashlib
+
+    programs, losses = [], []
+    for seed in (0, 1):
+        keras.utils.set_random_seed(0)  # the same initial weights for both
+        config = TrainConfig(model_dir=str(tmp_path / f"s{seed}"), train_steps=1,
+                             global_batch_size=16, steps_per_epoch=100, seed=seed,
+                             optimizer="momentum", base_learning_rate=0.1,
+                             lr_warmup_epochs=0, checkpoint_every_steps=1)
+        trainer = JaxTrainer(lambda: tiny_model(), make_recipe("advprop", 10), config,
+                             devices=jax.devices()[:1])
+        batch = next(embedded_batches(16)(0))
+        stacked = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], batch)
+        fn = trainer._loop_fn(1)
+        text = fn.lower(trainer.state, stacked, np.int32(0), trainer.run_seed).as_text()
+        programs.append(hashlib.sha256(text.encode()).hexdigest())
+        _, (loss, _) = fn(trainer.state, stacked, np.int32(0), trainer.run_seed)
+        losses.append(float(np.asarray(loss)[0]))
+    assert programs[0] == programs[1]
+    assert losses[0] != losses[1]  # the random-start attack drew differently

@@ -10,10 +10,11 @@ out_dir)` does:
 2. the benchmark, first (the most wanted figures): per (precision, model) group, every
    configuration (tools.step_configs: vanilla, AdvProp PGD-1 and PGD-5, Fast AdvProp)
    is compiled (`jax.jit(...).lower().compile()`: compile seconds and XLA's memory
-   analysis of the step, i.e. the device memory the step needs) and timed in
-   alternating rounds with the others of its group, median round reported: img/s
-   (drawn images), the time per drawn image as a ratio to vanilla's (the cost per
-   epoch), and the recipe's cost model. A step that runs out of device memory halves
+   analysis of the step, i.e. the device memory the step needs, and its count of the
+   step's operations) and timed in alternating rounds with the others of its group,
+   median round reported: img/s (drawn images), the time per drawn image as a ratio
+   to vanilla's (the cost per epoch) beside the recipe's cost model and XLA's
+   operation count per image as a ratio to vanilla's, and the TFLOP/s reached. A step that runs out of device memory halves
    the batch of its group. The bfloat16 group of a model with a `peer` also times
    timm's model of that name in PyTorch (bfloat16 autocast, channels-last,
    `torch.compile`, SGD with momentum), when torch and timm import: the report gives
@@ -303,7 +304,8 @@ def test_step(name, plan, precision, device):
         inputs = jax.device_put(jax.tree_util.tree_map(
             lambda x: x[None], _batch(recipe, batch, plan.test_image_size, TEST_CLASSES)),
             device)
-        state, (losses, _) = trainer._loop_fn(1)(trainer.state, inputs, np.int32(0))
+        state, (losses, _) = trainer._loop_fn(1)(trainer.state, inputs, np.int32(0),
+                                                      trainer.run_seed)
         after = [np.asarray(v, np.float32) for v in state["trainable"]]
     update = np.concatenate([(a - b).ravel() for a, b in zip(after, before)])
     return {"loss": float(np.asarray(losses, np.float32)[0]), "update": update,
@@ -479,9 +481,16 @@ class JaxCase:
         self.build_seconds = time.perf_counter() - start
         start = time.perf_counter()
         lowered = self.trainer._loop_fn(1).lower(self.trainer.state, self.inputs,
-                                                 np.int32(0))
+                                                 np.int32(0), self.trainer.run_seed)
         self.fn = lowered.compile()
         self.compile_seconds = time.perf_counter() - start
+        self.flops = None  # XLA's count of the step's floating-point operations
+        try:
+            cost = self.fn.cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            self.flops = float(cost["flops"]) if cost and cost.get("flops") else None
+        except Exception:  # noqa: BLE001 -- not every backend reports it
+            pass
         self.memory_gib = None
         try:
             m = self.fn.memory_analysis()
@@ -499,7 +508,7 @@ class JaxCase:
 
     def step(self):
         self.trainer.state, (losses, _) = self.fn(self.trainer.state, self.inputs,
-                                                  np.int32(self.count))
+                                                  np.int32(self.count), self.trainer.run_seed)
         self.count += 1
         self.last_loss = float(np.asarray(losses, np.float32)[0])
         return self.last_loss
@@ -678,9 +687,18 @@ def _group(plan, model, precision, device, deadline, log, with_peer):
                "memory_gib": (round(case.memory_gib, 3)
                               if case.memory_gib is not None else None),
                "cost_model": case.passes, "description": case.description,
-               "ratio_to_vanilla": None, "throughput_vs_peer": None}
+               "ratio_to_vanilla": None, "throughput_vs_peer": None,
+               "gflop_per_image": None, "flop_ratio_to_vanilla": None,
+               "tflop_per_second": None}
+        flops = getattr(case, "flops", None)
+        if flops:
+            row["gflop_per_image"] = flops / case.batch / 1e9
+            row["tflop_per_second"] = flops / seconds[i] / 1e12
         if vanilla is not None:
             row["ratio_to_vanilla"] = per_image / (seconds[vanilla] / cases[vanilla].batch)
+            if flops and cases[vanilla].flops:
+                row["flop_ratio_to_vanilla"] = ((flops / case.batch) /
+                                                (cases[vanilla].flops / cases[vanilla].batch))
         if peer is not None and case.engine == "jax":
             row["throughput_vs_peer"] = ((case.batch / seconds[i]) /
                                          (cases[peer].batch / seconds[peer]))
@@ -731,9 +749,17 @@ def findings(report):
             if row["config"] == "fast_advprop" and row["ratio_to_vanilla"] is not None:
                 ratio = row["ratio_to_vanilla"]
                 verdict = "within" if ratio <= FAST_ADVPROP_TARGET else "OVER"
+                counted = row.get("flop_ratio_to_vanilla")
                 lines.append(f"{where}: Fast AdvProp costs {ratio:.2f}x vanilla per image "
                              f"({verdict} the {FAST_ADVPROP_TARGET}x target; cost model "
-                             f"{row['cost_model']:.2f}x)")
+                             f"{row['cost_model']:.2f}x"
+                             + (f", XLA's operation count {counted:.2f}x" if counted else "")
+                             + ")")
+                if counted and ratio > 1.1 * counted:
+                    lines.append(f"{where}: Fast AdvProp's time per image exceeds its "
+                                 f"share of operations by {ratio / counted:.2f}x: the "
+                                 "excess is overhead (kernels at low occupancy, data "
+                                 "movement), not arithmetic")
             if row["throughput_vs_peer"] is not None:
                 lines.append(f"{where}: {row['config']} runs at "
                              f"{row['throughput_vs_peer']:.2f}x the img/s of the PyTorch "
@@ -802,17 +828,20 @@ def markdown(report):
                 f"more), {bench['repeats']} interleaved rounds of "
                 f"{bench['steps_per_round']} steps, median; ratio = time per drawn image "
                 "over vanilla's (the cost per epoch); vs peer = img/s over the PyTorch "
-                "peer's; memory = XLA's analysis of the compiled step (torch: its "
-                "allocator's peak). Process peak: "
-                f"{_num(bench['process_peak_memory_gib'])} GiB.", "",
+                "peer's; FLOP ratio = XLA's operation count per drawn image over "
+                "vanilla's, TFLOP/s = that count over the measured time; memory = XLA's "
+                "analysis of the compiled step (torch: its allocator's peak). Process "
+                f"peak: {_num(bench['process_peak_memory_gib'])} GiB.", "",
                 "| model | precision | config | batch | img/s | ratio | cost model | "
-                "vs peer | compile s | memory GiB |",
-                "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                "FLOP ratio | TFLOP/s | vs peer | compile s | memory GiB |",
+                "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for group in bench["groups"]:
             for row in group["rows"]:
                 out.append(f"| {group['model']} | {group['precision']} | {row['config']} | "
                            f"{row['batch']} | {row['images_per_second']:.1f} | "
                            f"{_num(row['ratio_to_vanilla'])} | {row['cost_model']:.2f} | "
+                           f"{_num(row.get('flop_ratio_to_vanilla'))} | "
+                           f"{_num(row.get('tflop_per_second'))} | "
                            f"{_num(row['throughput_vs_peer'])} | "
                            f"{row['compile_seconds']:.1f} | {_num(row['memory_gib'])} |")
         out.append("")

@@ -15,7 +15,9 @@ One step (`JaxTrainer._step`), traced once and compiled by XLA:
 
 `iterations_per_loop` steps run in one call (over a stack of host batches, unrolled
 in the trace: compile time grows with the count), cut at checkpoint and summary steps
-as on TensorFlow.
+as on TensorFlow. The host reads a call's losses (the finiteness check, the metric
+windows) only after it has dispatched the next call, so the device never waits for
+that bookkeeping; at a summary or checkpoint step every call so far is read first.
 
 Devices and BN: the step is data parallel over the local devices with
 `keras.distribution.DataParallel` (variables replicated, the batch sharded along its
@@ -27,7 +29,10 @@ with several replicas) are not implemented on this engine yet.
 
 Randomness: the step's seed is `seam.make_seed(seed, step)` folded with replica 0, as
 the TF engine's `[seed, step]` folded with the replica id; the JAX engine draws
-different numbers from it (jax.random, not tf.random's stateless kernels).
+different numbers from it (jax.random, not tf.random's stateless kernels). The run's
+seed is an argument of the compiled step, not a constant in it, so runs that differ
+only in their seed share one compiled program (through JAX's persistent compilation
+cache when it is on).
 Model-internal randomness (dropout, stochastic depth) lives in Keras seed-generator
 variables, which are model variables here: checkpointed and restored with the weights.
 
@@ -130,6 +135,8 @@ class JaxTrainer:
         self.images_per_second = None
         self._compiled = {}
         self._writer = None
+        # an argument of the compiled step (see _step), the TF engine's int seed
+        self.run_seed = jnp.asarray(config.seed).astype(jnp.uint32)
 
     # ------------------------------------------------------------------ state
     def _initial_state(self):
@@ -162,15 +169,19 @@ class JaxTrainer:
             variable.assign(jnp.array(value, copy=True))
 
     # ------------------------------------------------------------------ the step
-    def _step(self, state, batch, step):
-        """One training step on a global batch -> (new state, loss, metrics)."""
+    def _step(self, state, batch, step, run_seed):
+        """One training step on a global batch -> (new state, loss, metrics).
+
+        `run_seed` (config.seed) is traced, not a constant of the program: the runs of
+        one recipe that differ only in their seed compile to the same HLO, which
+        JAX's persistent compilation cache then serves to every seed after the first."""
         images, labels = batch[0], batch[1]
         extras = as_extras(batch[2] if len(batch) > 2 else None)
         config = self.config
         mapping = (list(zip(self._trainable, state["trainable"]))
                    + list(zip(self._non_trainable, state["non_trainable"])))
         with StatelessScope(state_mapping=mapping) as scope:
-            seed = seam.make_seed(config.seed, step)
+            seed = seam.make_seed(run_seed, step)
             images = jnp.asarray(images, jnp.float32)
             if self.augment is not None:
                 images = self.augment(images, seam.fold_in(seed, 0xA06))
@@ -208,16 +219,18 @@ class JaxTrainer:
         return new_state, out.loss_sum / global_batch, out.metrics
 
     def _loop_fn(self, length):
-        """A compiled function running `length` steps on a stack of batches."""
+        """A compiled (state, batches, first_step, run_seed) -> (state, (losses,
+        metrics)) running `length` steps on a stack of batches."""
         if length not in self._compiled:
-            def steps(state, batches, first_step):
+            def steps(state, batches, first_step, run_seed):
                 # A Python loop, unrolled in the trace: XLA:CPU runs convolutions inside
                 # a while loop (lax.scan, even with unroll=True) about 13x slower than
                 # the same step outside one (measured on resnet-18-cifar).
                 losses, metrics = [], []
                 for index in range(length):
                     batch = jax.tree_util.tree_map(lambda x, i=index: x[i], batches)
-                    state, loss, step_metrics = self._step(state, batch, first_step + index)
+                    state, loss, step_metrics = self._step(state, batch, first_step + index,
+                                                            run_seed)
                     losses.append(loss)
                     metrics.append(step_metrics)
                 stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *metrics)
@@ -368,33 +381,49 @@ class JaxTrainer:
         windows, last = MetricWindows(), {}
         step = start
         timer = StepTimer()
-        while step < config.train_steps:
-            length = self._loop_length(step)
-            host = [next(iterator) for _ in range(length)]
-            stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *host)
-            self.state, (losses, metrics) = self._loop_fn(length)(
-                self.state, self._shard(stacked), jnp.int32(step))
+        in_flight = None  # the call whose results are not read yet
+
+        def take_results(call):
+            # Waits for one call's results: the loss check, the metric windows.
+            first, length, (losses, metrics) = call
             losses = np.asarray(losses)
             bad = np.flatnonzero(~np.isfinite(losses))
             if bad.size:
                 # The state already holds the bad step's update: reload what was saved.
                 raise TrainingError(
-                    f"loss is {losses[bad[0]]} at step {step + bad[0] + 1}; stopped "
+                    f"loss is {losses[bad[0]]} at step {first + bad[0] + 1}; stopped "
                     f"without saving. The last good checkpoint is "
                     f"{self.latest_checkpoint or 'none'}")
-            values = {k: (float(np.sum(s)), float(np.sum(c)))
-                      for k, (s, c) in metrics.items()}
+            windows.add({k: (float(np.sum(s)), float(np.sum(c)))
+                         for k, (s, c) in metrics.items()})
+            timer.after_call(first + length)  # the first call compiles: not timed
+            progress.update(length, length * config.global_batch_size, windows.postfix())
+
+        while step < config.train_steps:
+            length = self._loop_length(step)
+            host = [next(iterator) for _ in range(length)]
+            stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *host)
+            self.state, outputs = self._loop_fn(length)(
+                self.state, self._shard(stacked), jnp.int32(step), self.run_seed)
+            # Run ahead: the device starts this call before the host reads the
+            # previous one's losses, so the two overlap instead of alternating.
+            if in_flight is not None:
+                take_results(in_flight)
+            in_flight = (step, length, outputs)
             step += length
             self.step = step
-            timer.after_call(step)  # the first call compiles: not timed
-            windows.add(values)
-            progress.update(length, length * config.global_batch_size, windows.postfix())
-            if step % config.summary_every_steps == 0 or step == config.train_steps:
+            summary = step % config.summary_every_steps == 0 or step == config.train_steps
+            checkpoint = (step % config.checkpoint_every_steps == 0
+                          or step == config.train_steps)
+            if summary or checkpoint:
+                take_results(in_flight)
+                in_flight = None
+            if summary:
                 last = windows.take()
                 scalars = dict(last, learning_rate=self.learning_rate(step - 1),
                                images_per_second=progress.rate)
                 writer.write(step, scalars)
-            if step % config.checkpoint_every_steps == 0 or step == config.train_steps:
+            if checkpoint:
                 self.save()
                 if on_checkpoint:
                     on_checkpoint(self)
