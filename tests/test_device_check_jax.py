@@ -16,9 +16,14 @@ WITHOUT_TF = os.path.join(ROOT, "tests", "without_tf.py")
 SCRIPT = os.path.join(ROOT, "scripts", "device_check.py")
 
 
+# XLA's cheaper backend settings (as tests/test_claims_jax.py): the dry run checks that
+# every part runs and reports, and compilation is most of its time on a CPU
+QUICK_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
 def device_check(*flags, cwd):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    env.pop("XLA_FLAGS", None)
+    # one host device (conftest asks for two), cheap compilation
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS=QUICK_XLA)
     return subprocess.run([sys.executable, WITHOUT_TF, SCRIPT, *flags], capture_output=True,
                           text=True, env=env, cwd=cwd, timeout=900)
 
@@ -70,6 +75,12 @@ def test_benchmark_times_every_configuration_and_prices_fast_advprop(dry_run):
     for row in rows.values():
         assert row["images_per_second"] > 0 and row["compile_seconds"] > 0
         assert len(row["rounds"]) == 2 and row["ratio_to_vanilla"] > 0
+        assert row["gflop_per_image"] > 0 and row["tflop_per_second"] > 0
+    # XLA's operation counts per drawn image: an attack step and a second training
+    # pass for AdvProp; Fast AdvProp's attack on a fifth of its images
+    assert rows["vanilla"]["flop_ratio_to_vanilla"] == 1.0
+    assert 2.0 < rows["advprop_pgd1"]["flop_ratio_to_vanilla"] < 3.5
+    assert 1.0 < rows["fast_advprop"]["flop_ratio_to_vanilla"] < 1.6
     # no torch here: the peer is named as skipped, not silently dropped
     assert "not importable" in group["peer_skipped"]
     assert any("Fast AdvProp costs" in line for line in report["findings"])
