@@ -3,7 +3,8 @@
     python scripts/reproduce_claims.py --tier=cpu            # ~3.7 h on 2 idle CPU cores, resumable
     python scripts/reproduce_claims.py --tier=cpu --claims=advprop_vs_vanilla
     python scripts/reproduce_claims.py --tier=cpu --runs=vanilla_nf26 --seeds=0  # a control
-    python scripts/reproduce_claims.py --tier=gpu            # one GPU, 3 seeds
+    python scripts/reproduce_claims.py --tier=gpu            # one GPU, 3 seeds, every claim
+    python scripts/reproduce_claims.py --tier=gpu_wide       # one GPU, full width, 3 runs
     python scripts/reproduce_claims.py --tier=smoke          # a few steps of each run
     python scripts/reproduce_claims.py --report_only         # tables, plots, README table
 
@@ -21,7 +22,9 @@ from the command line before anything imports Keras, and --engine=jax sets
 KERAS_BACKEND=jax in this process when it is unset (no second process; a
 KERAS_BACKEND naming another backend is refused). --time_budget_s starts no run that
 the longest one so far says would end past it; a later call goes on with the runs
-still without a result file:
+still without a result file (pending runs go seed by seed). On the JAX engine the
+compiled programs are kept in <work_dir>/jax_cache, so a run's later seeds compile
+nothing (the seed is an argument of the compiled step):
 
     python3 scripts/reproduce_claims.py --tier=gpu --engine=jax --time_budget_s=480
     python3 scripts/reproduce_claims.py --tier=gpu --engine=jax --data_dir=cifar10-train-jpeg.tar.gz
@@ -98,6 +101,9 @@ flags.DEFINE_list("runs", None, "Runs to run instead (default: those of --claims
                   + ", ".join(r.name for r in suite.RUNS) + "; or the controls that no "
                   "claim reads: " + ", ".join(r.name for r in suite.DIAGNOSTICS))
 flags.DEFINE_list("seeds", None, "Seeds (default: the tier's).")
+flags.DEFINE_enum("precision", None, ["float32", "bfloat16"], "Compute precision of "
+                  "every run (default: the tier's: float32 on the smoke and cpu tiers, "
+                  "bfloat16 on the GPU tiers).")
 flags.DEFINE_string("results_dir", os.path.join(REPO, "results", "claims"),
                     "Result files and the report.")
 flags.DEFINE_string("work_dir", os.path.join(REPO, "runs", "claims"),
@@ -121,18 +127,23 @@ flags.DEFINE_float("time_budget_s", None, "Start no run that would end after thi
 FLAGS = flags.FLAGS
 
 
-def selected_runs():
+def selected_runs(tier):
     if FLAGS.runs:
         unknown = sorted(set(FLAGS.runs) - set(suite.RUNS_BY_NAME))
         if unknown:
             fail(f"--runs: unknown {', '.join(unknown)}")
+        outside = [r for r in FLAGS.runs if tier.runs and r not in tier.runs]
+        if outside:
+            fail(f"--runs: {', '.join(outside)} not in the {tier.name} tier (its runs: "
+                 f"{', '.join(tier.runs)})")
         return FLAGS.runs
     keys = FLAGS.claims or [c.key for c in suite.CLAIMS]
     unknown = sorted(set(keys) - set(suite.CLAIMS_BY_KEY))
     if unknown:
         fail(f"--claims: unknown {', '.join(unknown)}")
     wanted = {r for k in keys for r in suite.CLAIMS_BY_KEY[k].runs}
-    return [r.name for r in suite.RUNS if r.name in wanted]
+    return [r.name for r in suite.RUNS
+            if r.name in wanted and (tier.runs is None or r.name in tier.runs)]
 
 
 def run_here(tier, spec, seed, data_dir, command, engine):
@@ -142,7 +153,11 @@ def run_here(tier, spec, seed, data_dir, command, engine):
     from efficientnet_advprop.training.run_lock import RunLockedError
 
     if engine == "jax":
+        from efficientnet_advprop import jax_experiment
         from efficientnet_advprop.claims import jax_runner as runner
+
+        # the tier's seeds of one run compile once (work_dir/jax_cache)
+        jax_experiment.enable_compilation_cache(os.path.join(FLAGS.work_dir, "jax_cache"))
     else:
         from efficientnet_advprop.claims import runner
     try:
@@ -196,12 +211,15 @@ def main(argv):
             tier = dataclasses.replace(tier, seeds=tuple(int(s) for s in FLAGS.seeds))
         except ValueError:
             fail(f"--seeds={','.join(FLAGS.seeds)}: expected integers")
+    if FLAGS.precision:
+        tier = dataclasses.replace(tier, precision=FLAGS.precision)
     if FLAGS.report_only:
         print(report.write_report(FLAGS.results_dir, header=REPORT_HEADER))
         if os.path.abspath(FLAGS.results_dir) == os.path.join(REPO, "results", "claims"):
             report.update_readme(os.path.join(REPO, "README.md"),
                                  report.readme_block(FLAGS.results_dir))
         return
+    runs = selected_runs(tier)
     data_dir = None
     if tier.data == "split" and engine == "jax":
         data_dir = jax_tarball()  # read directly: the same split, no TFRecords
@@ -219,7 +237,7 @@ def main(argv):
         run_here(tier, suite.RUNS_BY_NAME[name], int(seed), data_dir, command, engine)
         return
     isolate = FLAGS.isolate if FLAGS.isolate is not None else tier.name == "cpu"
-    todo = pending(tier, FLAGS.results_dir, selected_runs())
+    todo = pending(tier, FLAGS.results_dir, runs)
     print(f"tier {tier.name} ({tier.budget}), {engine} engine: {len(todo)} run(s) to do: "
           + ", ".join(f"{spec.name}:{seed}" for spec, seed in todo), flush=True)
     start, longest = time.time(), 0.0
@@ -241,6 +259,8 @@ def main(argv):
                 cmd += [f"--data_dir={FLAGS.data_dir}", f"--source={FLAGS.source}"]
             if FLAGS.seeds:
                 cmd.append(f"--seeds={','.join(FLAGS.seeds)}")
+            if FLAGS.precision:
+                cmd.append(f"--precision={FLAGS.precision}")
             done = subprocess.run(cmd)
             if done.returncode:
                 fail(f"{spec.name} seed {seed} failed (exit {done.returncode}); rerun to "

@@ -66,6 +66,35 @@ def test_mbn_sweep_must_be_monotone_in_every_seed():
     assert verdict({"advprop_eps4": [good, bad]}) == report.FAILS
 
 
+def test_late_gain_says_whether_a_curve_still_climbs():
+    def record(accs):
+        return {"results": {"curve": [{"epoch": e + 1, "clean_accuracy": a}
+                                      for e, a in enumerate(accs)]}}
+
+    # 8 epochs: the gain is from epoch 6 (the last point at or before 3/4) to epoch 8
+    climbing = record([0.3, 0.4, 0.5, 0.55, 0.6, 0.62, 0.65, 0.66])
+    flat = record([0.3, 0.4, 0.5, 0.55, 0.6, 0.62, 0.625, 0.624])
+    assert report.late_gain(climbing) == pytest.approx(0.04)
+    assert report.late_gain(flat) == pytest.approx(0.004)
+    assert report.late_gain(record([0.5])) is None
+    assert "**not** flattened" in report.flattening_note({"nofrost_eps8": [climbing, flat]})
+    assert "has flattened" in report.flattening_note({"nofrost_eps8": [flat, flat]})
+    assert report.flattening_note({}) is None
+
+
+def test_pending_runs_go_seed_by_seed(tmp_path):
+    """A call cut short by its time budget has measured every run of the first seeds."""
+    tier = suite.TIERS["gpu"]
+    done = runner.result_path(str(tmp_path), tier.name, "vanilla", 0)
+    os.makedirs(os.path.dirname(done))
+    with open(done, "w") as f:
+        f.write("{}")
+    order = [(spec.name, seed) for spec, seed in
+             runner.pending(tier, str(tmp_path), ["vanilla", "advprop_eps1"])]
+    assert order == [("advprop_eps1", 0), ("vanilla", 1), ("advprop_eps1", 1),
+                     ("vanilla", 2), ("advprop_eps1", 2)]
+
+
 def test_every_claim_names_runs_of_the_suite_and_has_a_check():
     for claim in suite.CLAIMS:
         assert set(claim.runs) <= set(suite.RUNS_BY_NAME), claim.key
@@ -96,13 +125,16 @@ def test_runs_of_a_tier_share_everything_but_the_method():
     assert set(batches.values()) == {tier.batch_size}
 
 
-@pytest.mark.parametrize("tier_name", ["cpu", "gpu"])
+@pytest.mark.parametrize("tier_name", ["cpu", "gpu", "gpu_wide"])
 def test_every_run_of_the_full_tiers_resolves_to_its_budget(tier_name, tmp_path):
-    # The gpu tier has never run (no lent device had TensorFlow): its configurations must
-    # at least pass every check of the config and keep Fast AdvProp's calibrated budget.
+    # The GPU tiers have never run (no device was lent since the JAX engine landed):
+    # their configurations must at least pass every check of the config and keep Fast
+    # AdvProp's calibrated budget, at the tier's precision.
     # On the embedded data here; the tiers train on the 45,000-image split.
     tier = suite.TIERS[tier_name]
-    for run in suite.RUNS + suite.DIAGNOSTICS:
+    runs = [r for r in suite.RUNS + suite.DIAGNOSTICS if tier.runs is None or r.name in tier.runs]
+    assert tier.runs is None or len(runs) == len(tier.runs)
+    for run in runs:
         overrides = suite.tier_overrides(tier, run, 0, None, str(tmp_path))
         if overrides.get("nf_stage_gains") == suite.FIT_ON_TRAINING_BATCH:
             overrides["nf_stage_gains"] = (1.0,) * 5  # the runner fits them on the split
@@ -110,6 +142,7 @@ def test_every_run_of_the_full_tiers_resolves_to_its_budget(tier_name, tmp_path)
         epochs = cfg.optim.train_steps / cfg.optim.steps_per_epoch
         calibrated = tier.epochs / 1.2 if run.recipe == "fast_advprop" else tier.epochs
         assert epochs == pytest.approx(calibrated, rel=0.02), run.name
+        assert cfg.run.precision == tier.precision
 
 
 def test_held_out_part_does_not_depend_on_the_train_count():

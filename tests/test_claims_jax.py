@@ -60,8 +60,9 @@ def advprop(tmp_path_factory):
     pytest.importorskip("jax")
     tmp_path = tmp_path_factory.mktemp("claims_jax")
     # as typed where TensorFlow is missing: the script sets KERAS_BACKEND=jax itself
+    # in bfloat16, as the GPU tiers train
     done = reproduce(tmp_path, "--engine=jax", "--runs=advprop_eps4,nofrost_eps8",
-                     keras_backend=None)
+                     "--precision=bfloat16", keras_backend=None)
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp_path / "results", done.stdout
 
@@ -71,6 +72,9 @@ def test_advprop_run_measures_both_bn_sets_statistics_and_the_mbn_sweep(advprop)
     assert "jax engine: 2 run(s) to do: advprop_eps4:0, nofrost_eps8:0" in stdout
     rec = record(results, "advprop_eps4")
     assert rec["engine"] == "jax" and rec["machine"]["engine"] == "jax"
+    assert rec["overrides"]["precision"] == "bfloat16"
+    # the compiled programs are kept for the next seeds' runs of the same recipe
+    assert len(os.listdir(results.parent / "work" / "jax_cache")) > 0
     assert rec["machine"]["jax"] and "cpu:" in rec["machine"]["devices"][0]
     out = rec["results"]
     for key in ("clean_accuracy", "aux_clean_accuracy", "pgd_accuracy", "aux_pgd_accuracy"):
@@ -156,6 +160,10 @@ def test_engine_flag_errors_are_one_line(tmp_path):
     assert done.stderr.strip().splitlines()[-1] == (
         f"reproduce_claims.py: error: --data_dir={tmp_path}: the JAX engine reads the "
         "CIFAR-10 tar.gz itself; name that file (or pass it as --source)")
+    done = reproduce(tmp_path, "--engine=jax", "--tier=gpu_wide", "--runs=sat_eps4")
+    assert done.stderr.strip().splitlines()[-1] == (
+        "reproduce_claims.py: error: --runs: sat_eps4 not in the gpu_wide tier (its runs: "
+        "vanilla, advprop_eps1, fast_advprop)")
     done = reproduce(tmp_path, "--engine=torch", keras_backend=None)
     assert done.stderr.strip().splitlines()[-1] == (
         "reproduce_claims.py: error: --engine=torch: expected one of auto, tensorflow, jax")

@@ -228,6 +228,44 @@ def check_nofrost(runs):
              f"{fmt(nr)} vs {fmt(br)}", comparable)]
 
 
+# A curve has flattened when its last quarter of training gained less than this much
+# held-out accuracy (mean over seeds). A claim compared on curves that still climb
+# holds at that budget only.
+FLAT_GAIN = 0.01
+
+
+def late_gain(record):
+    """Held-out clean accuracy gained over the last quarter of a run's training (from
+    its last curve point at or before 3/4 of the run to its final point), or None
+    when the curve has no such pair of points."""
+    curve = record["results"].get("curve") or []
+    if len(curve) < 2:
+        return None
+    end = curve[-1]
+    earlier = [p for p in curve[:-1] if p["epoch"] <= 0.75 * end["epoch"]]
+    if not earlier:
+        return None
+    return end["clean_accuracy"] - earlier[-1]["clean_accuracy"]
+
+
+def mean_late_gain(runs, run):
+    gains = [g for g in (late_gain(r) for r in runs.get(run, [])) if g is not None]
+    return float(np.mean(gains)) if gains else None
+
+
+def flattening_note(runs, run="nofrost_eps8"):
+    """One line: whether `run`'s held-out curve had flattened when training ended."""
+    gain = mean_late_gain(runs, run)
+    if gain is None:
+        return None
+    if gain < FLAT_GAIN:
+        return (f"`{run}`'s held-out curve has flattened: its last quarter of training "
+                f"gained {100 * gain:+.1f} points (under {100 * FLAT_GAIN:g}).")
+    return (f"`{run}`'s held-out curve has **not** flattened: its last quarter of "
+            f"training gained {100 * gain:+.1f} points ({100 * FLAT_GAIN:g} or more), so "
+            f"the comparison holds at this budget only.")
+
+
 CHECKS = {
     "disentangled_bn": check_disentangled_bn,
     "aux_bn_worse": check_aux_bn_worse,
@@ -252,8 +290,9 @@ def verdicts(runs):
 # ------------------------------------------------------------------ output
 def runs_table(runs):
     lines = ["| run | model | seeds | clean (main BN) | clean (adv. BN) | PGD-10 (main BN) "
-             "| PGD-10 (adv. BN) | mean corruption error | train s | train img/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| PGD-10 (adv. BN) | mean corruption error | last-quarter gain | train s "
+             "| train img/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, records in runs.items():
         eps = records[0]["eval_epsilon"]
         pgd = values(runs, name, "pgd_accuracy")
@@ -263,10 +302,14 @@ def runs_table(runs):
             f"{fmt(values(runs, name, 'aux_clean_accuracy'))} | "
             f"{fmt(pgd) + f' @ eps {eps:g}' if pgd else '–'} | "
             f"{fmt(values(runs, name, 'aux_pgd_accuracy'))} | "
-            f"{corruption_cell(runs, name)} | "
+            f"{corruption_cell(runs, name)} | {gain_cell(mean_late_gain(runs, name))} | "
             f"{mean_or_dash(whole_train_seconds(records))} | "
             f"{np.mean([r['train_images_per_second'] or 0 for r in records]):.0f} |")
     return "\n".join(lines)
+
+
+def gain_cell(gain):
+    return "–" if gain is None else f"{100 * gain:+.1f}"
 
 
 def corruption_cell(runs, name):
@@ -361,7 +404,7 @@ def plot_frontier(runs, path):
 README_START, README_END = "<!-- CLAIMS_START -->", "<!-- CLAIMS_END -->"
 
 
-def readme_block(results_dir, tiers=("cpu", "gpu")):
+def readme_block(results_dir, tiers=("cpu", "gpu", "gpu_wide")):
     """The claims and runs tables of each tier that has results, for the top-level
     README (between README_START and README_END)."""
     parts = []
@@ -394,8 +437,8 @@ def engine_note(runs):
     return note
 
 
-def write_report(results_dir, tiers=("cpu", "gpu", "smoke"), out_name="README.md",
-                 header=""):
+def write_report(results_dir, tiers=("cpu", "gpu", "gpu_wide", "smoke"),
+                 out_name="README.md", header=""):
     """Writes results_dir/README.md (and each tier's plots); returns its text."""
     from efficientnet_advprop.utils.plots import plot_bn_statistics
 
@@ -406,8 +449,14 @@ def write_report(results_dir, tiers=("cpu", "gpu", "smoke"), out_name="README.md
             continue
         tier_dir = os.path.join(results_dir, tier)
         results = verdicts(runs)
-        parts += [f"## Tier `{tier}`", "", "### Claims", "", claims_table(results), "",
-                  "### Runs", "", runs_table(runs), ""]
+        parts += [f"## Tier `{tier}`", "", "### Claims", "", claims_table(results), ""]
+        note = flattening_note(runs)
+        if note:
+            parts += [note, ""]
+        parts += ["### Runs", "", runs_table(runs), "",
+                  f"Last-quarter gain: held-out clean accuracy gained over the last "
+                  f"quarter of training, in points (mean over seeds); under "
+                  f"{100 * FLAT_GAIN:g}, the curve has flattened.", ""]
         first = next(iter(runs.values()))[0]
         split = first["data"].get("split") or {}
         parts.append(f"Data: {split.get('description', first['data']['dataset'])} "

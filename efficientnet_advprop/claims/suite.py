@@ -45,6 +45,13 @@ class Tier:
     min_bn_batch: the smallest BN batch allowed (only the smoke tier lowers it).
     recipe_options: ((recipe, ((setting, value), ...)), ...) set for that recipe's runs
       (Fast AdvProp's shuffle-BN groups, which the smaller tiers' batches need).
+    iterations_per_loop: training steps per compiled call (1 on a GPU: one small
+      program to compile, and the JAX engine dispatches the next call before reading
+      the last, so the device does not wait for the host).
+    precision: float32 (the CPU tier), or bfloat16 (the mixed_bfloat16 policy: bfloat16
+      compute, float32 variables) on the GPU tiers, as accelerators train; the
+      attacks' gradients are then bfloat16 too.
+    runs: the runs of the suite this tier makes (None: all of them).
     """
 
     name: str
@@ -72,6 +79,8 @@ class Tier:
     recipe_options: tuple = ()
     iterations_per_loop: int = 10
     budget: str = ""
+    precision: str = "float32"
+    runs: tuple = None
 
     @property
     def bn_model(self):
@@ -111,18 +120,32 @@ TIERS = {
         recipe_options=(("fast_advprop", (("shuffle_bn_group_size", 8),
                                           ("min_bn_batch", 8))),),
         budget="4 epochs of 45,000 images per run"),
-    # One GPU, 3 seeds, twice the width and more epochs, every run in one process
-    # (scripts/reproduce_claims.py --tier=gpu --engine=jax through the device tool: the
-    # GPUs lent have no TensorFlow, results/device/2026-11-26-h100-probe.md). Not yet
-    # run, so its sizes are not calibrated to a device.
+    # One GPU (scripts/reproduce_claims.py --tier=gpu --engine=jax through the device
+    # tool: the GPUs lent have no TensorFlow, results/device/2026-11-26-h100-probe.md),
+    # 3 seeds, every run in one process. Sized before any GPU ran it, from XLA's count
+    # of each step's operations (docs/reproducing.md, "Sizing the GPU tiers"): 17.6
+    # PFLOP for the tier, about 5 minutes of training at 60 TFLOP/s sustained, plus
+    # compilation; a call cut short by --time_budget_s resumes in the next.
     "gpu": Tier(
         name="gpu", data="split", model="resnet-18-cifar",
-        pair_models=("resnet-26-cifar", "nf-resnet-26-cifar"), width=0.25,
-        batch_size=256, epochs=6.0, seeds=(0, 1, 2), base_learning_rate=0.4,
+        pair_models=("resnet-26-cifar", "nf-resnet-26-cifar"), width=0.5,
+        batch_size=256, epochs=10.0, seeds=(0, 1, 2), base_learning_rate=0.4,
         weight_decay=5e-4, warmup_epochs=0.5, curve_images=1000, eval_images=5000,
         attack_images=2000, corruption_images=1000, mbn_images=1000,
-        corruptions=ALL_CORRUPTIONS, severities=(1, 2, 3, 4, 5),
-        budget="6 epochs of 45,000 images per run"),
+        corruptions=ALL_CORRUPTIONS, severities=(1, 2, 3, 4, 5), iterations_per_loop=1,
+        precision="bfloat16", budget="10 epochs of 45,000 images per run"),
+    # The AdvProp claims' three runs on the full-width ResNet-18 (11 M parameters) for
+    # 15 epochs, where vanilla is expected past 90% held-out: 27.6 PFLOP, about 4
+    # minutes of training at 120 TFLOP/s sustained.
+    "gpu_wide": Tier(
+        name="gpu_wide", data="split", model="resnet-18-cifar",
+        pair_models=("resnet-26-cifar", "nf-resnet-26-cifar"), width=1.0,
+        batch_size=256, epochs=15.0, seeds=(0, 1, 2), base_learning_rate=0.4,
+        weight_decay=5e-4, warmup_epochs=0.5, curve_images=1000, eval_images=5000,
+        attack_images=2000, corruption_images=1000, mbn_images=1000,
+        corruptions=ALL_CORRUPTIONS, severities=(1, 2, 3, 4, 5), iterations_per_loop=1,
+        precision="bfloat16", runs=("vanilla", "advprop_eps1", "fast_advprop"),
+        budget="15 epochs of 45,000 images per run, full width"),
 }
 
 
@@ -235,7 +258,7 @@ def tier_overrides(tier, run, seed, data_dir, model_dir):
         "label_smoothing": 0.1, "moving_average_decay": 0.0, "dropout_rate": 0.0,
         "drop_path_rate": 0.0, "augmentation": "cifar", "auto_augment": None,
         "seed": int(seed), "model_dir": model_dir, "min_bn_batch": tier.min_bn_batch,
-        "iterations_per_loop": tier.iterations_per_loop,
+        "iterations_per_loop": tier.iterations_per_loop, "precision": tier.precision,
         "eval_attack_iterations": 0, "summary_every_steps": 100,
     }
     if model.startswith("resnet"):
