@@ -192,18 +192,13 @@ class _JaxCase:
                              checkpoint_every_steps=10 ** 9, summary_every_steps=10 ** 9)
         self.trainer = JaxTrainer(model_fn, recipe, config)
         self.description = recipe.describe()
-        # benchmarking.random_batch's values, as numpy, stacked for one step per call
-        rng = np.random.default_rng(0)
-        images = rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
-        labels = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
-        extras = {}
-        if recipe.needs_source_tags:
-            extras["source_tags"] = (np.arange(batch) % 2).astype(np.int32)
-        if "tda" in recipe.input_views:
-            extras["tda_images"] = images
-        batch_tuple = (images, labels, extras) if extras else (images, labels)
+        # the device check's random batch (benchmarking.random_batch's values, as numpy),
+        # stacked for one step per call
         import jax
 
+        from efficientnet_advprop.tools.jax_device_check import random_batch
+
+        batch_tuple = random_batch(recipe, batch, size, NUM_CLASSES)
         stacked = jax.tree_util.tree_map(lambda x: x[None], batch_tuple)
         self.inputs = self.trainer._shard(stacked)
         self.fn = self.trainer._loop_fn(1)

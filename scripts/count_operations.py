@@ -72,8 +72,8 @@ def benchmark_counts():
             trainer = dc._trainer(recipe, model.model_name, model.model_kwargs,
                                   model.image_size, batch, "bfloat16", device,
                                   dc.NUM_CLASSES)
-            per_image = flops_of(trainer, dc._batch(recipe, batch, model.image_size,
-                                                    dc.NUM_CLASSES)) / batch
+            per_image = flops_of(trainer, dc.random_batch(recipe, batch, model.image_size,
+                                                          dc.NUM_CLASSES)) / batch
             vanilla = vanilla or per_image
             rows.append({"model": model.model_name, "config": name, "batch": batch,
                          "gflop_per_image": per_image / 1e9,

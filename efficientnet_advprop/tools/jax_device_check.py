@@ -14,11 +14,11 @@ out_dir)` does:
    step's operations) and timed in alternating rounds with the others of its group,
    median round reported: img/s (drawn images), the time per drawn image as a ratio
    to vanilla's (the cost per epoch) beside the recipe's cost model and XLA's
-   operation count per image as a ratio to vanilla's, and the TFLOP/s reached. A step that runs out of device memory halves
-   the batch of its group. The bfloat16 group of a model with a `peer` also times
-   timm's model of that name in PyTorch (bfloat16 autocast, channels-last,
-   `torch.compile`, SGD with momentum), when torch and timm import: the report gives
-   our img/s as ratios to the peer's;
+   operation count per image as a ratio to vanilla's, and the TFLOP/s reached. A
+   step that runs out of device memory halves the batch of its group. The bfloat16
+   group of a model with a `peer` also times timm's model of that name in PyTorch
+   (bfloat16 autocast, channels-last, `torch.compile`, SGD with momentum), when torch
+   and timm import: the report gives our img/s as ratios to the peer's;
 3. accelerator tests, in the time kept for them (`tests_reserve_s`): every recipe's
    jitted training step (`JaxTrainer`, one step of plain SGD from the same weights and
    batch, its attack cut to one iteration as in tests/test_engine_parity.py) on the
@@ -250,7 +250,7 @@ def _test_recipe(name, plan):
     return recipe, model_name, kwargs
 
 
-def _batch(recipe, batch, image_size, num_classes, seed=0):
+def random_batch(recipe, batch, image_size, num_classes, seed=0):
     """A fixed random batch, as numpy: (images, labels[, extras])."""
     rng = np.random.default_rng(seed)
     images = rng.uniform(0, 255, (batch, image_size, image_size, 3)).astype(np.float32)
@@ -302,10 +302,10 @@ def test_step(name, plan, precision, device):
                            weight_decay=0.0, ema=0.0)
         before = [np.asarray(v, np.float32) for v in trainer.state["trainable"]]
         inputs = jax.device_put(jax.tree_util.tree_map(
-            lambda x: x[None], _batch(recipe, batch, plan.test_image_size, TEST_CLASSES)),
-            device)
+            lambda x: x[None], random_batch(recipe, batch, plan.test_image_size,
+                                            TEST_CLASSES)), device)
         state, (losses, _) = trainer._loop_fn(1)(trainer.state, inputs, np.int32(0),
-                                                      trainer.run_seed)
+                                                 trainer.run_seed)
         after = [np.asarray(v, np.float32) for v in state["trainable"]]
     update = np.concatenate([(a - b).ravel() for a, b in zip(after, before)])
     return {"loss": float(np.asarray(losses, np.float32)[0]), "update": update,
@@ -476,8 +476,8 @@ class JaxCase:
                                     model.image_size, self.batch, precision, device,
                                     NUM_CLASSES)
             self.inputs = jax.device_put(jax.tree_util.tree_map(
-                lambda x: x[None], _batch(recipe, self.batch, model.image_size,
-                                          NUM_CLASSES)), device)
+                lambda x: x[None], random_batch(recipe, self.batch, model.image_size,
+                                                NUM_CLASSES)), device)
         self.build_seconds = time.perf_counter() - start
         start = time.perf_counter()
         lowered = self.trainer._loop_fn(1).lower(self.trainer.state, self.inputs,
