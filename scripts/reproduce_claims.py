@@ -142,8 +142,12 @@ def selected_runs(tier):
     if unknown:
         fail(f"--claims: unknown {', '.join(unknown)}")
     wanted = {r for k in keys for r in suite.CLAIMS_BY_KEY[k].runs}
-    return [r.name for r in suite.RUNS
+    runs = [r.name for r in suite.RUNS
             if r.name in wanted and (tier.runs is None or r.name in tier.runs)]
+    if not runs:
+        fail(f"--claims={','.join(keys)}: none of its runs is in the {tier.name} tier (its "
+             f"runs: {', '.join(tier.runs)})")
+    return runs
 
 
 def run_here(tier, spec, seed, data_dir, command, engine):

@@ -93,6 +93,9 @@ def test_pending_runs_go_seed_by_seed(tmp_path):
              runner.pending(tier, str(tmp_path), ["vanilla", "advprop_eps1"])]
     assert order == [("advprop_eps1", 0), ("vanilla", 1), ("advprop_eps1", 1),
                      ("vanilla", 2), ("advprop_eps1", 2)]
+    # a tier limited to some runs has only those pending
+    wide = suite.TIERS["gpu_wide"]
+    assert {spec.name for spec, _ in runner.pending(wide, str(tmp_path))} == set(wide.runs)
 
 
 def test_every_claim_names_runs_of_the_suite_and_has_a_check():

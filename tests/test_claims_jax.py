@@ -164,6 +164,10 @@ def test_engine_flag_errors_are_one_line(tmp_path):
     assert done.stderr.strip().splitlines()[-1] == (
         "reproduce_claims.py: error: --runs: sat_eps4 not in the gpu_wide tier (its runs: "
         "vanilla, advprop_eps1, fast_advprop)")
+    done = reproduce(tmp_path, "--engine=jax", "--tier=gpu_wide", "--claims=nofrost")
+    assert done.stderr.strip().splitlines()[-1] == (
+        "reproduce_claims.py: error: --claims=nofrost: none of its runs is in the gpu_wide "
+        "tier (its runs: vanilla, advprop_eps1, fast_advprop)")
     done = reproduce(tmp_path, "--engine=torch", keras_backend=None)
     assert done.stderr.strip().splitlines()[-1] == (
         "reproduce_claims.py: error: --engine=torch: expected one of auto, tensorflow, jax")

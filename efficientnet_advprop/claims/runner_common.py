@@ -31,7 +31,8 @@ def pending(tier, results_dir, run_names=None):
     """(run, seed) pairs of the tier without a result file, seed by seed (every run of
     the first seed, in suite order, then the next seed's): a call cut short by
     --time_budget_s leaves every claim measured on as many seeds as it could."""
-    wanted = run_names or [r.name for r in suite.RUNS]
+    wanted = run_names or [r.name for r in suite.RUNS
+                           if tier.runs is None or r.name in tier.runs]
     return [(suite.RUNS_BY_NAME[name], seed) for seed in tier.seeds for name in wanted
             if not os.path.exists(result_path(results_dir, tier.name, name, seed))]
 
