@@ -49,8 +49,7 @@ class Tier:
       program to compile, and the JAX engine dispatches the next call before reading
       the last, so the device does not wait for the host).
     precision: float32 (the CPU tier), or bfloat16 (the mixed_bfloat16 policy: bfloat16
-      compute, float32 variables) on the GPU tiers, as accelerators train; the
-      attacks' gradients are then bfloat16 too.
+      compute, float32 variables) on the GPU tiers, as accelerators train.
     runs: the runs of the suite this tier makes (None: all of them).
     """
 
