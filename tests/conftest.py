@@ -28,6 +28,16 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data",
                            "cifar10-train-jpeg.tar.gz")
 
+# XLA's cheaper backend settings, for the JAX processes of tests that check what runs,
+# not its speed: on this CPU compilation is most of their time (their bounds hold
+# with these settings too)
+QUICK_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def with_quick_xla(env):
+    """`env` (a dict) with QUICK_XLA added to its XLA_FLAGS."""
+    return dict(env, XLA_FLAGS=(env.get("XLA_FLAGS", "") + " " + QUICK_XLA).strip())
+
 
 def run_main(*args, cwd, timeout=600):
     """Runs main.py in a fresh process; returns the CompletedProcess (text output)."""

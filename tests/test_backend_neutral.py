@@ -18,18 +18,19 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import with_quick_xla
+
+# its module fixture runs once: every test of this file on one xdist worker
+# (the test command's --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("backend_neutral")
+
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend_parity_run.py")
-
-
-# XLA's cheaper backend settings for the JAX process: on this CPU compilation is most
-# of its time (the bounds below hold with them too)
-QUICK_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _run(backend, out, *extra):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    if backend == "jax":
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + QUICK_XLA).strip()
+    if backend == "jax":  # cheap compilation (the bounds below hold with it too)
+        env = with_quick_xla(env)
     done = subprocess.run([sys.executable, SCRIPT, str(out), *extra], capture_output=True,
                           text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

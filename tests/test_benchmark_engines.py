@@ -20,10 +20,9 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, with_quick_xla
 
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "benchmark_engines.py")
-QUICK_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _module():
@@ -34,8 +33,7 @@ def _module():
 
 
 def _dry_run(tmp_path, recipes, min_bn_batch):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + QUICK_XLA).strip())
+    env = with_quick_xla(dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     out = tmp_path / "benchmark"
     proc = subprocess.run(
         [sys.executable, SCRIPT, "--models=resnet-18-cifar", f"--recipes={recipes}",

@@ -16,6 +16,10 @@ from efficientnet_advprop import config as config_lib
 from efficientnet_advprop.claims import report, runner, suite
 from efficientnet_advprop.data.cifar_tar import names_digest, select
 
+# its module fixture runs once: every test of this file on one xdist worker
+# (the test command's --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("claims")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_TAR = os.path.join(os.path.dirname(REPO), "shared", "data",
                           "cifar10-train-jpeg.tar.gz")

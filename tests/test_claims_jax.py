@@ -1,16 +1,17 @@
 """The claims suite on the JAX engine, as on a GPU machine without TensorFlow
 (blocked as tests/without_tf.py does): in one call, with KERAS_BACKEND unset as typed
-there, the smoke tier's advprop_eps4 run, which needs every evaluation kind but the
-corruptions (main and adversarial BN, PGD, BN statistics, the MBN sweep), and
-nofrost_eps8 (the normalizer-free model); the engine flag's errors; the split read
+there and in bfloat16 as the GPU tiers train, the smoke tier's advprop_eps4 run,
+which needs every evaluation kind but the corruptions (main and adversarial BN, PGD,
+BN statistics, the MBN sweep), and nofrost_eps8 (the normalizer-free model); the
+compilation cache they leave; the engine and tier flags' errors; the split read
 from the tarball; the report of runs whose corruptions were not measured. The slow
 tests add vanilla (corruptions: null) and bn_sat_eps8 (the BN side
 of the pair) in two calls, the first stopped by its time budget, as the GPU tier's
 calls are on the day.
 
-XLA compiles with its cheaper backend settings (QUICK_XLA, as in
-tests/test_benchmark_engines.py): these runs check the pipeline, not its speed or its
-numbers, and compilation is most of their time on a CPU."""
+XLA compiles with its cheaper backend settings (conftest.QUICK_XLA): these runs check
+the pipeline, not its speed or its numbers, and compilation is most of their time on a
+CPU."""
 
 import json
 import os
@@ -21,7 +22,11 @@ import pytest
 
 from efficientnet_advprop.claims import report, suite
 from efficientnet_advprop.claims.runner_common import corruptions_not_measured
-from conftest import SHARED_DATA
+from conftest import QUICK_XLA, SHARED_DATA
+
+# its module fixture runs once: every test of this file on one xdist worker
+# (the test command's --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("claims_jax")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "reproduce_claims.py")
@@ -29,7 +34,6 @@ SMOKE = suite.TIERS["smoke"]
 # tests/without_tf.py's block of TensorFlow, without its KERAS_BACKEND=jax
 BLOCK_TF = ("import runpy, sys; sys.modules['tensorflow'] = None; sys.argv = sys.argv[1:]; "
             "runpy.run_path(sys.argv[0], run_name='__main__')")
-QUICK_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def environment(**extra):

@@ -7,6 +7,10 @@ import tensorflow as tf
 
 from efficientnet_advprop.data import corruptions as C
 
+# its module fixture runs once: every test of this file on one xdist worker
+# (the test command's --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("corruptions")
+
 SEED = (11, 7)
 OTHER_SEED = (12, 7)
 SEVERITIES = (1, 5)

@@ -11,14 +11,15 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import QUICK_XLA
+
+# its module fixture runs once: every test of this file on one xdist worker
+# (the test command's --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("device_check_jax")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WITHOUT_TF = os.path.join(ROOT, "tests", "without_tf.py")
 SCRIPT = os.path.join(ROOT, "scripts", "device_check.py")
-
-
-# XLA's cheaper backend settings (as tests/test_claims_jax.py): the dry run checks that
-# every part runs and reports, and compilation is most of its time on a CPU
-QUICK_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def device_check(*flags, cwd):

@@ -40,7 +40,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))
 INSTALL = 'pip install -e ".[test]"'
-TEST = ('python -m pytest -m "not slow" -n 2 -q && '
+TEST = ('python -m pytest -m "not slow" -n 2 --dist loadgroup -q && '
         "KERAS_BACKEND=jax python -m pytest -q tests/test_core_on_jax.py")
 MAX_README_LINES = 250
 

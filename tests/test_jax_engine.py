@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, with_quick_xla
 from efficientnet_advprop.recipes import RECIPES
 
 RUNNER = os.path.join(REPO_ROOT, "tests", "jax_main.py")
@@ -22,17 +22,11 @@ TINY = ["--model_name=resnet-18-cifar", "--width_multiplier=0.125", "--auto_augm
         "--num_eval_images=250", "--eval_attack_iterations=2"]
 
 
-# XLA's cheaper backend settings: these runs check what the engine does, not its speed,
-# and compilation is most of their time on a CPU
-QUICK_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
-
 def run_jax(*args, block_tf=False, cwd, env=None, timeout=600):
     pytest.importorskip("jax")  # the test extra installs it
     command = [sys.executable, RUNNER] + (["--block_tf"] if block_tf else []) + list(args)
-    environ = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3",
-                   **(env or {}))
-    environ["XLA_FLAGS"] = (environ.get("XLA_FLAGS", "") + " " + QUICK_XLA).strip()
+    environ = with_quick_xla(dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3",
+                                  **(env or {})))
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=environ,
                           timeout=timeout)
 
