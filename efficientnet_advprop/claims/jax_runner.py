@@ -21,7 +21,6 @@ engine's in distribution, not bitwise.
 """
 
 import functools
-import json
 import os
 import time
 
@@ -35,7 +34,8 @@ from efficientnet_advprop import jax_experiment, seam
 from efficientnet_advprop.attacks.pgd import attack as run_attack
 from efficientnet_advprop.attacks.pgd import eval_attack_config
 from efficientnet_advprop.claims import split_description, suite
-from efficientnet_advprop.claims.runner_common import (CURVE_FILE, corruptions_not_measured,
+from efficientnet_advprop.claims.runner_common import (add_curve_point,
+                                                       corruptions_not_measured,
                                                        finish_run, git_revision, host,
                                                        read_curve)
 from efficientnet_advprop.data import numpy_input
@@ -164,18 +164,13 @@ def run_one(tier, spec, seed, *, data_dir, work_dir, results_dir, command, log=p
     # images when they are fewer (the smoke tier), padded where a count falls short
     evaluator = Evaluator(model, cfg.num_classes, min(batch, len(labels)))
 
-    curve_path = os.path.join(model_dir, CURVE_FILE)
     curve = read_curve(model_dir)
     steps_per_epoch = cfg.optim.steps_per_epoch
 
     def on_checkpoint(trainer):
         trainer.sync_to_model()  # the current weights, as the TF runner reads them
         acc = evaluator.accuracy(images[:tier.curve_images], labels[:tier.curve_images])[0]
-        curve.append({"step": int(trainer.step),
-                      "epoch": round(trainer.step / steps_per_epoch, 3),
-                      "clean_accuracy": acc})
-        with open(curve_path, "w") as f:
-            json.dump(curve, f)
+        add_curve_point(model_dir, curve, trainer.step, steps_per_epoch, acc)
         log(f"{spec.name} seed {seed}: step {trainer.step} held-out clean {acc:.4f}")
 
     start_train = time.time()

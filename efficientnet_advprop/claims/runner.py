@@ -18,8 +18,8 @@ from efficientnet_advprop import experiment
 from efficientnet_advprop.attacks import attack as run_attack
 from efficientnet_advprop.claims import suite
 from efficientnet_advprop.claims.runner_common import (  # noqa: F401 -- re-exported
-    CURVE_FILE, finish_run, git_revision, host, pending, read_curve, result_path,
-    write_record)
+    CURVE_FILE, add_curve_point, finish_run, git_revision, host, pending, read_curve,
+    result_path, write_record)
 from efficientnet_advprop.data.cifar_tar import SPLIT_FILE
 from efficientnet_advprop.data.corruptions import corrupt
 from efficientnet_advprop.evaluation import eval_attack_config
@@ -144,7 +144,6 @@ def run_one(tier, spec, seed, *, data_dir, work_dir, results_dir, command, log=p
                tier.corruption_images, tier.mbn_images)
     images, labels = held_out_arrays(run, need)
 
-    curve_path = os.path.join(model_dir, CURVE_FILE)
     curve = read_curve(model_dir)
     steps_per_epoch = cfg.optim.steps_per_epoch
 
@@ -152,10 +151,7 @@ def run_one(tier, spec, seed, *, data_dir, work_dir, results_dir, command, log=p
         step = int(trainer.step.numpy())
         acc = accuracy(trainer.model, images[:tier.curve_images],
                        labels[:tier.curve_images], batch=batch)["clean_accuracy"]
-        curve.append({"step": step, "epoch": round(step / steps_per_epoch, 3),
-                      "clean_accuracy": acc})
-        with open(curve_path, "w") as f:
-            json.dump(curve, f)
+        add_curve_point(model_dir, curve, step, steps_per_epoch, acc)
         log(f"{spec.name} seed {seed}: step {step} held-out clean {acc:.4f}")
 
     start_train = time.time()

@@ -82,6 +82,15 @@ def read_curve(model_dir):
         return json.load(f)
 
 
+def add_curve_point(model_dir, curve, step, steps_per_epoch, accuracy):
+    """Appends one checkpoint's held-out accuracy to `curve` and rewrites the run's
+    curve file (so an interrupted run resumes with the points it has)."""
+    curve.append({"step": int(step), "epoch": round(step / steps_per_epoch, 3),
+                  "clean_accuracy": accuracy})
+    with open(os.path.join(model_dir, CURVE_FILE), "w") as f:
+        json.dump(curve, f)
+
+
 def finish_run(tier, spec, seed, *, engine, run, cfg, overrides, data_dir, split, machine,
                command, revision, train_seconds, start_wall, results, results_dir):
     """Writes one run's result file (the schema `report` reads) and returns it."""
