@@ -44,11 +44,14 @@ def flops_of(trainer, batch):
     import jax
     import numpy as np
 
+    from efficientnet_advprop.tools.jax_device_check import xla_flops
+
     stacked = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], batch)
-    cost = trainer._loop_fn(1).lower(trainer.state, stacked, np.int32(0),
-                                     trainer.run_seed).cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"])
+    flops = xla_flops(trainer._loop_fn(1).lower(trainer.state, stacked, np.int32(0),
+                                                trainer.run_seed))
+    if flops is None:
+        fail("XLA reports no operation count for this backend")
+    return flops
 
 
 def benchmark_counts():

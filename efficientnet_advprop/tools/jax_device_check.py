@@ -250,6 +250,14 @@ def _test_recipe(name, plan):
     return recipe, model_name, kwargs
 
 
+def xla_flops(stage):
+    """XLA's count of the floating-point operations of a lowered or compiled jitted
+    function (its `cost_analysis()`), or None where the backend reports none."""
+    cost = stage.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) if cost and cost.get("flops") else None
+
+
 def random_batch(recipe, batch, image_size, num_classes, seed=0):
     """A fixed random batch, as numpy: (images, labels[, extras])."""
     rng = np.random.default_rng(seed)
@@ -486,9 +494,7 @@ class JaxCase:
         self.compile_seconds = time.perf_counter() - start
         self.flops = None  # XLA's count of the step's floating-point operations
         try:
-            cost = self.fn.cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-            self.flops = float(cost["flops"]) if cost and cost.get("flops") else None
+            self.flops = xla_flops(self.fn)
         except Exception:  # noqa: BLE001 -- not every backend reports it
             pass
         self.memory_gib = None
